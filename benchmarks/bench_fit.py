@@ -1,0 +1,108 @@
+"""Benchmark: batched CTMM fits (CTP and OP) on simulated data.
+
+Checks the fit on a few genes against the dense NumPy likelihood before timing, then times
+compilation (`jit(...).lower(...).compile()`) and the run (`block_until_ready`) separately.
+
+    python benchmarks/bench_fit.py --genes 10000 --donors 100 --celltypes 4 --json out.json
+
+Typical printout (2-core CPU, float64): see benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import ctmm_jax as cj  # noqa: E402
+from ctmm_jax import api, models  # noqa: E402
+
+
+def _static(model, method, C, max_iter=200, tol=1e-10):
+    return dict(model=model, C=C, reml=method == "reml", nonneg=False, observed=False,
+                max_iter=max_iter, tol=tol)  # fmt: skip
+
+
+def check_correctness(data, model, method):
+    """Loglik of the first genes equals the dense reference at the fitted parameters."""
+    import reference
+
+    res = cj.fit(data.select_genes(slice(3)), model, method)
+    for g in range(3):
+        vc = models.unpack(jnp.asarray(res.phi[g]), model, data.shape[2])
+        ll = reference.loglik(data, g, float(vc.hom2), np.asarray(vc.V), method)
+        assert abs(ll - res.loglik[g]) < 1e-6 * max(1.0, abs(ll)), (ll, res.loglik[g])
+
+
+def bench(data, model, method, chunk):
+    G, N, C = data.shape
+    blocks = api.to_blocks(data, model)
+    static = _static(model, method, C)
+    X, E = jnp.asarray(blocks.X), jnp.asarray(blocks.E)
+    size = min(chunk, G)
+    args = (jnp.asarray(blocks.y[:size]), jnp.asarray(blocks.noise[:size]), X, E)
+    t0 = time.perf_counter()
+    api.fit_chunk.lower(*args, **static).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = cj.fit(data, model, method, chunk_size=chunk)  # end to end, compiled kernel cached
+    run_s = time.perf_counter() - t0
+    t = res.table
+    return dict(
+        shape="CTP" if isinstance(data, cj.CTPData) else "OP", model=model, method=method,
+        genes=G, donors=N, celltypes=C, chunk=size, compile_s=round(compile_s, 3),
+        run_s=round(run_s, 3), total_s=round(compile_s + run_s, 3),
+        genes_per_s=round(G / run_s, 1), converged=float(t.converged.mean()),
+        boundary=float(t.status.str.contains("boundary").mean()),
+        mean_iter=float(t.n_iter.mean()),
+    )  # fmt: skip
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--genes", type=int, default=10_000)
+    p.add_argument("--donors", type=int, default=100)
+    p.add_argument("--celltypes", type=int, default=4)
+    p.add_argument("--model", default="free", choices=models.MODELS)
+    p.add_argument("--method", default="reml", choices=("ml", "reml"))
+    p.add_argument("--shape", default="both", choices=("ctp", "op", "both"))
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the rows here")
+    a = p.parse_args(argv)
+
+    C = a.celltypes
+    V = np.zeros((a.genes, C, C))
+    V[: a.genes // 2] = np.diag(np.linspace(0.2, 0.0, C))  # half the genes with V != 0
+    ctp = cj.simulate(a.genes, a.donors, C, hom2=0.2, V=V, ctnu=0.2, seed=a.seed)
+    datasets = {"ctp": [ctp], "op": [cj.OPData.from_ctp(ctp)]}
+    datasets["both"] = datasets["ctp"] + datasets["op"]
+    rows = []
+    for data in datasets[a.shape]:
+        check_correctness(data, a.model, a.method)
+        rows.append(bench(data, a.model, a.method, a.chunk))
+    keys = ["shape", "model", "method", "genes", "donors", "celltypes", "compile_s", "run_s",
+            "total_s", "genes_per_s", "converged", "boundary", "mean_iter"]  # fmt: skip
+    print(" | ".join(f"{k:>10}" for k in keys))
+    for r in rows:
+        print(" | ".join(f"{r[k]:>10.4g}" if isinstance(r[k], float) else f"{r[k]:>10}" for k in keys))
+    meta = dict(device=str(jax.devices()[0]), jax=jax.__version__, cpus=os.cpu_count(),
+                platform=platform.platform(), x64=bool(jax.config.jax_enable_x64))  # fmt: skip
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(dict(meta=meta, rows=rows), fh, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Host-side data containers with all input validation.
+
+`CTPData` holds cell type-specific pseudobulk (genes x donors x cell types) and `OPData` the
+overall pseudobulk (genes x donors); both carry the cell-type proportions P (donors x cell
+types) and names. Every check runs in NumPy when a container is built, before anything is
+compiled, and a failure is a ValueError that names the input and says what to fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from os import PathLike
+
+import numpy as np
+import pandas as pd
+
+PROPORTION_TOL = 1e-6  # |row sum of P - 1| allowed
+
+
+def _names(names: Sequence | None, n: int, prefix: str, what: str) -> tuple[str, ...]:
+    if names is None:
+        return tuple(f"{prefix}{i}" for i in range(n))
+    names = tuple(str(x) for x in names)
+    if len(names) != n:
+        raise ValueError(f"{what}: got {len(names)} names for {n} entries.")
+    if len(set(names)) != n:
+        raise ValueError(f"{what}: names are not unique.")
+    return names
+
+
+def _as_float(x, name: str, ndim: int) -> np.ndarray:
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: could not be read as numbers ({e}).") from None
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {a.shape}.")
+    return a
+
+
+def _where(bad: np.ndarray, axes: Sequence[tuple[str, Sequence[str]]]) -> str:
+    """'first at gene 'g', donor 'd'' for the first True entry of `bad`."""
+    idx = np.argwhere(bad)[0]
+    parts = [f"{label} {names[i]!r}" for (label, names), i in zip(axes, idx, strict=True)]
+    return f"{int(bad.sum())} entries, first at " + ", ".join(parts)
+
+
+def _check_finite(a: np.ndarray, name: str, axes) -> None:
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise ValueError(
+            f"{name}: has NaN or infinite values ({_where(bad, axes)}); "
+            "remove those genes or donors, or fill the values, before fitting."
+        )
+
+
+def _check_positive(a: np.ndarray, name: str, axes) -> None:
+    bad = ~(a > 0)
+    if bad.any():
+        raise ValueError(
+            f"{name}: noise variances must be > 0 ({_where(bad, axes)} are <= 0); "
+            "drop those genes or donors, or floor the variances at a small positive value."
+        )
+
+
+def _check_proportions(P: np.ndarray, donors, celltypes) -> None:
+    axes = [("donor", donors), ("cell type", celltypes)]
+    _check_finite(P, "P", axes)
+    if (P < 0).any():
+        raise ValueError(f"P: proportions must be >= 0 ({_where(P < 0, axes)} are negative).")
+    dev = np.abs(P.sum(1) - 1.0)
+    if (dev > PROPORTION_TOL).any():
+        i = int(np.argmax(dev))
+        raise ValueError(
+            f"P: each donor's proportions must sum to 1 (donor {donors[i]!r} sums to "
+            f"{P[i].sum():.6g}); divide each row by its sum."
+        )
+
+
+def _loadtxt(path, name: str, ndim: int) -> np.ndarray:
+    try:
+        a = np.loadtxt(path, dtype=np.float64, ndmin=ndim)
+    except OSError as e:
+        raise ValueError(f"{name}: cannot read {path!s} ({e}).") from None
+    except ValueError as e:
+        raise ValueError(f"{name}: {path!s} is not a whitespace-separated number table ({e}).") from None
+    return a
+
+
+@dataclass(frozen=True)
+class CTPData:
+    """Cell type-specific pseudobulk.
+
+    Y: (G, N, C) pseudobulk of each gene, donor and cell type; ctnu: (G, N, C) its noise
+    variance (sample variance of the cells / number of cells); P: (N, C) cell-type proportions.
+    """
+
+    Y: np.ndarray
+    ctnu: np.ndarray
+    P: np.ndarray
+    genes: tuple[str, ...]
+    donors: tuple[str, ...]
+    celltypes: tuple[str, ...]
+
+    def __post_init__(self):
+        G, N, C = self.Y.shape
+        if self.ctnu.shape != self.Y.shape:
+            raise ValueError(f"ctnu: shape {self.ctnu.shape} does not match Y's {self.Y.shape}.")
+        if self.P.shape != (N, C):
+            raise ValueError(f"P: shape {self.P.shape} does not match (donors, cell types) = {(N, C)}.")
+        axes = [("gene", self.genes), ("donor", self.donors), ("cell type", self.celltypes)]
+        _check_finite(self.Y, "Y", axes)
+        _check_finite(self.ctnu, "ctnu", axes)
+        _check_positive(self.ctnu, "ctnu", axes)
+        _check_proportions(self.P, self.donors, self.celltypes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(G, N, C)."""
+        return self.Y.shape
+
+    def select_genes(self, idx) -> CTPData:
+        """The genes at positions `idx` (an int array, slice or boolean mask)."""
+        i = np.arange(self.shape[0])[idx]
+        return replace(self, Y=self.Y[i], ctnu=self.ctnu[i], genes=tuple(np.array(self.genes)[i]))
+
+    @classmethod
+    def from_arrays(cls, Y, ctnu, P, genes=None, donors=None, celltypes=None) -> CTPData:
+        """From arrays Y, ctnu: (G, N, C) or (N, C) for one gene; P: (N, C)."""
+        Y = _as_float(Y, "Y", np.ndim(Y))
+        if Y.ndim == 2:
+            Y, ctnu = Y[None], np.asarray(ctnu)[None]
+        Y = _as_float(Y, "Y", 3)
+        ctnu = _as_float(ctnu, "ctnu", 3)
+        P = _as_float(P, "P", 2)
+        G, N, C = Y.shape
+        return cls(
+            Y,
+            ctnu,
+            P,
+            _names(genes, G, "gene", "genes"),
+            _names(donors, N, "donor", "donors"),
+            _names(celltypes, C, "ct", "celltypes"),
+        )
+
+    @classmethod
+    def from_frames(cls, ctp: pd.DataFrame, ctnu: pd.DataFrame, P: pd.DataFrame) -> CTPData:
+        """From pandas: ctp and ctnu indexed by (donor, cell type), one column per gene;
+        P indexed by donor, one column per cell type. Donor and cell-type order follow P."""
+        for name, df in (("ctp", ctp), ("ctnu", ctnu)):
+            if not isinstance(df.index, pd.MultiIndex) or df.index.nlevels != 2:
+                raise ValueError(f"{name}: index must be a (donor, cell type) MultiIndex.")
+        if list(ctnu.columns) != list(ctp.columns):
+            raise ValueError("ctnu: columns (genes) differ from ctp's; use the same genes in order.")
+        donors, celltypes = [str(d) for d in P.index], [str(c) for c in P.columns]
+        full = pd.MultiIndex.from_product([donors, celltypes])
+
+        def cube(df: pd.DataFrame, name: str) -> np.ndarray:
+            df = df.copy()
+            df.index = pd.MultiIndex.from_arrays(
+                [df.index.get_level_values(i).astype(str) for i in range(2)]
+            )
+            if df.index.has_duplicates:
+                raise ValueError(f"{name}: duplicated (donor, cell type) rows.")
+            extra = df.index.difference(full)
+            if len(extra):
+                raise ValueError(
+                    f"{name}: {len(extra)} (donor, cell type) rows not in P, e.g. {extra[0]}; "
+                    "P must list every donor (rows) and cell type (columns)."
+                )
+            a = df.reindex(full).to_numpy(np.float64)  # (N*C, G); absent pairs become NaN
+            return a.T.reshape(len(df.columns), len(donors), len(celltypes))
+
+        return cls.from_arrays(
+            cube(ctp, "ctp"), cube(ctnu, "ctnu"), P.to_numpy(np.float64),
+            genes=[str(g) for g in ctp.columns], donors=donors, celltypes=celltypes,
+        )  # fmt: skip
+
+    @classmethod
+    def from_files(
+        cls, y: str | PathLike, P: str | PathLike, ctnu: str | PathLike, gene: str = "gene"
+    ) -> CTPData:
+        """One gene from the original CTMM text files (whitespace separated, no header, one row
+        per donor, one column per cell type; .gz is fine)."""
+        return cls.from_arrays(
+            _loadtxt(y, "y (CTP file)", 2), _loadtxt(ctnu, "ctnu file", 2), _loadtxt(P, "P file", 2),
+            genes=[gene],
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OPData:
+    """Overall pseudobulk.
+
+    y: (G, N) overall pseudobulk y_i = sum_c P_ic Y_ic; nu: (G, N) its noise variance
+    nu_i = sum_c P_ic^2 ctnu_ic; P: (N, C) cell-type proportions.
+    """
+
+    y: np.ndarray
+    nu: np.ndarray
+    P: np.ndarray
+    genes: tuple[str, ...]
+    donors: tuple[str, ...]
+    celltypes: tuple[str, ...]
+
+    def __post_init__(self):
+        G, N = self.y.shape
+        if self.nu.shape != self.y.shape:
+            raise ValueError(f"nu: shape {self.nu.shape} does not match y's {self.y.shape}.")
+        if self.P.shape[0] != N:
+            raise ValueError(f"P: has {self.P.shape[0]} rows (donors) but y has {N} donors.")
+        axes = [("gene", self.genes), ("donor", self.donors)]
+        _check_finite(self.y, "y", axes)
+        _check_finite(self.nu, "nu", axes)
+        _check_positive(self.nu, "nu", axes)
+        _check_proportions(self.P, self.donors, self.celltypes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(G, N, C)."""
+        return self.y.shape + (self.P.shape[1],)
+
+    def select_genes(self, idx) -> OPData:
+        """The genes at positions `idx` (an int array, slice or boolean mask)."""
+        i = np.arange(self.shape[0])[idx]
+        return replace(self, y=self.y[i], nu=self.nu[i], genes=tuple(np.array(self.genes)[i]))
+
+    @classmethod
+    def from_arrays(cls, y, nu, P, genes=None, donors=None, celltypes=None) -> OPData:
+        """From arrays y, nu: (G, N) or (N,) for one gene; P: (N, C)."""
+        y, nu = np.asarray(y), np.asarray(nu)
+        if y.ndim == 1:
+            y, nu = y[None], nu[None]
+        y, nu, P = _as_float(y, "y", 2), _as_float(nu, "nu", 2), _as_float(P, "P", 2)
+        G, N = y.shape
+        return cls(
+            y,
+            nu,
+            P,
+            _names(genes, G, "gene", "genes"),
+            _names(donors, N, "donor", "donors"),
+            _names(celltypes, P.shape[1], "ct", "celltypes"),
+        )
+
+    @classmethod
+    def from_frames(cls, y: pd.DataFrame, nu: pd.DataFrame, P: pd.DataFrame) -> OPData:
+        """From pandas: y and nu indexed by donor, one column per gene; P indexed by donor,
+        one column per cell type. Donor order follows P."""
+        donors = [str(d) for d in P.index]
+
+        def matrix(df: pd.DataFrame, name: str) -> np.ndarray:
+            df = df.set_axis(df.index.astype(str), axis=0)
+            missing = pd.Index(donors).difference(df.index)
+            if len(missing):
+                raise ValueError(f"{name}: donors of P missing, e.g. {missing[0]!r}.")
+            return df.loc[donors].to_numpy(np.float64).T
+
+        if list(nu.columns) != list(y.columns):
+            raise ValueError("nu: columns (genes) differ from y's; use the same genes in order.")
+        return cls.from_arrays(
+            matrix(y, "y"), matrix(nu, "nu"), P.to_numpy(np.float64),
+            genes=[str(g) for g in y.columns], donors=donors, celltypes=[str(c) for c in P.columns],
+        )  # fmt: skip
+
+    @classmethod
+    def from_files(
+        cls, y: str | PathLike, P: str | PathLike, nu: str | PathLike, gene: str = "gene"
+    ) -> OPData:
+        """One gene from the original CTMM text files (y and nu: one value per line)."""
+        return cls.from_arrays(
+            _loadtxt(y, "y (OP file)", 1), _loadtxt(nu, "nu file", 1), _loadtxt(P, "P file", 2),
+            genes=[gene],
+        )  # fmt: skip
+
+    @classmethod
+    def from_ctp(cls, ctp: CTPData) -> OPData:
+        """y_i = sum_c P_ic Y_ic and nu_i = sum_c P_ic^2 ctnu_ic (design.md section 1)."""
+        y = np.einsum("gnc,nc->gn", ctp.Y, ctp.P)
+        nu = np.einsum("gnc,nc->gn", ctp.ctnu, ctp.P**2)
+        return cls(y, nu, ctp.P, ctp.genes, ctp.donors, ctp.celltypes)

@@ -1,0 +1,129 @@
+"""Per-gene ML/REML negative log-likelihood, score and expected information.
+
+Written once for a block-diagonal covariance: N donors, each a block of b values
+(b = C for CTP, b = 1 for OP),
+
+    Sigma_i = sum_k phi_k E_ki + diag(noise_i),      y_i = X_i beta + e_i,
+
+with kernels E_ki (b x b) that are linear in the natural parameters phi (models.py). CTP uses
+the model kernels E_k for every donor; OP uses the scalars P_i^T E_k P_i (design.md 2-3).
+
+With W_i = Sigma_i^-1, A = (X^T W X)^-1, beta = A X^T W y, r = y - X beta:
+
+    ML   : 2 nll = log|Sigma| + r^T W r + n log(2 pi)
+    REML : 2 nll = log|Sigma| + log|X^T W X| + r^T W r + (n - p) log(2 pi)
+    score: d nll / d phi_k = 1/2 [tr(Pi K_k) - (W r)^T K_k (W r)]
+    info : ML 1/2 tr(W K_k W K_l);  REML 1/2 tr(Pi K_k Pi K_l)
+           = 1/2 [T1_kl - 2 sum_i tr(H_i E_ki M_li) + tr(A B_k A B_l)]
+    hess : d2 nll / d phi_k d phi_l = (Pi y)^T K_k Pi K_l (Pi y) - info   (beta profiled out)
+
+where Pi = W - W X A X^T W (for ML, Pi is replaced by W in the score), M_ki = W_i E_ki,
+T1_kl = sum_i tr(M_ki M_li), B_k = sum_i X_i^T W_i E_ki W_i X_i, H_i = W_i X_i A X_i^T W_i.
+Nothing larger than b x b or p x p is ever formed. A covariance that is not positive definite
+gives nll = +inf; the optimizer rejects such steps.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import linalg
+
+LOG_2PI = jnp.log(2.0 * jnp.pi)
+COND_MAX = 1e8  # feasible region: max_i |Sigma_i|_F * max_i |Sigma_i^-1|_F <= COND_MAX
+
+
+class GeneData(NamedTuple):
+    """One gene in block form.
+
+    y: (N, b) values; noise: (N, b) known noise variances; X: (N, b, p) fixed-effect design;
+    E: (n_var, N, b, b) kernels of each block (a leading 1 instead of N broadcasts).
+    """
+
+    y: jax.Array
+    noise: jax.Array
+    X: jax.Array
+    E: jax.Array
+
+
+class Moments(NamedTuple):
+    """Everything a Fisher-scoring step and the Wald tests need at one phi."""
+
+    nll: jax.Array  # ()
+    cond: jax.Array  # () conditioning bound, see _factor
+    score: jax.Array  # (n_var,)  d nll / d phi
+    info: jax.Array  # (n_var, n_var) expected information
+    hess: jax.Array  # (n_var, n_var) observed information (Hessian of nll in phi)
+    beta: jax.Array  # (p,) GLS estimate
+    beta_cov: jax.Array  # (p, p) (X^T W X)^-1
+
+
+class Factor(NamedTuple):
+    W: jax.Array  # (N, b, b) block inverses
+    A: jax.Array  # (p, p) (X^T W X)^-1
+    beta: jax.Array  # (p,)
+    Wr: jax.Array  # (N, b) W (y - X beta)
+    nll: jax.Array  # ()
+    cond: jax.Array  # ()
+
+
+def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
+    N, b = d.y.shape
+    p = d.X.shape[-1]
+    Sigma = jnp.einsum("k,knij->nij", phi, d.E) + d.noise[..., None] * jnp.eye(b)
+    L = linalg.cholesky(Sigma)
+    W = linalg.inv_from_cholesky(L)
+    WX = W @ d.X  # (N, b, p)
+    XtWX = jnp.einsum("nbp,nbq->pq", d.X, WX)
+    Lx = linalg.cholesky(XtWX)
+    A = linalg.inv_from_cholesky(Lx)
+    beta = A @ jnp.einsum("nbp,nb->p", WX, d.y)
+    r = d.y - jnp.einsum("nbp,p->nb", d.X, beta)
+    Wr = jnp.einsum("nij,nj->ni", W, r)
+    n = N * b
+    nll2 = linalg.logdet_from_cholesky(L).sum() + jnp.sum(r * Wr) + n * LOG_2PI
+    if reml:  # static: two compiled variants, no runtime branch
+        nll2 = nll2 + linalg.logdet_from_cholesky(Lx) - p * LOG_2PI
+    nll = 0.5 * nll2
+    # max_i |Sigma_i|_F * max_i |W_i|_F is between the eigenvalue ratio of Sigma and b times it
+    # (exact for OP). Past COND_MAX the fit counts as outside the positive-definite region: the
+    # likelihood grows without bound as one donor's covariance becomes singular (GLS then fits
+    # that donor exactly, design.md 9), so the region must stop short of the boundary.
+    cond = jnp.sqrt(jnp.max(jnp.sum(Sigma**2, axis=(1, 2))) * jnp.max(jnp.sum(W**2, axis=(1, 2))))
+    feasible = jnp.isfinite(nll) & (cond <= COND_MAX)
+    return Factor(W, A, beta, Wr, jnp.where(feasible, nll, jnp.inf), cond)
+
+
+def nll(phi: jax.Array, d: GeneData, reml: bool) -> jax.Array:
+    """Negative log-likelihood of one gene at natural parameters phi; +inf if not PD."""
+    return factor(phi, d, reml).nll
+
+
+def moments(phi: jax.Array, d: GeneData, reml: bool) -> Moments:
+    """NLL, analytic score and expected information of one gene at phi (see module doc)."""
+    f = factor(phi, d, reml)
+    E = d.E  # (k, N or 1, b, b): matmul broadcasts the donor axis
+    M = f.W[None] @ E  # W_i E_ki
+    trWK = jnp.trace(M, axis1=2, axis2=3).sum(1)
+    KWr = (E @ f.Wr[None, ..., None])[..., 0]  # K_k Pi y, (k, N, b)
+    quad = jnp.einsum("ni,kni->k", f.Wr, KWr)
+    T1 = jnp.einsum("knij,lnji->kl", M, M)
+    WX = f.W @ d.X
+    XtWKWr = jnp.einsum("nip,kni->kp", WX, KWr)
+    WKWr = (f.W[None] @ KWr[..., None])[..., 0]
+    Q = jnp.einsum("kni,lni->kl", KWr, WKWr) - XtWKWr @ f.A @ XtWKWr.T  # y'Pi K Pi K Pi y
+    if reml:
+        B = jnp.einsum("nip,kniq->kpq", WX, E @ WX[None])
+        H = WX @ f.A @ jnp.swapaxes(WX, 1, 2)
+        T2 = jnp.einsum("knil,mnli->km", H[None] @ E, M)
+        AB = f.A @ B
+        T3 = jnp.einsum("kpq,lqp->kl", AB, AB)
+        score = 0.5 * (trWK - jnp.trace(AB, axis1=1, axis2=2) - quad)
+        info = 0.5 * (T1 - T2 - T2.T + T3)
+    else:
+        score = 0.5 * (trWK - quad)
+        info = 0.5 * T1
+    return Moments(f.nll, f.cond, score, info, Q - info, f.beta, f.A)

@@ -1,0 +1,127 @@
+"""Per-gene Fisher scoring with step halving; vmapped over genes by the caller.
+
+One iteration at theta: score g and expected information I (chain rule from the natural
+parameters, likelihood.moments), direction d = I^-1 g, decrement dec = g^T d (the score test
+statistic: scale free, and about twice the log-likelihood still to gain). The step theta - a d
+starts at a = 1 and is halved until the NLL decreases; +inf (covariance not positive definite
+or past the conditioning bound) counts as no decrease. A gene is converged when dec < tol.
+Under `vmap` the while loops run until every gene of the batch is done (finished genes are
+frozen by the batched predicate, so each gene converges on its own), so the caller runs a few
+iterations at a time and regroups the genes still running into smaller batches (api.py): the
+cost follows the total number of gene-iterations, not the slowest gene.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import IntEnum
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class Status(IntEnum):
+    """Per-gene outcome codes; results.py maps them to messages."""
+
+    RUNNING = -1
+    OK = 0
+    MAX_ITER = 1
+    NO_DESCENT = 2
+    BOUNDARY = 3
+    INFEASIBLE_START = 4
+    SINGULAR_INFO = 5
+
+
+MESSAGES = {
+    Status.OK: "ok",
+    Status.MAX_ITER: "reached max_iter before the score test statistic fell below tol",
+    Status.NO_DESCENT: "step halving found no decrease of the negative log-likelihood",
+    Status.BOUNDARY: "stopped at the positive-definite boundary (covariance nearly singular)",
+    Status.INFEASIBLE_START: "start values give a covariance that is not positive definite",
+    Status.SINGULAR_INFO: "information matrix is singular (parameters not identified)",
+}
+
+
+class OptState(NamedTuple):
+    theta: jax.Array  # (n,)
+    nll: jax.Array  # ()
+    dec: jax.Array  # () last score test statistic g^T I^-1 g
+    n_iter: jax.Array  # () int
+    status: jax.Array  # () int, Status
+
+
+MAX_HALVINGS = 40
+NEWTON_DEC = 1.0
+
+
+def _direction(g: jax.Array, info: jax.Array) -> jax.Array:
+    """I^-1 g via Cholesky; NaN when I is not positive definite."""
+    L = jnp.linalg.cholesky(info)
+    return jax.scipy.linalg.cho_solve((L, True), g)
+
+
+def init_state(value: Callable, theta0: jax.Array) -> OptState:
+    """Optimizer state at the start values; INFEASIBLE_START if they are outside the region."""
+    f0, _ = value(theta0)
+    status = jnp.where(jnp.isfinite(f0), Status.RUNNING, Status.INFEASIBLE_START)
+    return OptState(theta0, f0, jnp.asarray(jnp.inf), jnp.asarray(0), status)
+
+
+def fisher_scoring(
+    value: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+    score_info: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]],
+    state: OptState,
+    until: jax.Array,
+    *,
+    tol: float,
+    boundary_cond: float,
+) -> OptState:
+    """Iterate from `state` while it is RUNNING and n_iter < until.
+
+    value(theta) -> (nll, cond): nll is +inf outside the feasible region and cond measures how
+    close the covariance is to singular; score_info(theta) -> (gradient, expected information,
+    Hessian) in theta coordinates. The step is Newton's where the Hessian is positive definite
+    and the score test statistic is below NEWTON_DEC (quadratic convergence near the optimum),
+    Fisher scoring's otherwise (always a descent direction). A gene whose accepted step had to
+    be halved at least 8 times while cond > boundary_cond is heading into the boundary: it
+    stops with Status.BOUNDARY instead of crawling there. A gene still RUNNING on return has
+    used its iterations; the caller continues it or marks it MAX_ITER.
+    """
+
+    def step(s: OptState) -> OptState:
+        g, info, hess = score_info(s.theta)
+        d_fisher = _direction(g, info)
+        dec = g @ d_fisher
+        d_newton = _direction(g, hess)
+        use_newton = (dec < NEWTON_DEC) & jnp.all(jnp.isfinite(d_newton))
+        d = jnp.where(use_newton, d_newton, d_fisher)
+        converged = dec < tol
+        singular = ~jnp.isfinite(dec)
+
+        def halve(c):
+            a = c[0] / 2
+            return (a, *value(s.theta - a * d))
+
+        def worse(c):
+            a, f, _ = c
+            return ~(f <= s.nll) & (a > 2.0**-MAX_HALVINGS)
+
+        a, f, cond = lax.while_loop(worse, halve, (jnp.ones(()), *value(s.theta - d)))
+        accept = (f <= s.nll) & ~converged & ~singular
+        walled = accept & (a <= 2.0**-8) & (cond > boundary_cond)
+        status = jnp.select(
+            [converged, singular, ~accept, walled],
+            [Status.OK, Status.SINGULAR_INFO, Status.NO_DESCENT, Status.BOUNDARY],
+            Status.RUNNING,
+        )
+        return OptState(
+            theta=jnp.where(accept, s.theta - a * d, s.theta),
+            nll=jnp.where(accept, f, s.nll),
+            dec=dec,
+            n_iter=s.n_iter + jnp.where(converged | singular, 0, 1),
+            status=status,
+        )
+
+    return lax.while_loop(lambda s: (s.status == Status.RUNNING) & (s.n_iter < until), step, state)
