@@ -51,12 +51,17 @@ def to_blocks(data: CTPData | OPData, model: str) -> Blocks:
     return Blocks(data.y[..., None], data.nu[..., None], data.P[:, None, :], E_op)
 
 
-def start_values(d: GeneData, model: str, C: int) -> jax.Array:
-    """Natural start values as the original CTMM: s = variance of the OLS residuals; hom2 and
-    every V parameter s / 2 (hom: hom2 = s; full: V = s I). Always positive definite."""
+def residual_variance(d: GeneData) -> jax.Array:
+    """s = mean squared OLS residual of y on X (the original CTMM's start-value scale)."""
     XtX = jnp.einsum("nbp,nbq->pq", d.X, d.X)
     beta = jnp.linalg.solve(XtX, jnp.einsum("nbp,nb->p", d.X, d.y))
-    s = jnp.mean((d.y - jnp.einsum("nbp,p->nb", d.X, beta)) ** 2)
+    return jnp.mean((d.y - jnp.einsum("nbp,p->nb", d.X, beta)) ** 2)
+
+
+def start_values(d: GeneData, model: str, C: int) -> jax.Array:
+    """Natural start values as the original CTMM: hom2 and every V parameter s / 2 (hom:
+    hom2 = s; full: V = s I), s = residual_variance. Positive definite whenever s > 0."""
+    s = residual_variance(d)
     if model == "hom":
         return s[None]
     if model == "full":
@@ -93,7 +98,9 @@ def objective(d: GeneData, *, model: str, C: int, reml: bool, nonneg: bool) -> O
 def _init_gene(y, noise, X, E, *, model, C, reml, nonneg) -> OptState:
     d = GeneData(y, noise, X, E)
     obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
-    return init_state(obj.value, models.from_natural(start_values(d, model, C), model, C, nonneg))
+    s = init_state(obj.value, models.from_natural(start_values(d, model, C), model, C, nonneg))
+    constant = residual_variance(d) <= 1e-24 * jnp.mean(d.y**2)
+    return s._replace(status=jnp.where(constant, Status.NO_VARIATION, s.status))
 
 
 def _advance_gene(state, until, y, noise, X, E, *, model, C, reml, nonneg, tol) -> OptState:

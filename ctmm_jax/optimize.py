@@ -32,6 +32,7 @@ class Status(IntEnum):
     BOUNDARY = 3
     INFEASIBLE_START = 4
     SINGULAR_INFO = 5
+    NO_VARIATION = 6
 
 
 MESSAGES = {
@@ -41,6 +42,7 @@ MESSAGES = {
     Status.BOUNDARY: "stopped at the positive-definite boundary (covariance nearly singular)",
     Status.INFEASIBLE_START: "start values give a covariance that is not positive definite",
     Status.SINGULAR_INFO: "information matrix is singular (parameters not identified)",
+    Status.NO_VARIATION: "no variation left after the fixed effects (constant gene); not fitted",
 }
 
 

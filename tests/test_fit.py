@@ -1,0 +1,165 @@
+"""Fits: optimality, agreement with a dense SciPy fit, batching, failures, options."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from helpers import METHODS, MODELS, OPTIMIZER, SHAPES, small_data
+from numpy.testing import assert_allclose
+from scipy import optimize, stats
+
+import ctmm_jax as cj
+from ctmm_jax import api, likelihood, models
+
+
+def _dense_scipy_fit(data, g, model, method, phi0):
+    C = data.shape[2]
+
+    def nll(phi):
+        hom2, V = reference.natural(model, phi, C)
+        y, X, Sigma = reference.dense(data, g, hom2, V)
+        if np.linalg.eigvalsh(Sigma).min() <= 0:
+            return 1e10  # outside the PD region (oracle only)
+        return -(reference.ml_loglik if method == "ml" else reference.reml_loglik)(y, X, Sigma)
+
+    r = optimize.minimize(nll, phi0, method="BFGS", options=dict(gtol=1e-8))
+    return r.x, -r.fun
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_optimum_beats_dense_scipy(shape, model, method):
+    N = 40 if shape == "ctp" else 200  # OP needs many donors for an interior optimum
+    data = small_data(shape, G=2, N=N, C=3, seed=7, V=np.diag([0.4, 0.2, 0.1]), alpha=1.0)
+    res = cj.fit(data, model, method)
+    for g in range(2):
+        assert res.table.converged.iloc[g], res.table.status.iloc[g]
+        d = api.to_blocks(data, model)
+        gd = likelihood.GeneData(*(jnp.asarray(a) for a in (d.y[g], d.noise[g], d.X, d.E)))
+        m = likelihood.moments(jnp.asarray(res.phi[g]), gd, method == "reml")
+        assert float(m.score @ np.linalg.solve(m.info, m.score)) < 1e-8  # gradient ~ 0
+        phi0 = np.asarray(api.start_values(gd, model, 3))
+        phi_sp, ll_sp = _dense_scipy_fit(data, g, model, method, phi0)
+        assert res.loglik[g] >= ll_sp - 1e-8
+        hom2, V = reference.natural(model, res.phi[g], 3)
+        assert_allclose(res.loglik[g], reference.loglik(data, g, hom2, V, method), rtol=1e-10)
+        assert_allclose(res.phi[g], phi_sp, rtol=1e-3, atol=1e-4)
+
+
+def test_batched_equals_single_and_poisoned_gene_is_isolated():
+    data = small_data("ctp", G=5, N=30, seed=8)
+    Y = data.Y.copy()
+    Y[2] = 1.0  # a constant gene
+    poisoned = cj.CTPData.from_arrays(Y, data.ctnu, data.P)
+    res = cj.fit(poisoned, "free", "reml", chunk_size=2)
+    assert not res.table.converged.iloc[2]
+    assert res.table.status.iloc[2] != "ok"
+    for g in (0, 1, 3, 4):
+        single = cj.fit(poisoned.select_genes([g]), "free", "reml")
+        assert_allclose(res.phi[g], single.phi[0], rtol=1e-12, atol=1e-14)
+        assert_allclose(res.loglik[g], single.loglik[0], rtol=1e-12)
+        assert res.table.status.iloc[g] == single.table.status.iloc[0]
+
+
+def test_deterministic():
+    data = small_data("op", G=4, N=50, seed=9)
+    a = cj.fit(data, "free", "reml").table
+    b = cj.fit(data, "free", "reml").table
+    assert a.equals(b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_table_columns_and_wald_pvalues(method):
+    data = small_data("ctp", G=3, N=40, C=3, seed=10, V=np.diag([0.4, 0.0, 0.1]))
+    res = cj.fit(data, "free", method)
+    t = res.table
+    cts = data.celltypes
+    expected = (["hom2"] + [f"V_{c}" for c in cts] + [f"beta_{c}" for c in cts]
+                + ["loglik", "converged", "n_iter", "status", "se_hom2"] + [f"se_V_{c}" for c in cts]
+                + [f"se_beta_{c}" for c in cts] + ["p_hom2", "p_V", "p_ct_beta"])  # fmt: skip
+    assert list(t.columns) == expected
+    df = 40 - (1 + 3 + 3)
+    assert res.df == df
+    for g in range(3):
+        cov = res.var_cov[g]
+        assert_allclose(t.p_hom2.iloc[g], stats.t.sf(t.hom2.iloc[g] / np.sqrt(cov[0, 0]), df))
+        v = res.phi[g, 1:]
+        F = v @ np.linalg.solve(cov[1:, 1:], v) / 3
+        assert_allclose(t.p_V.iloc[g], stats.f.sf(F, 3, df))
+        T = np.array([[1, 0, -1], [0, 1, -1]])
+        b, bc = T @ res.beta[g], T @ res.beta_cov[g] @ T.T
+        assert_allclose(t.p_ct_beta.iloc[g], stats.f.sf(b @ np.linalg.solve(bc, b) / 2, 2, df))
+        # information matrix used is the expected one at the optimum
+        hom2, V = reference.natural("free", res.phi[g], 3)
+        info = reference.expected_information(data, g, hom2, V, "free", method)
+        assert_allclose(cov, np.linalg.inv(info), rtol=1e-7)
+
+
+def test_iid_and_full_columns():
+    data = small_data("ctp", G=2, N=40, C=3, seed=11)
+    t = cj.fit(data, "iid", "reml").table
+    assert (t["V_ct0"] == t["V_ct2"]).all() and "p_V" in t
+    t = cj.fit(data, "full", "reml").table
+    assert "hom2" not in t and "p_V" not in t and "p_ct_beta" in t
+    assert {"V_ct0_ct0", "V_ct0_ct1", "V_ct2_ct2"} <= set(t.columns)
+
+
+def test_observed_information():
+    data = small_data("ctp", G=2, N=40, seed=12)
+    res = cj.fit(data, "free", "reml", information="observed")
+    for g in range(2):
+        phi = res.phi[g]
+        import jax
+
+        d = api.to_blocks(data, "free")
+        gd = likelihood.GeneData(*(jnp.asarray(a) for a in (d.y[g], d.noise[g], d.X, d.E)))
+        H = jax.hessian(likelihood.nll)(jnp.asarray(phi), gd, True)
+        assert_allclose(res.var_cov[g], np.linalg.inv(H), rtol=1e-8)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_nonneg(model):
+    data = small_data("ctp", G=3, N=40, C=3, seed=13, V=np.zeros((3, 3)))
+    res = cj.fit(data, model, "reml", nonneg=True)
+    for g in range(3):
+        vc = models.unpack(jnp.asarray(res.phi[g]), model, 3)
+        assert float(vc.hom2) >= 0 and np.linalg.eigvalsh(np.asarray(vc.V)).min() >= -1e-12
+    # with an interior unconstrained optimum both agree
+    data = small_data("ctp", G=1, N=80, C=3, seed=14, V=np.diag([0.5, 0.4, 0.3]))
+    a, b = cj.fit(data, "free", "reml"), cj.fit(data, "free", "reml", nonneg=True)
+    assert a.table.converged.all() and b.table.converged.all()
+    assert_allclose(a.phi, b.phi, **OPTIMIZER)
+
+
+def test_lrt():
+    assert_allclose(cj.lrt(-10.0, -12.0, 2), stats.chi2.sf(4.0, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(model="diag"), "model='diag' is unknown"),
+        (dict(method="he2"), "method='he2' is unknown"),
+        (dict(information="hessian"), "information='hessian'"),
+    ],
+)
+def test_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cj.fit(small_data("ctp"), **kwargs)
+
+
+def test_too_few_donors():
+    data = small_data("ctp", N=7, C=3)  # free: 4 variance + 3 fixed = 7 parameters
+    with pytest.raises(ValueError, match="7 donors but the model has n_par = 7"):
+        cj.fit(data, "free")
+    cj.fit(data, "hom")  # 4 parameters: fine
+
+
+def test_rank_deficient_op_design():
+    d = small_data("op", N=20, C=3)
+    P = d.P.copy()
+    P[:, 2] = 0.0
+    P /= P.sum(1, keepdims=True)
+    with pytest.raises(ValueError, match="rank"):
+        cj.fit(cj.OPData.from_arrays(d.y, d.nu, P), "hom")
