@@ -12,7 +12,7 @@ jax.config.update("jax_enable_x64", True)
 from .api import fit as fit  # noqa: E402
 from .data import CTPData as CTPData  # noqa: E402
 from .data import OPData as OPData  # noqa: E402
-from .example import load_example as load_example  # noqa: E402
+from .datasets import load_example as load_example  # noqa: E402
 from .inference import lrt as lrt  # noqa: E402
 from .results import FitResult as FitResult  # noqa: E402
 from .simulate import simulate as simulate  # noqa: E402

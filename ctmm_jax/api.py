@@ -13,7 +13,7 @@ import numpy as np
 from . import likelihood, models
 from .data import CTPData, OPData
 from .likelihood import GeneData
-from .optimize import OptState, Status, fisher_scoring, init_state
+from .optimize import MAX_HALVINGS, OptState, Status, fisher_scoring, init_state
 from .results import FitResult
 
 METHODS = ("ml", "reml")
@@ -103,11 +103,15 @@ def _init_gene(y, noise, X, E, *, model, C, reml, nonneg) -> OptState:
     return s._replace(status=jnp.where(constant, Status.NO_VARIATION, s.status))
 
 
-def _advance_gene(state, until, y, noise, X, E, *, model, C, reml, nonneg, tol) -> OptState:
+def _advance_gene(
+    state, until, y, noise, X, E, *, model, C, reml, nonneg, tol, max_halvings
+) -> OptState:
     obj = objective(GeneData(y, noise, X, E), model=model, C=C, reml=reml, nonneg=nonneg)
+    state = state._replace(status=jnp.where(state.status == Status.STALLED, Status.RUNNING, state.status))
     return fisher_scoring(
-        obj.value, obj.score_info, state, until, tol=tol, boundary_cond=BOUNDARY_COND
-    )
+        obj.value, obj.score_info, state, until,
+        tol=tol, boundary_cond=BOUNDARY_COND, max_halvings=max_halvings,
+    )  # fmt: skip
 
 
 def _finish_gene(theta, y, noise, X, E, *, model, C, reml, nonneg, observed) -> GeneFit:
@@ -127,7 +131,7 @@ def init_chunk(y, noise, X, E, **keys) -> OptState:
     return jax.vmap(partial(_init_gene, X=X, E=E, **keys))(y, noise)
 
 
-@partial(jax.jit, static_argnames=_KEYS + ("tol",))
+@partial(jax.jit, static_argnames=_KEYS + ("tol", "max_halvings"))
 def advance_chunk(state, until, y, noise, X, E, **keys) -> OptState:
     """Continue a batch of states until each is done or has n_iter == until (G,)."""
     return jax.vmap(partial(_advance_gene, X=X, E=E, **keys))(state, until, y, noise)
@@ -140,6 +144,7 @@ def finish_chunk(theta, y, noise, X, E, **keys) -> GeneFit:
 
 
 ROUND_ITERS = 8  # iterations per round before the genes still running are regrouped
+BIG_BATCH_HALVINGS = 3  # step halvings per iteration allowed in full-size batches
 
 
 def _batches(idx: np.ndarray, size: int):
@@ -152,7 +157,9 @@ def _batches(idx: np.ndarray, size: int):
 def run_fits(blocks: Blocks, *, model, C, reml, nonneg, observed, max_iter, tol, chunk_size):
     """Fit every gene of `blocks`: rounds of ROUND_ITERS iterations, each round on the genes
     still running, regrouped into batches of `chunk_size` (or chunk_size // 16 once few are
-    left: two compiled batch shapes). Returns (GeneFit, OptState) with a leading gene axis."""
+    left: two compiled batch shapes). Full-size batches allow BIG_BATCH_HALVINGS step
+    halvings; genes that need more (STALLED) continue in small batches with the full budget.
+    Returns (GeneFit, OptState) with a leading gene axis."""
     G = blocks.y.shape[0]
     keys = dict(model=model, C=C, reml=reml, nonneg=nonneg)
     X, E = jnp.asarray(blocks.X), jnp.asarray(blocks.E)
@@ -165,18 +172,26 @@ def run_fits(blocks: Blocks, *, model, C, reml, nonneg, observed, max_iter, tol,
     parts = [(part, init_chunk(*data(pad), X, E, **keys)) for part, pad in _batches(np.arange(G), size)]
     state = _gather(parts, G)
     while True:
-        running = np.flatnonzero((state.status == Status.RUNNING) & (state.n_iter < max_iter))
-        if len(running) == 0:
+        active = np.isin(state.status, (Status.RUNNING, Status.STALLED)) & (state.n_iter < max_iter)
+        stalled = np.flatnonzero(active & (state.status == Status.STALLED))
+        running = np.flatnonzero(active & (state.status == Status.RUNNING))
+        if len(running) + len(stalled) == 0:
             break
-        bsize = size if len(running) > small else small
+        big = len(running) > small
+        groups = [(running, size, BIG_BATCH_HALVINGS), (stalled, small, MAX_HALVINGS)] if big else [
+            (np.concatenate([running, stalled]), small, MAX_HALVINGS)]  # fmt: skip
         parts = []
-        for part, pad in _batches(running, bsize):
-            s = jax.tree.map(lambda a, pad=pad: jnp.asarray(a[pad]), state)
-            until = jnp.minimum(s.n_iter + ROUND_ITERS, max_iter)
-            parts.append((part, advance_chunk(s, until, *data(pad), X, E, **keys, tol=tol)))
+        for idx, bsize, halvings in groups:
+            for part, pad in _batches(idx, bsize):
+                s = jax.tree.map(lambda a, pad=pad: jnp.asarray(a[pad]), state)
+                until = jnp.minimum(s.n_iter + ROUND_ITERS, max_iter)
+                parts.append((part, advance_chunk(
+                    s, until, *data(pad), X, E, **keys, tol=tol, max_halvings=halvings)))  # fmt: skip
         state = _scatter(state, parts)
     state = state._replace(
-        status=np.where(state.status == Status.RUNNING, Status.MAX_ITER, state.status)
+        status=np.where(
+            np.isin(state.status, (Status.RUNNING, Status.STALLED)), Status.MAX_ITER, state.status
+        )
     )
     parts = [
         (part, finish_chunk(jnp.asarray(state.theta[pad]), *data(pad), X, E, **keys, observed=observed))
@@ -223,7 +238,7 @@ def fit(
     *,
     information: str = "expected",
     nonneg: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     max_iter: int = 200,
     tol: float = 1e-10,
 ) -> FitResult:

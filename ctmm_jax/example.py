@@ -1,49 +1,21 @@
-"""The small example dataset shipped with the package, and `python -m ctmm_jax.example`.
-
-`example_ctp.npz` was made by `make_example()` (simulate, seed 2024): 40 genes, 80 donors,
-4 cell types; hom2 = 0.2, V = diag(0.3, 0, 0, 0.1) for the first 20 genes and V = 0 for the rest.
-"""
+"""`python -m ctmm_jax.example`: fit CTP free REML on the shipped example and print the table."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import pandas as pd
 
-import numpy as np
-
-from .data import CTPData
-
-EXAMPLE = Path(__file__).with_name("example_ctp.npz")
-
-
-def make_example(path: Path = EXAMPLE) -> None:
-    """Write the example dataset (deterministic)."""
-    from .simulate import simulate
-
-    V = np.zeros((40, 4, 4))
-    V[:20] = np.diag([0.3, 0.0, 0.0, 0.1])
-    d = simulate(40, 80, 4, hom2=0.2, V=V, beta=[1.0, 0.5, 0.0, -0.5], ctnu=0.2, seed=2024)
-    np.savez_compressed(
-        path, Y=d.Y, ctnu=d.ctnu, P=d.P, genes=d.genes, donors=d.donors, celltypes=d.celltypes
-    )
-
-
-def load_example() -> CTPData:
-    """The shipped example as CTPData (40 genes x 80 donors x 4 cell types)."""
-    with np.load(EXAMPLE) as z:
-        return CTPData.from_arrays(
-            z["Y"], z["ctnu"], z["P"], genes=z["genes"], donors=z["donors"], celltypes=z["celltypes"]
-        )
+from .api import fit
+from .datasets import load_example
 
 
 def main() -> None:
-    import pandas as pd
-
-    from .api import fit
-
     data = load_example()
     result = fit(data, model="free", method="reml")
     cols = ["hom2"] + [f"V_{c}" for c in data.celltypes] + ["loglik", "p_V", "p_ct_beta", "status"]
-    with pd.option_context("display.width", 160, "display.max_rows", 50):
+    with pd.option_context(
+        "display.width", 250, "display.max_rows", 50, "display.max_columns", None,
+        "display.max_colwidth", 45,
+    ):  # fmt: skip
         print(f"CTP free REML on the example data: {data.shape} (genes, donors, cell types)")
         print(result.table[cols].round(4))
 

@@ -25,6 +25,7 @@ from jax import lax
 class Status(IntEnum):
     """Per-gene outcome codes; results.py maps them to messages."""
 
+    STALLED = -2  # no decrease within the halving budget of this round: retry with the full one
     RUNNING = -1
     OK = 0
     MAX_ITER = 1
@@ -79,6 +80,7 @@ def fisher_scoring(
     *,
     tol: float,
     boundary_cond: float,
+    max_halvings: int = MAX_HALVINGS,
 ) -> OptState:
     """Iterate from `state` while it is RUNNING and n_iter < until.
 
@@ -89,7 +91,10 @@ def fisher_scoring(
     Fisher scoring's otherwise (always a descent direction). A gene whose accepted step had to
     be halved at least 8 times while cond > boundary_cond is heading into the boundary: it
     stops with Status.BOUNDARY instead of crawling there. A gene still RUNNING on return has
-    used its iterations; the caller continues it or marks it MAX_ITER.
+    used its iterations; the caller continues it or marks it MAX_ITER. Under vmap every
+    halving costs the whole batch an NLL evaluation, so large batches use a small
+    `max_halvings`: a gene that finds no decrease within it returns STALLED (theta unchanged)
+    for the caller to continue in a small batch with the full MAX_HALVINGS.
     """
 
     def step(s: OptState) -> OptState:
@@ -108,21 +113,22 @@ def fisher_scoring(
 
         def worse(c):
             a, f, _ = c
-            return ~(f <= s.nll) & (a > 2.0**-MAX_HALVINGS)
+            return ~(f <= s.nll) & (a > 2.0**-max_halvings)
 
         a, f, cond = lax.while_loop(worse, halve, (jnp.ones(()), *value(s.theta - d)))
         accept = (f <= s.nll) & ~converged & ~singular
         walled = accept & (a <= 2.0**-8) & (cond > boundary_cond)
+        no_descent = Status.NO_DESCENT if max_halvings >= MAX_HALVINGS else Status.STALLED
         status = jnp.select(
             [converged, singular, ~accept, walled],
-            [Status.OK, Status.SINGULAR_INFO, Status.NO_DESCENT, Status.BOUNDARY],
+            [Status.OK, Status.SINGULAR_INFO, no_descent, Status.BOUNDARY],
             Status.RUNNING,
         )
         return OptState(
             theta=jnp.where(accept, s.theta - a * d, s.theta),
             nll=jnp.where(accept, f, s.nll),
             dec=dec,
-            n_iter=s.n_iter + jnp.where(converged | singular, 0, 1),
+            n_iter=s.n_iter + jnp.where(accept, 1, 0),
             status=status,
         )
 

@@ -47,6 +47,10 @@ class FitResult:
     ) -> FitResult:
         G, N, C = data.shape
         cts = list(data.celltypes)
+        not_fitted = status == Status.NO_VARIATION
+        if not_fitted.any():  # no estimates for genes that were not fitted: NaN, with a status
+            fits = type(fits)(*(np.where(_expand(not_fitted, a), np.nan, a) for a in fits))
+            loglik = np.where(not_fitted, np.nan, loglik)
         df = N - n_par
         var_se = np.sqrt(np.where(np.diagonal(fits.var_cov, axis1=1, axis2=2) > 0,
                                   np.diagonal(fits.var_cov, axis1=1, axis2=2), np.nan))  # fmt: skip
@@ -86,6 +90,10 @@ class FitResult:
             model, method, information, tuple(data.genes), tuple(cts), fits.phi, fits.var_cov,
             fits.beta, fits.beta_cov, loglik, n_iter.astype(int), status, df, pvalues, table,
         )  # fmt: skip
+
+
+def _expand(mask: np.ndarray, a: np.ndarray) -> np.ndarray:
+    return mask.reshape(mask.shape + (1,) * (a.ndim - 1))
 
 
 def wald_pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df) -> dict[str, np.ndarray]:
