@@ -91,7 +91,9 @@ def main(argv=None):
             "compile_s", "run_s", "genes_per_s", "converged", "boundary", "mean_iter"]  # fmt: skip
     print(" | ".join(f"{k:>10}" for k in keys))
     for r in rows:
-        print(" | ".join(f"{r[k]:>10.4g}" if isinstance(r[k], float) else f"{r[k]:>10}" for k in keys))
+        print(
+            " | ".join(f"{r[k]:>10.4g}" if isinstance(r[k], float) else f"{r[k]:>10}" for k in keys)
+        )
     meta = dict(device=str(jax.devices()[0]), jax=jax.__version__, cpus=os.cpu_count(),
                 platform=platform.platform(), x64=bool(jax.config.jax_enable_x64))  # fmt: skip
     if a.json:

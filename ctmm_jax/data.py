@@ -84,7 +84,9 @@ def _loadtxt(path, name: str, ndim: int) -> np.ndarray:
     except OSError as e:
         raise ValueError(f"{name}: cannot read {path!s} ({e}).") from None
     except ValueError as e:
-        raise ValueError(f"{name}: {path!s} is not a whitespace-separated number table ({e}).") from None
+        raise ValueError(
+            f"{name}: {path!s} is not a whitespace-separated number table ({e})."
+        ) from None
     return a
 
 
@@ -108,7 +110,9 @@ class CTPData:
         if self.ctnu.shape != self.Y.shape:
             raise ValueError(f"ctnu: shape {self.ctnu.shape} does not match Y's {self.Y.shape}.")
         if self.P.shape != (N, C):
-            raise ValueError(f"P: shape {self.P.shape} does not match (donors, cell types) = {(N, C)}.")
+            raise ValueError(
+                f"P: shape {self.P.shape} does not match (donors, cell types) = {(N, C)}."
+            )
         axes = [("gene", self.genes), ("donor", self.donors), ("cell type", self.celltypes)]
         _check_finite(self.Y, "Y", axes)
         _check_finite(self.ctnu, "ctnu", axes)
@@ -152,7 +156,9 @@ class CTPData:
             if not isinstance(df.index, pd.MultiIndex) or df.index.nlevels != 2:
                 raise ValueError(f"{name}: index must be a (donor, cell type) MultiIndex.")
         if list(ctnu.columns) != list(ctp.columns):
-            raise ValueError("ctnu: columns (genes) differ from ctp's; use the same genes in order.")
+            raise ValueError(
+                "ctnu: columns (genes) differ from ctp's; use the same genes in order."
+            )
         donors, celltypes = [str(d) for d in P.index], [str(c) for c in P.columns]
         full = pd.MultiIndex.from_product([donors, celltypes])
 
@@ -183,10 +189,8 @@ class CTPData:
     ) -> CTPData:
         """One gene from the original CTMM text files (whitespace separated, no header, one row
         per donor, one column per cell type; .gz is fine)."""
-        return cls.from_arrays(
-            _loadtxt(y, "y (CTP file)", 2), _loadtxt(ctnu, "ctnu file", 2), _loadtxt(P, "P file", 2),
-            genes=[gene],
-        )  # fmt: skip
+        Y, ctnu = _loadtxt(y, "y (CTP file)", 2), _loadtxt(ctnu, "ctnu file", 2)
+        return cls.from_arrays(Y, ctnu, _loadtxt(P, "P file", 2), genes=[gene])
 
 
 @dataclass(frozen=True)

@@ -31,5 +31,10 @@ def load_example() -> CTPData:
     """The shipped example as CTPData (40 genes x 80 donors x 4 cell types)."""
     with np.load(EXAMPLE) as z:
         return CTPData.from_arrays(
-            z["Y"], z["ctnu"], z["P"], genes=z["genes"], donors=z["donors"], celltypes=z["celltypes"]
+            z["Y"],
+            z["ctnu"],
+            z["P"],
+            genes=z["genes"],
+            donors=z["donors"],
+            celltypes=z["celltypes"],
         )

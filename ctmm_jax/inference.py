@@ -47,6 +47,14 @@ def wald_ct_beta(beta: np.ndarray, cov: np.ndarray, df) -> np.ndarray:
     return wald_f(beta @ T.T, T @ cov @ T.T, df)
 
 
+def jackknife_cov(reps: np.ndarray) -> np.ndarray:
+    """(N-1)/N sum_i (x_(-i) - mean)(x_(-i) - mean)^T over the replicate axis.
+    reps: (G, N, k) -> (G, k, k)."""
+    N = reps.shape[1]
+    dev = reps - reps.mean(axis=1, keepdims=True)
+    return (N - 1) / N * np.einsum("gni,gnj->gij", dev, dev)
+
+
 def lrt(l1, l0, k):
     """Likelihood-ratio test: chi2.sf(2 (l1 - l0), k), l1 and l0 the log-likelihoods of the
     larger and the nested model, k the difference in number of parameters."""

@@ -40,13 +40,36 @@ class GeneData(NamedTuple):
     """One gene in block form.
 
     y: (N, b) values; noise: (N, b) known noise variances; X: (N, b, p) fixed-effect design;
-    E: (n_var, N, b, b) kernels of each block (a leading 1 instead of N broadcasts).
+    E: (n_var, N, b, b) kernels of each block (a leading 1 instead of N broadcasts);
+    mask: (N, b) 1 for observed values, 0 for missing ones (a dropped donor is a row of 0s),
+    or None when everything is observed.
     """
 
     y: jax.Array
     noise: jax.Array
     X: jax.Array
     E: jax.Array
+    mask: jax.Array | None = None
+
+
+def observed(d: GeneData) -> GeneData:
+    """Exact likelihood of the observed values (design.md 4): for masked entries the rows and
+    columns of Sigma become the identity (kernels 0, noise 1) and y and X become 0, so they add
+    log|1| = 0 and nothing else."""
+    if d.mask is None:
+        return d
+    m = d.mask
+    return GeneData(
+        y=d.y * m,
+        noise=jnp.where(m > 0, d.noise, 1.0),
+        X=d.X * m[..., None],
+        E=d.E * (m[:, :, None] * m[:, None, :]),
+        mask=m,
+    )
+
+
+def n_observed(d: GeneData) -> jax.Array:
+    return d.y.size if d.mask is None else d.mask.sum()
 
 
 class Moments(NamedTuple):
@@ -71,6 +94,7 @@ class Factor(NamedTuple):
 
 
 def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
+    d = observed(d)
     N, b = d.y.shape
     p = d.X.shape[-1]
     Sigma = jnp.einsum("k,knij->nij", phi, d.E) + d.noise[..., None] * jnp.eye(b)
@@ -83,7 +107,7 @@ def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
     beta = A @ jnp.einsum("nbp,nb->p", WX, d.y)
     r = d.y - jnp.einsum("nbp,p->nb", d.X, beta)
     Wr = jnp.einsum("nij,nj->ni", W, r)
-    n = N * b
+    n = n_observed(d)
     nll2 = linalg.logdet_from_cholesky(L).sum() + jnp.sum(r * Wr) + n * LOG_2PI
     if reml:  # static: two compiled variants, no runtime branch
         nll2 = nll2 + linalg.logdet_from_cholesky(Lx) - p * LOG_2PI
@@ -92,7 +116,13 @@ def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
     # (exact for OP). Past COND_MAX the fit counts as outside the positive-definite region: the
     # likelihood grows without bound as one donor's covariance becomes singular (GLS then fits
     # that donor exactly, design.md 9), so the region must stop short of the boundary.
-    cond = jnp.sqrt(jnp.max(jnp.sum(Sigma**2, axis=(1, 2))) * jnp.max(jnp.sum(W**2, axis=(1, 2))))
+    # (over observed entries only: masked ones are an identity block of W and Sigma)
+    if d.mask is not None:
+        mm = d.mask[:, :, None] * d.mask[:, None, :]
+        Sigma, W2 = Sigma * mm, W * mm
+    else:
+        W2 = W
+    cond = jnp.sqrt(jnp.max(jnp.sum(Sigma**2, axis=(1, 2))) * jnp.max(jnp.sum(W2**2, axis=(1, 2))))
     feasible = jnp.isfinite(nll) & (cond <= COND_MAX)
     return Factor(W, A, beta, Wr, jnp.where(feasible, nll, jnp.inf), cond)
 
@@ -105,6 +135,7 @@ def nll(phi: jax.Array, d: GeneData, reml: bool) -> jax.Array:
 def moments(phi: jax.Array, d: GeneData, reml: bool) -> Moments:
     """NLL, analytic score and expected information of one gene at phi (see module doc)."""
     f = factor(phi, d, reml)
+    d = observed(d)
     E = d.E  # (k, N or 1, b, b): matmul broadcasts the donor axis
     M = f.W[None] @ E  # W_i E_ki
     trWK = jnp.trace(M, axis1=2, axis2=3).sum(1)

@@ -101,6 +101,11 @@ def to_natural(theta: jax.Array, model: str, C: int, nonneg: bool) -> jax.Array:
     return (L @ L.T)[np.triu_indices(C)]
 
 
+def from_natural_batch(phi, model: str, C: int, nonneg: bool) -> jax.Array:
+    """`from_natural` over a leading gene axis: phi (G, n_var)."""
+    return jax.vmap(lambda p: from_natural(p, model, C, nonneg))(jnp.asarray(phi))
+
+
 def from_natural(phi: jax.Array, model: str, C: int, nonneg: bool) -> jax.Array:
     """Inverse of `to_natural`; phi must be strictly inside the constrained set when nonneg."""
     if not nonneg:

@@ -34,6 +34,7 @@ class Status(IntEnum):
     INFEASIBLE_START = 4
     SINGULAR_INFO = 5
     NO_VARIATION = 6
+    NOT_FINITE = 7
 
 
 MESSAGES = {
@@ -44,6 +45,8 @@ MESSAGES = {
     Status.INFEASIBLE_START: "start values give a covariance that is not positive definite",
     Status.SINGULAR_INFO: "information matrix is singular (parameters not identified)",
     Status.NO_VARIATION: "no variation left after the fixed effects (constant gene); not fitted",
+    Status.NOT_FINITE: "estimates not finite (HE normal equations singular, or GLS at HE "
+    "variances that are not positive definite)",
 }
 
 

@@ -12,13 +12,36 @@ from .optimize import MESSAGES, Status
 
 
 @dataclass(frozen=True)
+class Jackknife:
+    """Leave-one-donor-out replicates of every gene.
+
+    phi: (G, N, n_var) and ct_beta: (G, N, C) replicate estimates; var_cov (G, n_var, n_var)
+    and ct_beta_cov (G, C, C): (N-1)/N sum_i (x_(-i) - mean)(x_(-i) - mean)^T; n_failed: (G,)
+    replicates that did not converge (ML/REML; their estimates are still used, as the original).
+    """
+
+    phi: np.ndarray
+    ct_beta: np.ndarray
+    n_failed: np.ndarray
+
+    @property
+    def var_cov(self) -> np.ndarray:
+        return inference.jackknife_cov(self.phi)
+
+    @property
+    def ct_beta_cov(self) -> np.ndarray:
+        return inference.jackknife_cov(self.ct_beta)
+
+
+@dataclass(frozen=True)
 class FitResult:
     """Fit of every gene. Arrays carry a leading gene axis (G).
 
     phi: (G, n_var) natural variance parameters (models.py order); var_cov: (G, n_var, n_var)
-    their covariance (inverse information); beta: (G, p); beta_cov: (G, p, p); loglik: (G,)
-    with the constants of design.md section 4; status: (G,) optimize.Status codes; pvalues:
-    name -> (G,) Wald p values; table: one row per gene.
+    their covariance (inverse information; NaN for HE); beta: (G, p); beta_cov: (G, p, p);
+    loglik: (G,) with the constants of design.md section 4 (NaN for HE); status: (G,)
+    optimize.Status codes; pvalues: name -> (G,) Wald p values (information); jackknife and
+    pvalues_jk when fitted with jackknife=True; table: one row per gene.
     """
 
     model: str
@@ -35,6 +58,8 @@ class FitResult:
     status: np.ndarray
     df: int
     pvalues: dict[str, np.ndarray]
+    jackknife: Jackknife | None
+    pvalues_jk: dict[str, np.ndarray] | None
     table: pd.DataFrame
 
     @property
@@ -43,8 +68,9 @@ class FitResult:
 
     @classmethod
     def build(
-        cls, data, model, method, information, fits, loglik, n_iter, status, n_par: int
-    ) -> FitResult:
+        cls, data, model, method, information, fits, loglik, n_iter, status, n_par: int,
+        jackknife: Jackknife | None = None,
+    ) -> FitResult:  # fmt: skip
         G, N, C = data.shape
         cts = list(data.celltypes)
         not_fitted = status == Status.NO_VARIATION
@@ -52,44 +78,58 @@ class FitResult:
             fits = type(fits)(*(np.where(_expand(not_fitted, a), np.nan, a) for a in fits))
             loglik = np.where(not_fitted, np.nan, loglik)
         df = N - n_par
-        var_se = np.sqrt(np.where(np.diagonal(fits.var_cov, axis1=1, axis2=2) > 0,
-                                  np.diagonal(fits.var_cov, axis1=1, axis2=2), np.nan))  # fmt: skip
         names = models.param_names(model, cts)
         status = status.astype(int)
-        # a singular information leaves standard errors undefined: say so in the status
-        status = np.where(
-            (status == Status.OK) & ~np.all(np.isfinite(var_se), axis=1), Status.SINGULAR_INFO, status
-        )
-        pvalues = wald_pvalues(model, fits.phi, fits.var_cov, fits.beta[:, :C], fits.beta_cov[:, :C, :C], df)
+        if method != "he":  # a singular information leaves standard errors undefined
+            bad = ~np.all(np.diagonal(fits.var_cov, axis1=1, axis2=2) > 0, axis=1)
+            status = np.where((status == Status.OK) & bad, Status.SINGULAR_INFO, status)
+        ct_beta, ct_beta_cov = fits.beta[:, :C], fits.beta_cov[:, :C, :C]
+        pvalues = wald_pvalues(model, fits.phi, fits.var_cov, ct_beta, ct_beta_cov, df)
 
         cols: dict[str, np.ndarray] = {}
-        for j, name in enumerate(names):
-            if model == "iid" and name == "V":
-                for c in cts:
-                    cols[f"V_{c}"] = fits.phi[:, j]
-            else:
-                cols[name] = fits.phi[:, j]
-        for c, ct in enumerate(cts):
-            cols[f"beta_{ct}"] = fits.beta[:, c]
+        cols.update(_by_name(names, cts, fits.phi))
+        cols.update({f"beta_{ct}": fits.beta[:, c] for c, ct in enumerate(cts)})
         cols["loglik"] = loglik
         cols["converged"] = status == Status.OK
         cols["n_iter"] = n_iter.astype(int)
         cols["status"] = np.array([MESSAGES[Status(s)] for s in status], dtype=object)
-        for j, name in enumerate(names):
-            if model == "iid" and name == "V":
-                for c in cts:
-                    cols[f"se_V_{c}"] = var_se[:, j]
-            else:
-                cols[f"se_{name}"] = var_se[:, j]
-        beta_se = np.sqrt(np.diagonal(fits.beta_cov, axis1=1, axis2=2))
-        for c, ct in enumerate(cts):
-            cols[f"se_beta_{ct}"] = beta_se[:, c]
+        cols.update(_se_columns(names, cts, fits.var_cov, ct_beta_cov, ""))
         cols.update({f"p_{k}": v for k, v in pvalues.items()})
+        pvalues_jk = None
+        if jackknife is not None:
+            jk_var, jk_beta = jackknife.var_cov, jackknife.ct_beta_cov
+            pvalues_jk = wald_pvalues(model, fits.phi, jk_var, ct_beta, jk_beta, df)
+            cols.update(_se_columns(names, cts, jk_var, jk_beta, "_jk"))
+            cols.update({f"p_{k}_jk": v for k, v in pvalues_jk.items()})
+            cols["n_jk_failed"] = jackknife.n_failed.astype(int)
         table = pd.DataFrame(cols, index=pd.Index(data.genes, name="gene"))
         return cls(
             model, method, information, tuple(data.genes), tuple(cts), fits.phi, fits.var_cov,
-            fits.beta, fits.beta_cov, loglik, n_iter.astype(int), status, df, pvalues, table,
+            fits.beta, fits.beta_cov, loglik, n_iter.astype(int), status, df, pvalues,
+            jackknife, pvalues_jk, table,
         )  # fmt: skip
+
+
+def _by_name(names: list[str], cts: list[str], values: np.ndarray) -> dict[str, np.ndarray]:
+    """Columns of per-parameter values; iid's single V is repeated as V_<ct> for every ct."""
+    cols = {}
+    for j, name in enumerate(names):
+        for col in [f"V_{c}" for c in cts] if name == "V" else [name]:
+            cols[col] = values[:, j]
+    return cols
+
+
+def _sqrt_diag(cov: np.ndarray) -> np.ndarray:
+    d = np.diagonal(cov, axis1=1, axis2=2)
+    return np.sqrt(np.where(d > 0, d, np.nan))
+
+
+def _se_columns(names, cts, var_cov, ct_beta_cov, suffix: str) -> dict[str, np.ndarray]:
+    se = _by_name(names, cts, _sqrt_diag(var_cov))
+    cols = {f"se_{k}{suffix}": v for k, v in se.items()}
+    beta_se = _sqrt_diag(ct_beta_cov)
+    cols.update({f"se_beta_{ct}{suffix}": beta_se[:, c] for c, ct in enumerate(cts)})
+    return cols
 
 
 def _expand(mask: np.ndarray, a: np.ndarray) -> np.ndarray:

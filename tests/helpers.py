@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ctmm_jax as cj
-from ctmm_jax import api, likelihood
+from ctmm_jax import likelihood, structure
 
 CLOSED_FORM = dict(rtol=1e-8, atol=1e-8)  # likelihoods, closed forms
 OPTIMIZER = dict(rtol=1e-5, atol=1e-5)  # fitted values
@@ -40,5 +40,5 @@ def random_phi(model: str, C: int, seed=0) -> np.ndarray:
 
 
 def gene_data(data, model: str, g: int) -> likelihood.GeneData:
-    b = api.to_blocks(data, model)
+    b = structure.to_blocks(data, model)
     return likelihood.GeneData(*(jnp.asarray(a) for a in (b.y[g], b.noise[g], b.X, b.E)))

@@ -102,7 +102,9 @@ def test_error_names_the_entry():
     ctnu = d.ctnu.copy()
     ctnu[1, 4, 2] = -1.0
     with pytest.raises(ValueError, match="gene 'gene1', donor 'ind4', cell type 'ct2'"):
-        cj.CTPData.from_arrays(d.Y, ctnu, d.P, genes=d.genes, donors=d.donors, celltypes=d.celltypes)
+        cj.CTPData.from_arrays(
+            d.Y, ctnu, d.P, genes=d.genes, donors=d.donors, celltypes=d.celltypes
+        )
 
 
 def test_fit_rejects_other_objects():

@@ -35,7 +35,10 @@ def test_score_hessian_information(shape, model, method):
     m = likelihood.moments(phi, d, reml)
     f = lambda p: float(likelihood.nll(jnp.asarray(p), d, reml))  # noqa: E731
     eps = np.sqrt(np.finfo(float).eps) * np.maximum(1.0, np.abs(np.asarray(phi)))
-    fd = [(f(phi.at[k].add(eps[k])) - f(phi.at[k].add(-eps[k]))) / (2 * eps[k]) for k in range(len(phi))]
+    fd = [
+        (f(phi.at[k].add(eps[k])) - f(phi.at[k].add(-eps[k]))) / (2 * eps[k])
+        for k in range(len(phi))
+    ]
     assert_allclose(m.score, fd, rtol=1e-5, atol=1e-5)
     assert_allclose(m.score, jax.grad(likelihood.nll)(phi, d, reml), **CLOSED_FORM)
     assert_allclose(m.hess, jax.hessian(likelihood.nll)(phi, d, reml), **CLOSED_FORM)
@@ -68,11 +71,11 @@ def test_not_positive_definite_is_inf(shape):
 def test_vmap_equals_single_gene():
     data = small_data("ctp", G=4)
     phis = jnp.asarray(np.stack([random_phi("free", 3, seed=s) for s in range(4)]))
-    from ctmm_jax import api
+    from ctmm_jax import structure
 
-    b = api.to_blocks(data, "free")
-    batched = jax.vmap(lambda p, y, nu: likelihood.nll(p, likelihood.GeneData(y, nu, b.X, b.E), True))(
-        phis, jnp.asarray(b.y), jnp.asarray(b.noise)
-    )
+    b = structure.to_blocks(data, "free")
+    batched = jax.vmap(
+        lambda p, y, nu: likelihood.nll(p, likelihood.GeneData(y, nu, b.X, b.E), True)
+    )(phis, jnp.asarray(b.y), jnp.asarray(b.noise))
     single = [likelihood.nll(phis[g], gene_data(data, "free", g), True) for g in range(4)]
     assert_allclose(batched, single, rtol=1e-13)

@@ -1,0 +1,127 @@
+"""Haseman-Elston (method of moments) estimator, batched over genes in closed form.
+
+With the OLS residual maker M = I - X A0 X^T, A0 = (X^T X)^-1, HE regresses
+vec(M y y^T M - M D M) on vec(M K_k M) (design.md section 4):
+
+    (Q^T Q)_kl = tr(M K_k M K_l)
+               = sum_i tr(E_ki E_li) - 2 sum_i tr(H0_i E_ki E_li) + tr(A0 B_k A0 B_l)
+    (Q^T t)_k  = r^T K_k r - sum_j D_jj (M K_k M)_jj,        r = M y
+    (M K_k M)_ii = E_ki - H0_i E_ki - E_ki H0_i + X_i A0 B_k A0 X_i^T
+
+with H0_i = X_i A0 X_i^T and B_k = sum_i X_i^T E_ki X_i. Everything is a sum over donor
+blocks: no NC x NC matrix is formed. Q^T Q and diag(M K_k M) depend only on the design and
+kernels (`Normal`), computed once and shared by every gene; a gene costs its OLS residuals and
+quadratic forms, and all genes are solved at once.
+
+A dropped donor (jackknife) is a mask over its block (likelihood.observed), which for HE is
+the same as deleting it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .likelihood import GeneData, observed
+
+
+class Normal(NamedTuple):
+    """Design-only pieces of HE: QtQ (k, k), Z (k, N, b) = diag blocks of M K_k M, A0 (p, p)."""
+
+    QtQ: jax.Array
+    Z: jax.Array
+    A0: jax.Array
+
+
+def normal(X: jax.Array, E: jax.Array, mask: jax.Array | None = None) -> Normal:
+    """Shared HE normal equations. X: (N, b, p); E: (k, N or 1, b, b); mask: (N, b) or None."""
+    N, b, p = X.shape
+    d = observed(GeneData(jnp.zeros((N, b)), jnp.ones((N, b)), X, E, mask))
+    X, E = d.X, jnp.broadcast_to(d.E, (E.shape[0], N, b, b))
+    A0 = jnp.linalg.inv(jnp.einsum("nbp,nbq->pq", X, X))
+    H0 = X @ A0 @ jnp.swapaxes(X, 1, 2)  # (N, b, b)
+    B = jnp.einsum("nip,knij,njq->kpq", X, E, X)
+    T1 = jnp.einsum("knij,lnji->kl", E, E)
+    T2 = jnp.einsum("nij,knjl,mnli->km", H0, E, E)
+    AB = A0 @ B
+    T3 = jnp.einsum("kpq,lqp->kl", AB, AB)
+    XABAX = jnp.einsum("nip,kpq,njq->knij", X, AB @ A0, X)
+    Z = (
+        jnp.diagonal(E, axis1=2, axis2=3)
+        - 2.0 * jnp.diagonal(H0[None] @ E, axis1=2, axis2=3)
+        + jnp.diagonal(XABAX, axis1=2, axis2=3)
+    )
+    return Normal(T1 - T2 - T2.T + T3, Z, A0)
+
+
+class HEFit(NamedTuple):
+    """HE estimates of a batch of genes."""
+
+    phi: jax.Array  # (G, k) variance parameters
+    beta: jax.Array  # (G, p) OLS fixed effects
+
+
+def he_genes(y: jax.Array, noise: jax.Array, X: jax.Array, E: jax.Array, nm: Normal) -> HEFit:
+    """HE for many genes sharing the design. y, noise: (G, N, b), already masked (0 where
+    missing; noise anything there since Z is 0); X, E as given to `normal` (masked)."""
+    beta = jnp.einsum("pq,nbq,gnb->gp", nm.A0, X, y)
+    r = y - jnp.einsum("nbp,gp->gnb", X, beta)
+    if E.shape[1] == 1:  # kernels shared by donors (CTP): sum_i r_i^T E_k r_i = tr(E_k S)
+        S = jnp.einsum("gni,gnj->gij", r, r)
+        quad = jnp.einsum("kij,gji->gk", E[:, 0], S)
+    else:
+        quad = jnp.einsum("gni,knij,gnj->gk", r, E, r)
+    Qt = quad - jnp.einsum("gnb,knb->gk", noise, nm.Z)
+    return HEFit(jnp.linalg.solve(nm.QtQ, Qt.T).T, beta)
+
+
+@jax.jit
+def he_chunk(y, noise, X, E) -> HEFit:
+    """HE for a batch of genes, all donors. y, noise: (G, N, b)."""
+    return he_genes(y, noise, X, E, normal(X, E))
+
+
+@partial(jax.jit, static_argnames=("N",))
+def he_jackknife_chunk(y, noise, X, E, *, N: int) -> HEFit:
+    """Leave-one-donor-out HE for a batch of genes: (G, N, k) and (G, N, p).
+
+    Replicate i masks donor i; the shared normal equations of all N replicates are computed
+    first (vmapped), then the genes are solved replicate by replicate (lax.map keeps memory at
+    one replicate's residuals)."""
+    b = y.shape[-1]
+    masks = jnp.repeat((1.0 - jnp.eye(N))[:, :, None], b, axis=2)  # (N reps, N, b)
+    normals = jax.vmap(normal, (None, None, 0))(X, E, masks)
+
+    def replicate(args):
+        m, nm = args
+        Xm = X * m[..., None]
+        return he_genes(y * m, noise * m, Xm, E, nm)
+
+    fits = jax.lax.map(replicate, (masks, normals))  # leading replicate axis
+    return HEFit(jnp.swapaxes(fits.phi, 0, 1), jnp.swapaxes(fits.beta, 0, 1))
+
+
+def run_he(blocks, *, chunk_size: int) -> HEFit:
+    """HE for every gene of `blocks` (structure.Blocks), in batches of genes."""
+    return _run(he_chunk, blocks, chunk_size)
+
+
+def run_he_jackknife(blocks, *, chunk_size: int) -> HEFit:
+    """Leave-one-donor-out HE for every gene: phi (G, N, k), beta (G, N, p)."""
+    return _run(partial(he_jackknife_chunk, N=blocks.y.shape[1]), blocks, chunk_size)
+
+
+def _run(chunk_fn, blocks, chunk_size: int) -> HEFit:
+    from .engine import batches, gather
+
+    G = blocks.y.shape[0]
+    X, E = jnp.asarray(blocks.X), jnp.asarray(blocks.E)
+    parts = []
+    for part, pad in batches(np.arange(G), min(chunk_size, G)):
+        y, noise = jnp.asarray(blocks.y[pad]), jnp.asarray(blocks.noise[pad])
+        parts.append((part, chunk_fn(y, noise, X, E)))
+    return gather(parts, G)

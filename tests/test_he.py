@@ -1,0 +1,143 @@
+"""HE against a dense NumPy least-squares solve, and the jackknife against explicit refits."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import reference
+from helpers import CLOSED_FORM, MODELS, OPTIMIZER, SHAPES, small_data
+from numpy.testing import assert_allclose
+
+import ctmm_jax as cj
+
+
+def _dense_he(data, g, model):
+    """Build vec(M K_k M) and vec(M y y^T M - M D M) explicitly; OLS of one on the others."""
+    C = data.shape[2]
+    y, X, _ = reference.dense(data, g, 0.0, np.zeros((C, C)))
+    D = np.diag(data.ctnu[g].ravel() if hasattr(data, "Y") else data.nu[g])
+    M = np.eye(len(y)) - X @ np.linalg.solve(X.T @ X, X.T)
+    t = (M @ np.outer(y, y) @ M - M @ D @ M).ravel()
+    Q = np.stack([(M @ K @ M).ravel() for K in reference.kernels(data, model)], axis=1)
+    return np.linalg.lstsq(Q, t, rcond=None)[0], np.linalg.lstsq(X, y, rcond=None)[0]
+
+
+def _drop_donor(data, i):
+    keep = np.arange(data.shape[1]) != i
+    donors = tuple(np.array(data.donors)[keep])
+    if isinstance(data, cj.CTPData):
+        return dataclasses.replace(
+            data, Y=data.Y[:, keep], ctnu=data.ctnu[:, keep], P=data.P[keep], donors=donors
+        )
+    return dataclasses.replace(
+        data, y=data.y[:, keep], nu=data.nu[:, keep], P=data.P[keep], donors=donors
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("model", MODELS)
+def test_he_equals_dense_least_squares(shape, model):
+    data = small_data(shape, G=3, N=14, C=3, seed=21)
+    res = cj.fit(data, model, "he")
+    assert res.table.converged.all()
+    assert res.table.loglik.isna().all()
+    for g in range(3):
+        phi, beta = _dense_he(data, g, model)
+        assert_allclose(res.phi[g], phi, **CLOSED_FORM)
+        assert_allclose(res.beta[g], beta, **CLOSED_FORM)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_he_gls_beta(shape):
+    N = 30 if shape == "ctp" else 200
+    data = small_data(shape, G=2, N=N, C=3, seed=22, V=np.diag([0.5, 0.3, 0.2]), alpha=1.0)
+    res = cj.fit(data, "free", "he", he_beta="gls")
+    assert res.table.converged.all()
+    for g in range(2):
+        hom2, V = reference.natural("free", res.phi[g], 3)
+        y, X, Sigma = reference.dense(data, g, hom2, V)
+        Si = np.linalg.inv(Sigma)
+        assert_allclose(res.beta[g], np.linalg.solve(X.T @ Si @ X, X.T @ Si @ y), **CLOSED_FORM)
+
+
+def test_he_gls_not_positive_definite_is_flagged():
+    """Residual variance far below the mean noise: HE hom2 < -min(nu), the covariance at the
+    HE estimate is not positive definite, GLS is undefined: NaN beta and a status."""
+    rng = np.random.default_rng(0)
+    N = 40
+    P = rng.dirichlet(np.ones(3), size=N)
+    nu = np.linspace(0.01, 1.0, N)
+    y = P @ np.array([1.0, 2.0, 3.0]) + rng.normal(scale=0.1, size=N)
+    res = cj.fit(cj.OPData.from_arrays(y, nu, P), "hom", "he", he_beta="gls")
+    assert res.phi[0, 0] < -0.01
+    assert not res.table.converged.iloc[0]
+    assert "not positive definite" in res.table.status.iloc[0]
+    assert np.isnan(res.beta[0]).all()
+    ols = cj.fit(cj.OPData.from_arrays(y, nu, P), "hom", "he")
+    assert ols.table.converged.iloc[0] and np.isfinite(ols.beta[0]).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("model", MODELS)
+def test_he_jackknife_equals_loop(shape, model):
+    data = small_data(shape, G=2, N=16, C=3, seed=23)
+    res = cj.fit(data, model, "he", jackknife=True)
+    N = data.shape[1]
+    loop = np.stack([cj.fit(_drop_donor(data, i), model, "he").phi for i in range(N)], axis=1)
+    assert_allclose(res.jackknife.phi, loop, **CLOSED_FORM)
+    dev = loop - loop.mean(axis=1, keepdims=True)
+    cov = (N - 1) / N * np.einsum("gni,gnj->gij", dev, dev)
+    assert_allclose(res.jackknife.var_cov, cov, **CLOSED_FORM)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method", ["ml", "reml"])
+def test_likelihood_jackknife_equals_loop(shape, method):
+    N = 24 if shape == "ctp" else 60
+    data = small_data(shape, G=2, N=N, C=3, seed=24, V=np.diag([0.5, 0.3, 0.2]), alpha=1.0)
+    res = cj.fit(data, "free", method, jackknife=True)
+    for i in (0, 5, N - 1):
+        single = cj.fit(_drop_donor(data, i), "free", method)
+        ok = single.converged & (res.jackknife.n_failed == 0)
+        assert ok.all()
+        assert_allclose(res.jackknife.phi[:, i], single.phi, **OPTIMIZER)
+        assert_allclose(res.jackknife.ct_beta[:, i], single.beta, **OPTIMIZER)
+
+
+def test_jackknife_pvalue_columns():
+    data = small_data("ctp", G=3, N=30, C=3, seed=25)
+    res = cj.fit(data, "free", "reml", jackknife=True)
+    t = res.table
+    for col in ["p_hom2", "p_V", "p_ct_beta", "p_hom2_jk", "p_V_jk", "p_ct_beta_jk", "se_hom2_jk"]:
+        assert col in t and t[col].notna().all()
+    from scipy import stats
+
+    var = res.jackknife.var_cov
+    v = res.phi[:, 1:]
+    F = np.einsum("gi,gi->g", v, np.linalg.solve(var[:, 1:, 1:], v[..., None])[..., 0]) / 3
+    assert_allclose(t.p_V_jk, stats.f.sf(F, 3, res.df))
+    assert_allclose(t.p_hom2_jk, stats.t.sf(res.phi[:, 0] / np.sqrt(var[:, 0, 0]), res.df))
+
+
+def test_jackknife_needs_enough_donors():
+    data = small_data("ctp", N=9, C=3)  # free: n_par = 7, N - 1 = 8 > 7 fine; hom fine
+    cj.fit(data, "free", "he", jackknife=True)
+    data = small_data("ctp", N=8, C=3)  # N - 1 = 7 <= 7
+    with pytest.raises(ValueError, match="jackknife: leaving a donor out leaves N - 1 = 7"):
+        cj.fit(data, "free", "he", jackknife=True)
+
+
+def test_he_bad_option():
+    with pytest.raises(ValueError, match="he_beta='wls'"):
+        cj.fit(small_data("ctp"), "free", "he", he_beta="wls")
+
+
+@pytest.mark.slow
+def test_jackknife_null_calibration():
+    """V = 0, 2,000 genes, N = 100, C = 4 (figures in the notes): HE-jk p_V is mildly
+    anti-conservative (about 0.08 at 0.05) and p_ct_beta_jk calibrated."""
+    data = cj.simulate(2000, 100, 4, hom2=0.2, V=0.0, ctnu=0.2, seed=5)
+    t = cj.fit(data, "free", "he", jackknife=True).table
+    assert 0.04 < np.mean(t.p_V_jk < 0.05) < 0.12
+    assert 0.003 < np.mean(t.p_V_jk < 0.01) < 0.04
+    assert 0.035 < np.mean(t.p_ct_beta_jk < 0.05) < 0.065
