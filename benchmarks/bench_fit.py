@@ -1,4 +1,4 @@
-"""Benchmark: batched CTMM fits (CTP and OP) on simulated data.
+"""Benchmark: batched CTMM fits (CTP and OP; ML, REML or HE; optionally jackknife).
 
 Checks the fit on a few genes against the dense NumPy likelihood before timing. Then fits all
 genes twice: the first call compiles every batch shape and runs (end to end, what a user
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 
@@ -33,34 +34,45 @@ from ctmm_jax import models  # noqa: E402
 
 
 def check_correctness(data, model, method):
-    """Loglik of the first genes equals the dense reference at the fitted parameters."""
+    """Before timing: the fitted log-likelihood of the first genes equals the dense reference
+    (ML/REML), or HE equals the dense least-squares solve."""
     import reference
 
-    res = cj.fit(data.select_genes(slice(3)), model, method)
+    sub = data.select_genes(slice(3))
+    res = cj.fit(sub, model, method)
+    C = data.shape[2]
     for g in range(3):
-        vc = models.unpack(jnp.asarray(res.phi[g]), model, data.shape[2])
-        ll = reference.loglik(data, g, float(vc.hom2), np.asarray(vc.V), method)
+        if method == "he":
+            from test_he import _dense_he
+
+            assert np.allclose(res.phi[g], _dense_he(sub, g, model)[0], rtol=1e-8, atol=1e-8)
+            continue
+        vc = models.unpack(jnp.asarray(res.phi[g]), model, C)
+        ll = reference.loglik(sub, g, float(vc.hom2), np.asarray(vc.V), method)
         assert abs(ll - res.loglik[g]) < 1e-6 * max(1.0, abs(ll)), (ll, res.loglik[g])
 
 
-def bench(data, model, method, chunk):
+def bench(data, model, method, chunk, jackknife):
     """First call (compiles every batch shape, then runs) and a second, warm call; compile time
-    is their difference."""
+    is their difference. Peak memory is the process's maximum resident set so far."""
     G, N, C = data.shape
+    kw = dict(chunk_size=chunk, jackknife=jackknife)
     t0 = time.perf_counter()
-    cj.fit(data, model, method, chunk_size=chunk)
+    cj.fit(data, model, method, **kw)
     first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = cj.fit(data, model, method, chunk_size=chunk)
+    res = cj.fit(data, model, method, **kw)
     run_s = time.perf_counter() - t0
     t = res.table
     return dict(
         shape="CTP" if isinstance(data, cj.CTPData) else "OP", model=model, method=method,
-        genes=G, donors=N, celltypes=C, chunk=min(chunk, G), end_to_end_s=round(first_s, 3),
-        compile_s=round(first_s - run_s, 3), run_s=round(run_s, 3),
-        genes_per_s=round(G / run_s, 1), converged=float(t.converged.mean()),
+        jackknife=jackknife, genes=G, donors=N, celltypes=C, chunk=min(chunk, G),
+        end_to_end_s=round(first_s, 3), compile_s=round(first_s - run_s, 3),
+        run_s=round(run_s, 3), genes_per_s=round(G / run_s, 1),
+        converged=float(t.converged.mean()),
         boundary=float(t.status.str.contains("boundary").mean()),
         mean_iter=float(t.n_iter.mean()), max_iter=int(t.n_iter.max()),
+        peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     )  # fmt: skip
 
 
@@ -70,7 +82,8 @@ def main(argv=None):
     p.add_argument("--donors", type=int, default=100)
     p.add_argument("--celltypes", type=int, default=4)
     p.add_argument("--model", default="free", choices=models.MODELS)
-    p.add_argument("--method", default="reml", choices=("ml", "reml"))
+    p.add_argument("--method", default="reml", choices=("ml", "reml", "he"))
+    p.add_argument("--jackknife", action="store_true", help="leave-one-donor-out refits too")
     p.add_argument("--shape", default="both", choices=("ctp", "op", "both"))
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -86,9 +99,10 @@ def main(argv=None):
     rows = []
     for data in datasets[a.shape]:
         check_correctness(data, a.model, a.method)
-        rows.append(bench(data, a.model, a.method, a.chunk))
-    keys = ["shape", "model", "method", "genes", "donors", "celltypes", "end_to_end_s",
-            "compile_s", "run_s", "genes_per_s", "converged", "boundary", "mean_iter"]  # fmt: skip
+        rows.append(bench(data, a.model, a.method, a.chunk, a.jackknife))
+    keys = ["shape", "model", "method", "jackknife", "genes", "donors", "celltypes",
+            "end_to_end_s", "compile_s", "run_s", "genes_per_s", "converged", "boundary",
+            "mean_iter", "peak_rss_gb"]  # fmt: skip
     print(" | ".join(f"{k:>10}" for k in keys))
     for r in rows:
         print(

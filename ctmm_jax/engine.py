@@ -61,12 +61,14 @@ def objective(d: GeneData, *, model: str, C: int, reml: bool, nonneg: bool) -> O
 
 
 def _init_gene(y, noise, mask, theta0, X, E, *, model, C, reml, nonneg) -> OptState:
-    """Start state: theta0 if given, else the moment start values (structure.start_values)."""
+    """Start state: the moment start values (structure.start_values), or theta0 when given
+    and its NLL is lower (an infeasible or NaN theta0 never wins)."""
     d = GeneData(y, noise, X, E, mask)
     obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
-    if theta0 is None:
-        theta0 = models.from_natural(start_values(d, model, C), model, C, nonneg)
-    s = init_state(obj.value, theta0)
+    s = init_state(obj.value, models.from_natural(start_values(d, model, C), model, C, nonneg))
+    if theta0 is not None:
+        alt = init_state(obj.value, theta0)
+        s = jax.tree.map(partial(jnp.where, alt.nll < s.nll), alt, s)
     y_obs = likelihood.observed(d).y
     constant = residual_variance(d) <= 1e-24 * jnp.sum(y_obs**2) / likelihood.n_observed(d)
     return s._replace(status=jnp.where(constant, Status.NO_VARIATION, s.status))
@@ -116,7 +118,7 @@ def finish_chunk(theta, y, noise, mask, X, E, **keys) -> GeneFit:
 
 
 ROUND_ITERS = 8  # iterations per round before the problems still running are regrouped
-BIG_BATCH_HALVINGS = 3  # step halvings per iteration allowed in full-size batches
+BIG_BATCH_HALVINGS = 1  # step halvings per iteration allowed in full-size batches
 
 
 def batches(idx: np.ndarray, size: int):
@@ -128,7 +130,7 @@ def batches(idx: np.ndarray, size: int):
 
 class Problems(NamedTuple):
     """Fits to run: gene `gene[j]` of the blocks with donor `drop[j]` removed (-1: none),
-    from theta0[j] (None: moment start values)."""
+    starting from theta0[j] where it beats the moment start values (None: moment start)."""
 
     gene: np.ndarray  # (P,) int
     drop: np.ndarray | None = None  # (P,) int

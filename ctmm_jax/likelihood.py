@@ -94,35 +94,38 @@ class Factor(NamedTuple):
 
 
 def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
-    d = observed(d)
+    """Cholesky of every block, GLS and the NLL. Missing values (mask 0) get an identity row
+    and column in Sigma_i (so they add log 1 = 0), and W_i is then zeroed on them: W is the
+    inverse of the observed part embedded in zeros, and every sum over W below (GLS, residual
+    quadratic form, score, information) runs over the observed values only, with y, X and the
+    kernels left as they are."""
     N, b = d.y.shape
     p = d.X.shape[-1]
     Sigma = jnp.einsum("k,knij->nij", phi, d.E) + d.noise[..., None] * jnp.eye(b)
+    if d.mask is not None:
+        mm = d.mask[:, :, None] * d.mask[:, None, :]
+        Sigma = Sigma * mm + (1.0 - d.mask)[..., None] * jnp.eye(b)
     L = linalg.cholesky(Sigma)
     W = linalg.inv_from_cholesky(L)
-    WX = W @ d.X  # (N, b, p)
+    if d.mask is not None:
+        W, Sigma = W * mm, Sigma * mm
+    WX = linalg.small_matmul(W, d.X)  # (N, b, p)
     XtWX = jnp.einsum("nbp,nbq->pq", d.X, WX)
     Lx = linalg.cholesky(XtWX)
     A = linalg.inv_from_cholesky(Lx)
     beta = A @ jnp.einsum("nbp,nb->p", WX, d.y)
     r = d.y - jnp.einsum("nbp,p->nb", d.X, beta)
-    Wr = jnp.einsum("nij,nj->ni", W, r)
-    n = n_observed(d)
-    nll2 = linalg.logdet_from_cholesky(L).sum() + jnp.sum(r * Wr) + n * LOG_2PI
+    Wr = (W * r[:, None, :]).sum(-1)
+    nll2 = linalg.logdet_from_cholesky(L).sum() + jnp.sum(r * Wr) + n_observed(d) * LOG_2PI
     if reml:  # static: two compiled variants, no runtime branch
         nll2 = nll2 + linalg.logdet_from_cholesky(Lx) - p * LOG_2PI
     nll = 0.5 * nll2
-    # max_i |Sigma_i|_F * max_i |W_i|_F is between the eigenvalue ratio of Sigma and b times it
-    # (exact for OP). Past COND_MAX the fit counts as outside the positive-definite region: the
-    # likelihood grows without bound as one donor's covariance becomes singular (GLS then fits
-    # that donor exactly, design.md 9), so the region must stop short of the boundary.
-    # (over observed entries only: masked ones are an identity block of W and Sigma)
-    if d.mask is not None:
-        mm = d.mask[:, :, None] * d.mask[:, None, :]
-        Sigma, W2 = Sigma * mm, W * mm
-    else:
-        W2 = W
-    cond = jnp.sqrt(jnp.max(jnp.sum(Sigma**2, axis=(1, 2))) * jnp.max(jnp.sum(W2**2, axis=(1, 2))))
+    # max_i |Sigma_i|_F * max_i |W_i|_F (observed entries) is between the eigenvalue ratio of
+    # Sigma and b times it (exact for OP). Past COND_MAX the fit counts as outside the
+    # positive-definite region: the likelihood grows without bound as one donor's covariance
+    # becomes singular (GLS then fits that donor exactly, design.md 9), so the region must stop
+    # short of the boundary.
+    cond = jnp.sqrt(jnp.max(jnp.sum(Sigma**2, axis=(1, 2))) * jnp.max(jnp.sum(W**2, axis=(1, 2))))
     feasible = jnp.isfinite(nll) & (cond <= COND_MAX)
     return Factor(W, A, beta, Wr, jnp.where(feasible, nll, jnp.inf), cond)
 
@@ -132,29 +135,67 @@ def nll(phi: jax.Array, d: GeneData, reml: bool) -> jax.Array:
     return factor(phi, d, reml).nll
 
 
+class _Traces(NamedTuple):
+    """Sums over donors that the score, information and Hessian are made of (module doc)."""
+
+    trWK: jax.Array  # (k,) sum_i tr(W_i E_ki)
+    quad: jax.Array  # (k,) sum_i u_i^T E_ki u_i,  u = W r
+    T1: jax.Array  # (k, k) sum_i tr(W_i E_ki W_i E_li)
+    uKWKu: jax.Array  # (k, k) sum_i u_i^T E_ki W_i E_li u_i
+    XtWKu: jax.Array  # (k, p) sum_i X_i^T W_i E_ki u_i
+    B: jax.Array  # (k, p, p) sum_i X_i^T W_i E_ki W_i X_i
+    T2: jax.Array  # (k, k) sum_i tr(H_i E_ki W_i E_li),  H_i = W_i X_i A X_i^T W_i
+
+
+def _traces_per_donor(E, W, u, WX, A) -> _Traces:
+    """Kernels that differ by donor (OP: 1 x 1 blocks): products block by block."""
+    M = W[None] @ E  # W_i E_ki
+    Ku = (E @ u[None, ..., None])[..., 0]  # E_ki u_i
+    H = WX @ A @ jnp.swapaxes(WX, 1, 2)
+    return _Traces(
+        trWK=jnp.trace(M, axis1=2, axis2=3).sum(1),
+        quad=jnp.einsum("ni,kni->k", u, Ku),
+        T1=jnp.einsum("knij,lnji->kl", M, M),
+        uKWKu=jnp.einsum("kni,lni->kl", Ku, (W[None] @ Ku[..., None])[..., 0]),
+        XtWKu=jnp.einsum("nip,kni->kp", WX, Ku),
+        B=jnp.einsum("nip,kniq->kpq", WX, E @ WX[None]),
+        T2=jnp.einsum("knil,mnli->km", H[None] @ E, M),
+    )
+
+
+def _traces_shared(E0, W, u, WX, A) -> _Traces:
+    """Kernels shared by every donor (CTP): sum over donors first (contractions over N, which
+    vectorise far better than N small matrix products), then contract with the kernels."""
+    H = linalg.small_matmul(linalg.small_matmul(WX, A), jnp.swapaxes(WX, 1, 2))
+    S_WW = jnp.einsum("nbc,nda->bcda", W, W)
+    S_uWu = jnp.einsum("na,nbc,nd->abcd", u, W, u)
+    S_HW = jnp.einsum("nda,nbc->dabc", H, W)
+    return _Traces(
+        trWK=jnp.einsum("kab,ab->k", E0, W.sum(0)),
+        quad=jnp.einsum("kab,na,nb->k", E0, u, u),
+        T1=jnp.einsum("kab,lcd,bcda->kl", E0, E0, S_WW),
+        uKWKu=jnp.einsum("kab,lcd,abcd->kl", E0, E0, S_uWu),
+        XtWKu=jnp.einsum("kab,nap,nb->kp", E0, WX, u),
+        B=jnp.einsum("kab,nap,nbq->kpq", E0, WX, WX),
+        T2=jnp.einsum("kab,lcd,dabc->kl", E0, E0, S_HW),
+    )
+
+
 def moments(phi: jax.Array, d: GeneData, reml: bool) -> Moments:
-    """NLL, analytic score and expected information of one gene at phi (see module doc)."""
+    """NLL, analytic score, expected information and Hessian of one gene at phi (module doc)."""
     f = factor(phi, d, reml)
-    d = observed(d)
-    E = d.E  # (k, N or 1, b, b): matmul broadcasts the donor axis
-    M = f.W[None] @ E  # W_i E_ki
-    trWK = jnp.trace(M, axis1=2, axis2=3).sum(1)
-    KWr = (E @ f.Wr[None, ..., None])[..., 0]  # K_k Pi y, (k, N, b)
-    quad = jnp.einsum("ni,kni->k", f.Wr, KWr)
-    T1 = jnp.einsum("knij,lnji->kl", M, M)
-    WX = f.W @ d.X
-    XtWKWr = jnp.einsum("nip,kni->kp", WX, KWr)
-    WKWr = (f.W[None] @ KWr[..., None])[..., 0]
-    Q = jnp.einsum("kni,lni->kl", KWr, WKWr) - XtWKWr @ f.A @ XtWKWr.T  # y'Pi K Pi K Pi y
-    if reml:
-        B = jnp.einsum("nip,kniq->kpq", WX, E @ WX[None])
-        H = WX @ f.A @ jnp.swapaxes(WX, 1, 2)
-        T2 = jnp.einsum("knil,mnli->km", H[None] @ E, M)
-        AB = f.A @ B
-        T3 = jnp.einsum("kpq,lqp->kl", AB, AB)
-        score = 0.5 * (trWK - jnp.trace(AB, axis1=1, axis2=2) - quad)
-        info = 0.5 * (T1 - T2 - T2.T + T3)
+    WX = linalg.small_matmul(f.W, d.X)
+    if d.E.shape[1] == 1:  # static
+        t = _traces_shared(d.E[:, 0], f.W, f.Wr, WX, f.A)
     else:
-        score = 0.5 * (trWK - quad)
-        info = 0.5 * T1
+        t = _traces_per_donor(d.E, f.W, f.Wr, WX, f.A)
+    Q = t.uKWKu - t.XtWKu @ f.A @ t.XtWKu.T  # y'Pi K_k Pi K_l Pi y
+    if reml:
+        AB = f.A @ t.B
+        T3 = jnp.einsum("kpq,lqp->kl", AB, AB)
+        score = 0.5 * (t.trWK - jnp.trace(AB, axis1=1, axis2=2) - t.quad)
+        info = 0.5 * (t.T1 - t.T2 - t.T2.T + T3)
+    else:
+        score = 0.5 * (t.trWK - t.quad)
+        info = 0.5 * t.T1
     return Moments(f.nll, f.cond, score, info, Q - info, f.beta, f.A)

@@ -35,24 +35,33 @@ def cholesky(A: jax.Array) -> jax.Array:
     return jnp.stack(rows, -2)
 
 
-def solve_lower(L: jax.Array, B: jax.Array) -> jax.Array:
-    """L^-1 B for lower-triangular L (..., n, n) and B (..., n, k), by forward substitution."""
+def solve_lower(L: jax.Array, B: jax.Array, transpose: bool = False) -> jax.Array:
+    """L^-1 B (or L^-T B) for lower-triangular L (..., n, n) and B (..., n, k), by forward
+    (back) substitution."""
     n = L.shape[-1]
     if n > UNROLL_MAX:
-        return jax.scipy.linalg.solve_triangular(L, B, lower=True)
-    rows: list[jax.Array] = []
-    for i in range(n):
+        return jax.scipy.linalg.solve_triangular(L, B, lower=True, trans=int(transpose))
+    order = range(n - 1, -1, -1) if transpose else range(n)
+    rows: dict[int, jax.Array] = {}
+    for i in order:
         r = B[..., i, :]
-        for k in range(i):
-            r = r - L[..., i, k, None] * rows[k]
-        rows.append(r / L[..., i, i, None])
-    return jnp.stack(rows, -2)
+        for k in rows:
+            coef = L[..., k, i] if transpose else L[..., i, k]
+            r = r - coef[..., None] * rows[k]
+        rows[i] = r / L[..., i, i, None]
+    return jnp.stack([rows[i] for i in range(n)], -2)
+
+
+def small_matmul(A: jax.Array, B: jax.Array) -> jax.Array:
+    """A @ B for small matrices (..., n, m) @ (..., m, k) as a broadcast product and sum: for
+    many tiny matrices this vectorises where a batched matmul does not (about 2x on CPU)."""
+    return (A[..., :, :, None] * B[..., None, :, :]).sum(-2)
 
 
 def inv_from_cholesky(L: jax.Array) -> jax.Array:
     """A^-1 = L^-T L^-1 from the Cholesky factor L (..., n, n) of A."""
     Linv = solve_lower(L, jnp.broadcast_to(jnp.eye(L.shape[-1], dtype=L.dtype), L.shape))
-    return jnp.swapaxes(Linv, -1, -2) @ Linv
+    return small_matmul(jnp.swapaxes(Linv, -1, -2), Linv)
 
 
 def logdet_from_cholesky(L: jax.Array) -> jax.Array:

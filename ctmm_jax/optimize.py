@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import linalg
+
 
 class Status(IntEnum):
     """Per-gene outcome codes; results.py maps them to messages."""
@@ -64,8 +66,9 @@ NEWTON_DEC = 1.0
 
 def _direction(g: jax.Array, info: jax.Array) -> jax.Array:
     """I^-1 g via Cholesky; NaN when I is not positive definite."""
-    L = jnp.linalg.cholesky(info)
-    return jax.scipy.linalg.cho_solve((L, True), g)
+    L = linalg.cholesky(info)
+    z = linalg.solve_lower(L, g[:, None])
+    return linalg.solve_lower(L, z, transpose=True)[:, 0]
 
 
 def init_state(value: Callable, theta0: jax.Array) -> OptState:
