@@ -59,7 +59,8 @@ def fit(
         information: "expected" (Fisher; as the original CTMM) or "observed" (autodiff Hessian
             of the NLL) for the standard errors and Wald tests of ML/REML.
         nonneg: constrain variances to be >= 0 (softplus; full V = L L^T). By default any
-            value is allowed while every donor's covariance is positive definite (ML/REML).
+            value is allowed while every donor's covariance is positive definite. ML/REML
+            only: HE estimates are unconstrained.
         he_beta: fixed effects of HE: "ols" or "gls" (GLS at the HE variances, as the
             original CTMM; NaN where those are not positive definite).
         chunk_size: genes per compiled batch; the last chunk is padded so each shape compiles
@@ -94,7 +95,8 @@ def fit(
             f"jackknife: leaving a donor out leaves N - 1 = {N - 1} donors for n_par = {n_par} "
             "parameters; the jackknife needs N - 1 > n_par: use more donors or a smaller model."
         )
-    keys = dict(model=model, C=C, reml=method != "ml", nonneg=bool(nonneg))
+    # nonneg constrains the optimizer; HE is a closed form and GLS at HE takes it as it is
+    keys = dict(model=model, C=C, reml=method != "ml", nonneg=bool(nonneg) and method != "he")
     size = int(chunk_size)
     everything = Problems(np.arange(G))
     if method == "he":
