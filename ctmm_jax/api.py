@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from . import models
-from .data import CTPData, OPData
+from .data import Covariates, CTPData, OPData
 from .engine import BOUNDARY_COND, GeneFit, Problems, finish, run_fits
 from .he import run_he, run_he_jackknife
 from .optimize import Status
@@ -17,7 +17,7 @@ METHODS = ("ml", "reml", "he")
 INFORMATION = ("expected", "observed")
 
 
-def _check_design(X: np.ndarray, n_var: int, name: str) -> None:
+def _check_design(X: np.ndarray, n_var: int, name: str, covariates: list[str]) -> None:
     N, b, p = X.shape
     n_par = n_var + p
     if N <= n_par:
@@ -27,9 +27,13 @@ def _check_design(X: np.ndarray, n_var: int, name: str) -> None:
         )
     rank = np.linalg.matrix_rank(X.reshape(N * b, p))
     if rank < p:
+        what = f"cell-type means + fixed covariates {', '.join(covariates)}" if covariates else (
+            "cell-type means")  # fmt: skip
         raise ValueError(
-            f"{name}: the fixed-effect design has rank {rank} < {p} columns; for OP this means "
-            "P has linearly dependent columns (e.g. a cell type with zero proportion in every "
+            f"{name}: the fixed-effect design ({what}) has rank {rank} < {p} columns. "
+            "A covariate collinear with the cell-type indicators (e.g. an intercept column: the "
+            "cell-type means already play that role) or with another covariate must be dropped; "
+            "for OP, P may have linearly dependent columns (e.g. a cell type absent from every "
             "donor): drop such cell types."
         )
 
@@ -43,6 +47,7 @@ def fit(
     information: str = "expected",
     nonneg: bool = False,
     he_beta: str = "ols",
+    fixed_covars: dict | None = None,
     chunk_size: int = 256,
     max_iter: int = 200,
     tol: float = 1e-10,
@@ -63,6 +68,9 @@ def fit(
             only: HE estimates are unconstrained.
         he_beta: fixed effects of HE: "ols" or "gls" (GLS at the HE variances, as the
             original CTMM; NaN where those are not positive definite).
+        fixed_covars: name -> (N, k) fixed covariates (arrays, pandas frames indexed by donor,
+            or text files), e.g. {"pca": pcs}; one coefficient per column, shared by the cell
+            types; added in sorted name order as the original CTMM.
         chunk_size: genes per compiled batch; the last chunk is padded so each shape compiles
             once.
         max_iter, tol: Newton / Fisher scoring stops when g^T I^-1 g < tol.
@@ -86,10 +94,12 @@ def fit(
             "jax_enable_x64 is off; ctmm_jax needs float64 (importing it turns it on)."
         )
     G, N, C = data.shape
-    blocks = to_blocks(data, model)
+    covars = Covariates.build(fixed_covars, data.donors)
+    blocks = to_blocks(data, model, covars.matrix)
     n_var = models.n_var(model, C)
     n_par = n_var + blocks.X.shape[-1]
-    _check_design(blocks.X, n_var, "CTP design" if isinstance(data, CTPData) else "OP design (P)")
+    name = "CTP design" if isinstance(data, CTPData) else "OP design (P)"
+    _check_design(blocks.X, n_var, name, list(covars.values))
     if jackknife and N - 1 <= n_par:
         raise ValueError(
             f"jackknife: leaving a donor out leaves N - 1 = {N - 1} donors for n_par = {n_par} "
@@ -117,8 +127,9 @@ def fit(
     if jackknife:
         jk = _jackknife(blocks, method, fits, keys, he_beta, max_iter, tol, size)
     return FitResult.build(
-        data, model, method, information, fits, loglik, n_iter, status, n_par, jackknife=jk
-    )
+        data, model, method, information, fits, loglik, n_iter, status, n_par, jackknife=jk,
+        covariates=covars,
+    )  # fmt: skip
 
 
 def _he_estimates(blocks, problems, he_fit, he_beta, keys, size):

@@ -283,3 +283,55 @@ class OPData:
         y = np.einsum("gnc,nc->gn", ctp.Y, ctp.P)
         nu = np.einsum("gnc,nc->gn", ctp.ctnu, ctp.P**2)
         return cls(y, nu, ctp.P, ctp.genes, ctp.donors, ctp.celltypes)
+
+
+@dataclass(frozen=True)
+class Covariates:
+    """Fixed covariates: name -> (N, k) values with column labels, in sorted name order (the
+    original CTMM's order)."""
+
+    values: dict[str, np.ndarray]
+    columns: dict[str, tuple[str, ...]]
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """(N, sum k) all covariates side by side."""
+        n = next(iter(self.values.values())).shape[0] if self.values else 0
+        return np.hstack([self.values[k] for k in self.values]) if self.values else np.zeros((n, 0))
+
+    def labels(self) -> list[str]:
+        """`<name>_<column>` for every column of `matrix`."""
+        return [f"{name}_{c}" for name in self.values for c in self.columns[name]]
+
+    @classmethod
+    def build(cls, covars: dict | None, donors: Sequence[str]) -> Covariates:
+        """covars: name -> (N, k) array, (N,) array, pandas DataFrame/Series (rows matched to
+        the donors by index) or a path to a whitespace-separated text file (one row per donor,
+        in the data's donor order)."""
+        values, columns = {}, {}
+        for name in sorted(covars or {}):
+            v = covars[name]
+            what = f"fixed covariate {name!r}"
+            if isinstance(v, pd.Series):
+                v = v.to_frame()
+            if isinstance(v, pd.DataFrame):
+                idx = v.index.astype(str)
+                missing = pd.Index(donors).difference(idx)
+                if len(missing):
+                    raise ValueError(
+                        f"{what}: no row for donor {missing[0]!r}; index rows by donor."
+                    )
+                cols = tuple(str(c) for c in v.columns)
+                a = _as_float(v.set_axis(idx, axis=0).loc[list(donors)], what, 2)
+            else:
+                a = _loadtxt(v, what, 2) if isinstance(v, str | PathLike) else np.asarray(v)
+                a = _as_float(a[:, None] if np.ndim(a) == 1 else a, what, 2)
+                cols = tuple(str(j + 1) for j in range(a.shape[1]))
+            if a.shape[0] != len(donors):
+                raise ValueError(
+                    f"{what}: has {a.shape[0]} rows but the data has {len(donors)} donors; "
+                    "give one row per donor, in the data's donor order."
+                )
+            _check_finite(a, what, [("donor", donors), ("column", cols)])
+            values[name], columns[name] = a, cols
+        return cls(values, columns)

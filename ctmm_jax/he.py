@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .engine import batches, gather
 from .likelihood import GeneData, observed
 
 
@@ -116,8 +117,6 @@ def run_he_jackknife(blocks, *, chunk_size: int) -> HEFit:
 
 
 def _run(chunk_fn, blocks, chunk_size: int) -> HEFit:
-    from .engine import batches, gather
-
     G = blocks.y.shape[0]
     X, E = jnp.asarray(blocks.X), jnp.asarray(blocks.E)
     parts = []

@@ -69,7 +69,7 @@ class FitResult:
     @classmethod
     def build(
         cls, data, model, method, information, fits, loglik, n_iter, status, n_par: int,
-        jackknife: Jackknife | None = None,
+        jackknife: Jackknife | None = None, covariates=None,
     ) -> FitResult:  # fmt: skip
         G, N, C = data.shape
         cts = list(data.celltypes)
@@ -89,11 +89,17 @@ class FitResult:
         cols: dict[str, np.ndarray] = {}
         cols.update(_by_name(names, cts, fits.phi))
         cols.update({f"beta_{ct}": fits.beta[:, c] for c, ct in enumerate(cts)})
+        labels = covariates.labels() if covariates is not None else []
+        cols.update({f"beta_{lab}": fits.beta[:, C + j] for j, lab in enumerate(labels)})
+        if labels:
+            cols.update(fixed_effect_variances(fits.beta, data.P, covariates))
         cols["loglik"] = loglik
         cols["converged"] = status == Status.OK
         cols["n_iter"] = n_iter.astype(int)
         cols["status"] = np.array([MESSAGES[Status(s)] for s in status], dtype=object)
         cols.update(_se_columns(names, cts, fits.var_cov, ct_beta_cov, ""))
+        beta_se = _sqrt_diag(fits.beta_cov)
+        cols.update({f"se_beta_{lab}": beta_se[:, C + j] for j, lab in enumerate(labels)})
         cols.update({f"p_{k}": v for k, v in pvalues.items()})
         pvalues_jk = None
         if jackknife is not None:
@@ -130,6 +136,23 @@ def _se_columns(names, cts, var_cov, ct_beta_cov, suffix: str) -> dict[str, np.n
     beta_se = _sqrt_diag(ct_beta_cov)
     cols.update({f"se_beta_{ct}{suffix}": beta_se[:, c] for c, ct in enumerate(cts)})
     return cols
+
+
+def fixed_effect_variances(beta: np.ndarray, P: np.ndarray, covariates) -> dict[str, np.ndarray]:
+    """Variance explained by each group of fixed effects, b^T cov(Z) b with np.cov (N - 1), as
+    the original CTMM's `fixedeffect_vars`: Z = P for the cell-type means, F for a covariate."""
+    C = P.shape[1]
+    out = {
+        "fixedvar_ct_beta": np.einsum(
+            "gi,ij,gj->g", beta[:, :C], np.atleast_2d(np.cov(P.T)), beta[:, :C]
+        )
+    }
+    start = C
+    for name, F in covariates.values.items():
+        b = beta[:, start : start + F.shape[1]]
+        out[f"fixedvar_{name}"] = np.einsum("gi,ij,gj->g", b, np.atleast_2d(np.cov(F.T)), b)
+        start += F.shape[1]
+    return out
 
 
 def _expand(mask: np.ndarray, a: np.ndarray) -> np.ndarray:

@@ -26,15 +26,19 @@ class Blocks(NamedTuple):
     E: np.ndarray  # (n_var, N or 1, b, b)
 
 
-def to_blocks(data: CTPData | OPData, model: str) -> Blocks:
-    """CTP: N blocks of C values, X_i = I_C, kernels E_k. OP: N scalars, X_i = P_i^T,
-    kernels P_i^T E_k P_i."""
+def to_blocks(data: CTPData | OPData, model: str, F: np.ndarray | None = None) -> Blocks:
+    """CTP: N blocks of C values, X_i = [I_C, 1_C f_i^T], kernels E_k. OP: N scalars,
+    X_i = [P_i^T, f_i^T], kernels P_i^T E_k P_i. F: (N, k) fixed covariates (design.md 2-3:
+    one coefficient per covariate, shared by the cell types)."""
     G, N, C = data.shape
+    F = np.zeros((N, 0)) if F is None else F
     E = models.kernels(model, C)
     if isinstance(data, CTPData):
-        return Blocks(data.Y, data.ctnu, np.broadcast_to(np.eye(C), (N, C, C)), E[:, None])
+        X = np.concatenate([np.broadcast_to(np.eye(C), (N, C, C)), np.repeat(F[:, None], C, 1)], 2)
+        return Blocks(data.Y, data.ctnu, X, E[:, None])
     E_op = np.einsum("kcd,nc,nd->kn", E, data.P, data.P)[:, :, None, None]
-    return Blocks(data.y[..., None], data.nu[..., None], data.P[:, None, :], E_op)
+    X = np.concatenate([data.P, F], 1)[:, None, :]
+    return Blocks(data.y[..., None], data.nu[..., None], X, E_op)
 
 
 def residual_variance(d: GeneData) -> jax.Array:
