@@ -290,14 +290,14 @@ class Covariates:
     """Fixed covariates: name -> (N, k) values with column labels, in sorted name order (the
     original CTMM's order)."""
 
+    n_donors: int
     values: dict[str, np.ndarray]
     columns: dict[str, tuple[str, ...]]
 
     @property
     def matrix(self) -> np.ndarray:
         """(N, sum k) all covariates side by side."""
-        n = next(iter(self.values.values())).shape[0] if self.values else 0
-        return np.hstack([self.values[k] for k in self.values]) if self.values else np.zeros((n, 0))
+        return np.hstack([np.zeros((self.n_donors, 0)), *self.values.values()])
 
     def labels(self) -> list[str]:
         """`<name>_<column>` for every column of `matrix`."""
@@ -334,4 +334,4 @@ class Covariates:
                 )
             _check_finite(a, what, [("donor", donors), ("column", cols)])
             values[name], columns[name] = a, cols
-        return cls(values, columns)
+        return cls(len(donors), values, columns)

@@ -165,3 +165,22 @@ def test_rank_deficient_op_design():
     P /= P.sum(1, keepdims=True)
     with pytest.raises(ValueError, match="rank"):
         cj.fit(cj.OPData.from_arrays(d.y, d.nu, P), "hom")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method", ["ml", "reml", "he"])
+def test_scale_equivariance(shape, method):
+    """Genes on very different scales fit the same: y -> a y, noise -> a^2 noise gives
+    variances a^2 phi, means a beta, the same status and p values (no absolute tolerances)."""
+    N = 60 if shape == "ctp" else 200  # fits in the interior (OP needs many donors)
+    data = small_data(shape, G=2, N=N, C=3, seed=15, V=np.diag([0.4, 0.2, 0.1]), alpha=1.0)
+    a = 1e3
+    if shape == "ctp":
+        scaled = cj.CTPData.from_arrays(a * data.Y, a**2 * data.ctnu, data.P)
+    else:
+        scaled = cj.OPData.from_arrays(a * data.y, a**2 * data.nu, data.P)
+    r0, r1 = cj.fit(data, "free", method), cj.fit(scaled, "free", method)
+    assert r0.converged.all() and r1.converged.all()
+    assert_allclose(r1.phi, a**2 * r0.phi, rtol=1e-6)
+    assert_allclose(r1.beta, a * r0.beta, rtol=1e-6)
+    assert_allclose(r1.table.p_ct_beta, r0.table.p_ct_beta, rtol=1e-5, atol=1e-12)
