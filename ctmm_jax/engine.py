@@ -37,7 +37,6 @@ class GeneFit(NamedTuple):
 class Objective(NamedTuple):
     """One gene's objective in the optimizer's coordinates theta."""
 
-    to_natural: Callable[[jax.Array], jax.Array]
     value: Callable[[jax.Array], tuple[jax.Array, jax.Array]]  # theta -> (nll, cond)
     score_info: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
@@ -57,7 +56,7 @@ def objective(d: GeneData, *, model: str, C: int, reml: bool, nonneg: bool) -> O
         hess = J.T @ m.hess @ J + jnp.einsum("k,kij->ij", m.score, curv)
         return J.T @ m.score, J.T @ m.info @ J, hess
 
-    return Objective(to_nat, value, score_info)
+    return Objective(value, score_info)
 
 
 def _init_gene(y, noise, mask, theta0, X, E, *, model, C, reml, nonneg) -> OptState:
