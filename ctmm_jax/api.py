@@ -48,6 +48,7 @@ def fit(
     nonneg: bool = False,
     he_beta: str = "ols",
     fixed_covars: dict | None = None,
+    random_covars: dict | None = None,
     chunk_size: int = 256,
     max_iter: int = 200,
     tol: float = 1e-10,
@@ -71,6 +72,10 @@ def fit(
         fixed_covars: name -> (N, k) fixed covariates (arrays, pandas frames indexed by donor,
             or text files), e.g. {"pca": pcs}; one coefficient per column, shared by the cell
             types; added in sorted name order as the original CTMM.
+        random_covars: name -> (N, m) random-effect designs (e.g. one-hot batches; a pandas
+            Series of labels is one-hot encoded), each with its own variance `r2_<name>`:
+            Sigma gets r2 R R^T (OP) or r2 R R^T (x) J_C (CTP), fitted with the Woodbury
+            identity (likelihood.py) in ML, REML and HE.
         chunk_size: genes per compiled batch; the last chunk is padded so each shape compiles
             once.
         max_iter, tol: Newton / Fisher scoring stops when g^T I^-1 g < tol.
@@ -95,11 +100,13 @@ def fit(
         )
     G, N, C = data.shape
     covars = Covariates.build(fixed_covars, data.donors)
-    blocks = to_blocks(data, model, covars.matrix)
-    n_var = models.n_var(model, C)
+    random = Covariates.build(random_covars, data.donors, kind="random")
+    blocks = to_blocks(data, model, covars.matrix, random.matrix, random.groups)
+    n_var = models.n_var(model, C) + len(random.values)
     n_par = n_var + blocks.X.shape[-1]
     name = "CTP design" if isinstance(data, CTPData) else "OP design (P)"
-    _check_design(blocks.X, n_var, name, list(covars.values))
+    X_all = np.concatenate([data.P, covars.matrix], 1)[:, None] if blocks.per_gene else blocks.X
+    _check_design(X_all, n_var, name, list(covars.values))
     if jackknife and N - 1 <= n_par:
         raise ValueError(
             f"jackknife: leaving a donor out leaves N - 1 = {N - 1} donors for n_par = {n_par} "
@@ -109,6 +116,7 @@ def fit(
     keys = dict(model=model, C=C, reml=method != "ml", nonneg=bool(nonneg) and method != "he")
     size = int(chunk_size)
     everything = Problems(np.arange(G))
+    unidentified = _unidentified(blocks)
     if method == "he":
         he_fit = run_he(blocks, chunk_size=size)
         fits, status = _he_estimates(blocks, everything, he_fit, he_beta, keys, size)
@@ -123,13 +131,29 @@ def fit(
             (state.status != Status.OK) & (fits.cond > BOUNDARY_COND), Status.BOUNDARY, state.status
         )
         loglik, n_iter = -state.nll, state.n_iter
+    status = np.where(unidentified, Status.NOT_IDENTIFIED, status)
     jk = None
     if jackknife:
-        jk = _jackknife(blocks, method, fits, keys, he_beta, max_iter, tol, size)
+        jk = _jackknife(
+            blocks, data.observed_donors, method, fits, keys, he_beta, max_iter, tol, size
+        )
     return FitResult.build(
         data, model, method, information, fits, loglik, n_iter, status, n_par, jackknife=jk,
-        covariates=covars,
+        covariates=covars, random=random,
     )  # fmt: skip
+
+
+def _unidentified(blocks) -> np.ndarray:
+    """(G,) genes whose fixed effects are not identified from their observed values (e.g. a
+    cell type with no observed value): the design restricted to them is rank deficient."""
+    G, N, b = blocks.y.shape
+    if blocks.mask is None and not blocks.per_gene:
+        return np.zeros(G, bool)
+    X = blocks.X if blocks.per_gene else blocks.X[None]
+    if blocks.mask is not None:
+        X = X * blocks.mask[..., None]
+    X = np.broadcast_to(X, (G,) + X.shape[1:]).reshape(G, N * b, -1)
+    return np.linalg.matrix_rank(X) < X.shape[-1]
 
 
 def _he_estimates(blocks, problems, he_fit, he_beta, keys, size):
@@ -147,28 +171,32 @@ def _he_estimates(blocks, problems, he_fit, he_beta, keys, size):
     return fits, np.where(finite, Status.OK, Status.NOT_FINITE)
 
 
-def _jackknife(blocks, method, fits, keys, he_beta, max_iter, tol, size) -> Jackknife:
-    """Leave-one-donor-out refits of every gene: HE in closed form (he.py), ML/REML by the
-    optimizer from the full-data estimates, as one more batched axis (gene x donor)."""
+def _jackknife(blocks, present, method, fits, keys, he_beta, max_iter, tol, size) -> Jackknife:
+    """Leave-one-donor-out refits of every gene over its present donors (G, N): HE in closed
+    form (he.py), ML/REML by the optimizer from the full-data estimates, as one more batched
+    axis (gene x donor). Replicates of absent donors are NaN and do not count."""
     G, N = blocks.y.shape[:2]
     C = keys["C"]
-    problems = Problems(np.repeat(np.arange(G), N), np.tile(np.arange(N), G))
+    gene, drop = np.nonzero(present)
+    problems = Problems(gene, drop)
     if method == "he":
         reps = run_he_jackknife(blocks, chunk_size=size)  # (G, N, k), (G, N, p)
-        phi, beta = reps.phi, reps.beta
+        phi, beta = reps.phi[gene, drop], reps.beta[gene, drop]
         if he_beta == "gls":
-            theta = phi.reshape(G * N, -1)
-            beta = finish(blocks, problems, theta, **keys, observed=False, chunk_size=size).beta
-            beta = beta.reshape(G, N, -1)
-        failed = ~np.all(np.isfinite(phi), axis=2)
+            beta = finish(blocks, problems, phi, **keys, observed=False, chunk_size=size).beta
+        failed = ~np.all(np.isfinite(phi), axis=1)
     else:
-        theta0 = np.asarray(
-            models.from_natural_batch(fits.phi, keys["model"], C, keys["nonneg"])
-        ).repeat(N, axis=0)
+        theta0 = np.asarray(models.from_natural_batch(fits.phi, keys["model"], C, keys["nonneg"]))
         reps, state = run_fits(
-            blocks, problems._replace(theta0=theta0), **keys, observed=False,
+            blocks, problems._replace(theta0=theta0[gene]), **keys, observed=False,
             max_iter=int(max_iter), tol=float(tol), chunk_size=size,
         )  # fmt: skip
-        phi, beta = reps.phi.reshape(G, N, -1), reps.beta.reshape(G, N, -1)
-        failed = (state.status != Status.OK).reshape(G, N)
-    return Jackknife(phi, beta[:, :, :C], failed.sum(axis=1))
+        phi, beta, failed = reps.phi, reps.beta, state.status != Status.OK
+
+    def per_donor(x):  # (P, ...) over present pairs -> (G, N, ...), NaN for absent donors
+        out = np.full((G, N) + x.shape[1:], np.nan)
+        out[gene, drop] = x
+        return out
+
+    n_failed = np.bincount(gene, weights=failed, minlength=G).astype(int)
+    return Jackknife(per_donor(phi), per_donor(beta[:, :C]), n_failed, present)

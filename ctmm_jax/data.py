@@ -51,7 +51,7 @@ def _check_finite(a: np.ndarray, name: str, axes) -> None:
     if bad.any():
         raise ValueError(
             f"{name}: has NaN or infinite values ({_where(bad, axes)}); "
-            "remove those genes or donors, or fill the values, before fitting."
+            "remove those genes or donors, or mark the values missing (CTP: `mask`)."
         )
 
 
@@ -96,6 +96,9 @@ class CTPData:
 
     Y: (G, N, C) pseudobulk of each gene, donor and cell type; ctnu: (G, N, C) its noise
     variance (sample variance of the cells / number of cells); P: (N, C) cell-type proportions.
+    mask: (G, N, C) True where the (donor, cell type) value is observed, or None when all are.
+    Missing values are not imputed: the likelihood is that of the observed values (design.md
+    4); Y and ctnu hold 0 and 1 there.
     """
 
     Y: np.ndarray
@@ -104,6 +107,7 @@ class CTPData:
     genes: tuple[str, ...]
     donors: tuple[str, ...]
     celltypes: tuple[str, ...]
+    mask: np.ndarray | None = None
 
     def __post_init__(self):
         G, N, C = self.Y.shape
@@ -118,6 +122,13 @@ class CTPData:
         _check_finite(self.ctnu, "ctnu", axes)
         _check_positive(self.ctnu, "ctnu", axes)
         _check_proportions(self.P, self.donors, self.celltypes)
+        if self.mask is not None and (self.mask.shape != self.Y.shape or self.mask.dtype != bool):
+            raise ValueError(f"mask: expected a boolean array of shape {self.Y.shape}.")
+
+    @property
+    def observed_donors(self) -> np.ndarray:
+        """(G, N) True where the donor has at least one observed value for the gene."""
+        return np.ones(self.shape[:2], bool) if self.mask is None else self.mask.any(axis=2)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -127,11 +138,15 @@ class CTPData:
     def select_genes(self, idx) -> CTPData:
         """The genes at positions `idx` (an int array, slice or boolean mask)."""
         i = np.arange(self.shape[0])[idx]
-        return replace(self, Y=self.Y[i], ctnu=self.ctnu[i], genes=tuple(np.array(self.genes)[i]))
+        mask = None if self.mask is None else self.mask[i]
+        genes = tuple(np.array(self.genes)[i])
+        return replace(self, Y=self.Y[i], ctnu=self.ctnu[i], genes=genes, mask=mask)
 
     @classmethod
-    def from_arrays(cls, Y, ctnu, P, genes=None, donors=None, celltypes=None) -> CTPData:
-        """From arrays Y, ctnu: (G, N, C) or (N, C) for one gene; P: (N, C)."""
+    def from_arrays(cls, Y, ctnu, P, genes=None, donors=None, celltypes=None, mask=None) -> CTPData:
+        """From arrays Y, ctnu: (G, N, C) or (N, C) for one gene; P: (N, C). mask: (N, C) shared
+        or (G, N, C) per gene, True (or 1) for observed (donor, cell type) values, False for
+        missing ones (absent, or too few cells); Y and ctnu are ignored where it is False."""
         Y = _as_float(Y, "Y", np.ndim(Y))
         if Y.ndim == 2:
             Y, ctnu = Y[None], np.asarray(ctnu)[None]
@@ -139,6 +154,16 @@ class CTPData:
         ctnu = _as_float(ctnu, "ctnu", 3)
         P = _as_float(P, "P", 2)
         G, N, C = Y.shape
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.shape not in ((N, C), (G, N, C)) or not np.isin(m, (0, 1)).all():
+                raise ValueError(
+                    f"mask: expected 0/1 or booleans of shape (donors, cell types) = {(N, C)} "
+                    f"or (genes, donors, cell types) = {(G, N, C)}; got shape {m.shape}."
+                )
+            mask = np.broadcast_to(m.astype(bool), (G, N, C)).copy()
+            Y, ctnu = np.where(mask, Y, 0.0), np.where(mask, ctnu, 1.0)
+            mask = None if mask.all() else mask
         return cls(
             Y,
             ctnu,
@@ -146,12 +171,15 @@ class CTPData:
             _names(genes, G, "gene", "genes"),
             _names(donors, N, "donor", "donors"),
             _names(celltypes, C, "ct", "celltypes"),
+            mask,
         )
 
     @classmethod
     def from_frames(cls, ctp: pd.DataFrame, ctnu: pd.DataFrame, P: pd.DataFrame) -> CTPData:
         """From pandas: ctp and ctnu indexed by (donor, cell type), one column per gene;
-        P indexed by donor, one column per cell type. Donor and cell-type order follow P."""
+        P indexed by donor, one column per cell type. Donor and cell-type order follow P.
+        (donor, cell type) pairs absent from ctp, or NaN in ctp or ctnu, are missing values
+        (`mask`)."""
         for name, df in (("ctp", ctp), ("ctnu", ctnu)):
             if not isinstance(df.index, pd.MultiIndex) or df.index.nlevels != 2:
                 raise ValueError(f"{name}: index must be a (donor, cell type) MultiIndex.")
@@ -178,9 +206,11 @@ class CTPData:
             a = df.reindex(full).to_numpy(np.float64)  # (N*C, G); absent pairs become NaN
             return a.T.reshape(len(df.columns), len(donors), len(celltypes))
 
+        Y, nu = cube(ctp, "ctp"), cube(ctnu, "ctnu")
         return cls.from_arrays(
-            cube(ctp, "ctp"), cube(ctnu, "ctnu"), P.to_numpy(np.float64),
+            Y, nu, P.to_numpy(np.float64),
             genes=[str(g) for g in ctp.columns], donors=donors, celltypes=celltypes,
+            mask=np.isfinite(Y) & np.isfinite(nu),
         )  # fmt: skip
 
     @classmethod
@@ -198,7 +228,9 @@ class OPData:
     """Overall pseudobulk.
 
     y: (G, N) overall pseudobulk y_i = sum_c P_ic Y_ic; nu: (G, N) its noise variance
-    nu_i = sum_c P_ic^2 ctnu_ic; P: (N, C) cell-type proportions.
+    nu_i = sum_c P_ic^2 ctnu_ic; P: (N, C) cell-type proportions. From a CTP with missing
+    values (`from_ctp`), P_gene: (G, N, C) each gene's proportions renormalised over its
+    observed cell types, and mask: (G, N) False for donors with no observed cell type.
     """
 
     y: np.ndarray
@@ -207,6 +239,8 @@ class OPData:
     genes: tuple[str, ...]
     donors: tuple[str, ...]
     celltypes: tuple[str, ...]
+    P_gene: np.ndarray | None = None
+    mask: np.ndarray | None = None
 
     def __post_init__(self):
         G, N = self.y.shape
@@ -228,7 +262,18 @@ class OPData:
     def select_genes(self, idx) -> OPData:
         """The genes at positions `idx` (an int array, slice or boolean mask)."""
         i = np.arange(self.shape[0])[idx]
-        return replace(self, y=self.y[i], nu=self.nu[i], genes=tuple(np.array(self.genes)[i]))
+        per_gene = {
+            k: None if v is None else v[i]
+            for k, v in (("P_gene", self.P_gene), ("mask", self.mask))
+        }
+        return replace(
+            self, y=self.y[i], nu=self.nu[i], genes=tuple(np.array(self.genes)[i]), **per_gene
+        )
+
+    @property
+    def observed_donors(self) -> np.ndarray:
+        """(G, N) True where the donor is observed for the gene."""
+        return np.ones(self.y.shape, bool) if self.mask is None else self.mask
 
     @classmethod
     def from_arrays(cls, y, nu, P, genes=None, donors=None, celltypes=None) -> OPData:
@@ -279,16 +324,26 @@ class OPData:
 
     @classmethod
     def from_ctp(cls, ctp: CTPData) -> OPData:
-        """y_i = sum_c P_ic Y_ic and nu_i = sum_c P_ic^2 ctnu_ic (design.md section 1)."""
-        y = np.einsum("gnc,nc->gn", ctp.Y, ctp.P)
-        nu = np.einsum("gnc,nc->gn", ctp.ctnu, ctp.P**2)
-        return cls(y, nu, ctp.P, ctp.genes, ctp.donors, ctp.celltypes)
+        """y_i = sum_c P_ic Y_ic and nu_i = sum_c P_ic^2 ctnu_ic (design.md section 1). With
+        missing CTP values the sums run over each gene's observed cell types with P_i
+        renormalised over them; a donor with none observed is missing (mask) for that gene."""
+        if ctp.mask is None:
+            y = np.einsum("gnc,nc->gn", ctp.Y, ctp.P)
+            nu = np.einsum("gnc,nc->gn", ctp.ctnu, ctp.P**2)
+            return cls(y, nu, ctp.P, ctp.genes, ctp.donors, ctp.celltypes)
+        Pm = ctp.P * ctp.mask
+        total = Pm.sum(axis=2, keepdims=True)
+        present = total[..., 0] > 0
+        Pg = np.where(total > 0, Pm / np.where(total > 0, total, 1.0), ctp.P)
+        y = np.where(present, np.einsum("gnc,gnc->gn", ctp.Y, Pg), 0.0)
+        nu = np.where(present, np.einsum("gnc,gnc->gn", ctp.ctnu, Pg**2), 1.0)
+        return cls(y, nu, ctp.P, ctp.genes, ctp.donors, ctp.celltypes, Pg, present)
 
 
 @dataclass(frozen=True)
 class Covariates:
-    """Fixed covariates: name -> (N, k) values with column labels, in sorted name order (the
-    original CTMM's order)."""
+    """Fixed or random covariates: name -> (N, k) values with column labels, in sorted name
+    order (the original CTMM's order)."""
 
     n_donors: int
     values: dict[str, np.ndarray]
@@ -303,15 +358,24 @@ class Covariates:
         """`<name>_<column>` for every column of `matrix`."""
         return [f"{name}_{c}" for name in self.values for c in self.columns[name]]
 
+    @property
+    def groups(self) -> np.ndarray:
+        """(n_covariates, total columns) 0/1: which columns of `matrix` belong to each name."""
+        sizes = [v.shape[1] for v in self.values.values()]
+        return np.repeat(np.eye(len(sizes)), sizes, axis=1)
+
     @classmethod
-    def build(cls, covars: dict | None, donors: Sequence[str]) -> Covariates:
+    def build(cls, covars: dict | None, donors: Sequence[str], kind: str = "fixed") -> Covariates:
         """covars: name -> (N, k) array, (N,) array, pandas DataFrame/Series (rows matched to
         the donors by index) or a path to a whitespace-separated text file (one row per donor,
-        in the data's donor order)."""
+        in the data's donor order). kind="random": a design matrix (e.g. one-hot batches; a
+        pandas Series of labels is one-hot encoded) whose columns must not be all zero."""
         values, columns = {}, {}
         for name in sorted(covars or {}):
             v = covars[name]
-            what = f"fixed covariate {name!r}"
+            what = f"{kind} covariate {name!r}"
+            if kind == "random" and isinstance(v, pd.Series) and not pd.api.types.is_float_dtype(v):
+                v = pd.get_dummies(v.astype(str), dtype=float)
             if isinstance(v, pd.Series):
                 v = v.to_frame()
             if isinstance(v, pd.DataFrame):
@@ -333,5 +397,11 @@ class Covariates:
                     "give one row per donor, in the data's donor order."
                 )
             _check_finite(a, what, [("donor", donors), ("column", cols)])
+            empty = ~np.any(a != 0, axis=0)
+            if kind == "random" and empty.any():
+                raise ValueError(
+                    f"{what}: column {cols[int(np.argmax(empty))]!r} is all zero (a level with no "
+                    "donor); drop empty columns from the random design."
+                )
             values[name], columns[name] = a, cols
         return cls(len(donors), values, columns)

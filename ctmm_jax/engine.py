@@ -19,7 +19,7 @@ import numpy as np
 from . import likelihood, models
 from .likelihood import GeneData
 from .optimize import MAX_HALVINGS, OptState, Status, fisher_scoring, init_state
-from .structure import Blocks, residual_variance, start_values
+from .structure import Blocks, Design, residual_variance, start_values
 
 BOUNDARY_COND = 1e6  # a fit that stops with cond above this is reported as on the boundary
 
@@ -59,10 +59,14 @@ def objective(d: GeneData, *, model: str, C: int, reml: bool, nonneg: bool) -> O
     return Objective(value, score_info)
 
 
-def _init_gene(y, noise, mask, theta0, X, E, *, model, C, reml, nonneg) -> OptState:
+def _gene(y, noise, mask, design: Design) -> GeneData:
+    return GeneData(y, noise, design.X, design.E, mask, design.U, design.groups)
+
+
+def _init_gene(y, noise, mask, theta0, design, *, model, C, reml, nonneg) -> OptState:
     """Start state: the moment start values (structure.start_values), or theta0 when given
     and its NLL is lower (an infeasible or NaN theta0 never wins)."""
-    d = GeneData(y, noise, X, E, mask)
+    d = _gene(y, noise, mask, design)
     obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
     s = init_state(obj.value, models.from_natural(start_values(d, model, C), model, C, nonneg))
     if theta0 is not None:
@@ -74,9 +78,9 @@ def _init_gene(y, noise, mask, theta0, X, E, *, model, C, reml, nonneg) -> OptSt
 
 
 def _advance_gene(
-    state, until, y, noise, mask, X, E, *, model, C, reml, nonneg, tol, max_halvings
+    state, until, y, noise, mask, design, *, model, C, reml, nonneg, tol, max_halvings
 ) -> OptState:
-    obj = objective(GeneData(y, noise, X, E, mask), model=model, C=C, reml=reml, nonneg=nonneg)
+    obj = objective(_gene(y, noise, mask, design), model=model, C=C, reml=reml, nonneg=nonneg)
     state = state._replace(
         status=jnp.where(state.status == Status.STALLED, Status.RUNNING, state.status)
     )
@@ -86,8 +90,8 @@ def _advance_gene(
     )  # fmt: skip
 
 
-def _finish_gene(theta, y, noise, mask, X, E, *, model, C, reml, nonneg, observed) -> GeneFit:
-    d = GeneData(y, noise, X, E, mask)
+def _finish_gene(theta, y, noise, mask, design, *, model, C, reml, nonneg, observed) -> GeneFit:
+    d = _gene(y, noise, mask, design)
     phi = models.to_natural(theta, model, C, nonneg)
     m = likelihood.moments(phi, d, reml)
     info = jax.hessian(likelihood.nll)(phi, d, reml) if observed else m.info
@@ -97,23 +101,32 @@ def _finish_gene(theta, y, noise, mask, X, E, *, model, C, reml, nonneg, observe
 _KEYS = ("model", "C", "reml", "nonneg")
 
 
+def over_genes(fn, n_args: int, design: Design):
+    """vmap fn over its first n_args arguments and, when X and E carry a gene axis
+    (structure.Blocks.per_gene), over those too; the rest of the design is shared."""
+    per_gene = design.X.ndim == 4  # static
+    axes = Design(0, 0, None, None) if per_gene else None
+    return jax.vmap(fn, in_axes=(0,) * n_args + (axes,))
+
+
 @partial(jax.jit, static_argnames=_KEYS)
-def init_chunk(y, noise, mask, theta0, X, E, **keys) -> OptState:
+def init_chunk(y, noise, mask, theta0, design, **keys) -> OptState:
     """Start states of a batch: y, noise, mask (G, N, b) (mask may be None); theta0 (G, n) or
-    None; X, E shared."""
-    return jax.vmap(partial(_init_gene, X=X, E=E, **keys))(y, noise, mask, theta0)
+    None; design shared (or per gene)."""
+    return over_genes(partial(_init_gene, **keys), 4, design)(y, noise, mask, theta0, design)
 
 
 @partial(jax.jit, static_argnames=_KEYS + ("tol", "max_halvings"))
-def advance_chunk(state, until, y, noise, mask, X, E, **keys) -> OptState:
+def advance_chunk(state, until, y, noise, mask, design, **keys) -> OptState:
     """Continue a batch of states until each is done or has n_iter == until (G,)."""
-    return jax.vmap(partial(_advance_gene, X=X, E=E, **keys))(state, until, y, noise, mask)
+    fn = over_genes(partial(_advance_gene, **keys), 5, design)
+    return fn(state, until, y, noise, mask, design)
 
 
 @partial(jax.jit, static_argnames=_KEYS + ("observed",))
-def finish_chunk(theta, y, noise, mask, X, E, **keys) -> GeneFit:
+def finish_chunk(theta, y, noise, mask, design, **keys) -> GeneFit:
     """Estimates, information and GLS at the final theta of a batch."""
-    return jax.vmap(partial(_finish_gene, X=X, E=E, **keys))(theta, y, noise, mask)
+    return over_genes(partial(_finish_gene, **keys), 4, design)(theta, y, noise, mask, design)
 
 
 ROUND_ITERS = 8  # iterations per round before the problems still running are regrouped
@@ -158,20 +171,19 @@ def run_fits(
         problems = Problems(np.arange(blocks.y.shape[0]))
     n_prob = len(problems.gene)
     keys = dict(model=model, C=C, reml=reml, nonneg=nonneg)
-    X, E = jnp.asarray(blocks.X), jnp.asarray(blocks.E)
     size = min(chunk_size, n_prob)
     small = max(size // 16, 1)
 
-    data = partial(problem_data, blocks, problems)
+    def data(i):  # y, noise, mask of problems i, then their design
+        return *problem_data(blocks, problems, i), blocks.design(problems.gene[i])
 
     def start(i):
         return None if problems.theta0 is None else jnp.asarray(problems.theta0[i])
 
-    everything = np.arange(n_prob)
-    parts = [
-        (part, init_chunk(*data(pad), start(pad), X, E, **keys))
-        for part, pad in batches(everything, size)
-    ]
+    parts = []
+    for part, pad in batches(np.arange(n_prob), size):
+        y, noise, mask, design = data(pad)
+        parts.append((part, init_chunk(y, noise, mask, start(pad), design, **keys)))
     state = gather(parts, n_prob)
     while True:
         active = np.isin(state.status, (Status.RUNNING, Status.STALLED)) & (state.n_iter < max_iter)
@@ -188,9 +200,7 @@ def run_fits(
             for part, pad in batches(idx, bsize):
                 s = jax.tree.map(lambda a, pad=pad: jnp.asarray(a[pad]), state)
                 until = jnp.minimum(s.n_iter + ROUND_ITERS, max_iter)
-                out = advance_chunk(
-                    s, until, *data(pad), X, E, **keys, tol=tol, max_halvings=halvings
-                )
+                out = advance_chunk(s, until, *data(pad), **keys, tol=tol, max_halvings=halvings)
                 parts.append((part, out))
         state = scatter(state, parts)
     unfinished = np.isin(state.status, (Status.RUNNING, Status.STALLED))
@@ -200,23 +210,29 @@ def run_fits(
 
 def finish(blocks: Blocks, problems: Problems, theta: np.ndarray, *, chunk_size, **keys) -> GeneFit:
     """Estimates, information and GLS at theta (P, n_var) for every problem."""
-    X, E = jnp.asarray(blocks.X), jnp.asarray(blocks.E)
     parts = []
     for part, pad in batches(np.arange(len(problems.gene)), chunk_size):
-        args = (jnp.asarray(theta[pad]), *problem_data(blocks, problems, pad), X, E)
+        design = blocks.design(problems.gene[pad])
+        args = (jnp.asarray(theta[pad]), *problem_data(blocks, problems, pad), design)
         parts.append((part, finish_chunk(*args, **keys)))
     return gather(parts, len(problems.gene))
 
 
 def problem_data(blocks: Blocks, problems: Problems, i: np.ndarray):
-    """(y, noise, mask) of problems i: mask is None unless a donor is dropped."""
+    """(y, noise, mask) of problems i: the genes' masks times the dropped donors' (None when
+    nothing is missing or dropped)."""
     g = problems.gene[i]
-    mask = None
+    mask = None if blocks.mask is None else blocks.mask[g]
     if problems.drop is not None:
         N, b = blocks.y.shape[1:]
         keep = (np.arange(N)[None, :] != problems.drop[i][:, None]).astype(np.float64)
-        mask = jnp.asarray(np.repeat(keep[..., None], b, axis=2))
-    return jnp.asarray(blocks.y[g]), jnp.asarray(blocks.noise[g]), mask
+        keep = np.repeat(keep[..., None], b, axis=2)
+        mask = keep if mask is None else mask * keep
+    return (
+        jnp.asarray(blocks.y[g]),
+        jnp.asarray(blocks.noise[g]),
+        None if mask is None else jnp.asarray(mask),
+    )
 
 
 def gather(parts, n):

@@ -26,22 +26,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .engine import batches, gather
+from .engine import batches, gather, over_genes
 from .likelihood import GeneData, observed
+from .structure import Design
 
 
 class Normal(NamedTuple):
-    """Design-only pieces of HE: QtQ (k, k), Z (k, N, b) = diag blocks of M K_k M, A0 (p, p)."""
+    """Design-only pieces of HE: QtQ (k, k), Z (k, N, b) = diag blocks of M K_k M, A0 (p, p);
+    k counts the model's kernels, then the random covariates'."""
 
     QtQ: jax.Array
     Z: jax.Array
     A0: jax.Array
 
 
-def normal(X: jax.Array, E: jax.Array, mask: jax.Array | None = None) -> Normal:
-    """Shared HE normal equations. X: (N, b, p); E: (k, N or 1, b, b); mask: (N, b) or None."""
+def normal(design: Design, mask: jax.Array | None = None) -> Normal:
+    """Shared HE normal equations of a design (structure.Design); mask: (N, b) or None.
+
+    A random covariate r has K_r = U_r U_r^T (U_r its columns of U), so with MU = M U:
+    tr(M K_k M K_r) = sum_{j in r} (MU_j)^T K_k (MU_j), tr(M K_r M K_s) = |U_r^T M U_s|_F^2 and
+    (M K_r M)_ii = sum_{j in r} (MU_j)_i^2."""
+    X, E = design.X, design.E
     N, b, p = X.shape
-    d = observed(GeneData(jnp.zeros((N, b)), jnp.ones((N, b)), X, E, mask))
+    d = observed(GeneData(jnp.zeros((N, b)), jnp.ones((N, b)), X, E, mask, design.U))
     X, E = d.X, jnp.broadcast_to(d.E, (E.shape[0], N, b, b))
     A0 = jnp.linalg.inv(jnp.einsum("nbp,nbq->pq", X, X))
     H0 = X @ A0 @ jnp.swapaxes(X, 1, 2)  # (N, b, b)
@@ -56,7 +63,15 @@ def normal(X: jax.Array, E: jax.Array, mask: jax.Array | None = None) -> Normal:
         - 2.0 * jnp.diagonal(H0[None] @ E, axis1=2, axis2=3)
         + jnp.diagonal(XABAX, axis1=2, axis2=3)
     )
-    return Normal(T1 - T2 - T2.T + T3, Z, A0)
+    QtQ = T1 - T2 - T2.T + T3
+    if d.U is None:
+        return Normal(QtQ, Z, A0)
+    G = design.groups
+    MU = d.U - X @ (A0 @ jnp.einsum("nbp,nbj->pj", X, d.U))  # (N, b, m)
+    Q_kr = jnp.einsum("naj,knab,nbj->kj", MU, E, MU) @ G.T
+    Q_rr = G @ jnp.einsum("nbj,nbl->jl", d.U, MU) ** 2 @ G.T
+    Z_r = jnp.einsum("nbj,rj->rnb", MU**2, G)
+    return Normal(jnp.block([[QtQ, Q_kr], [Q_kr.T, Q_rr]]), jnp.concatenate([Z, Z_r]), A0)
 
 
 class HEFit(NamedTuple):
@@ -66,9 +81,10 @@ class HEFit(NamedTuple):
     beta: jax.Array  # (G, p) OLS fixed effects
 
 
-def he_genes(y: jax.Array, noise: jax.Array, X: jax.Array, E: jax.Array, nm: Normal) -> HEFit:
+def he_genes(y: jax.Array, noise: jax.Array, design: Design, nm: Normal) -> HEFit:
     """HE for many genes sharing the design. y, noise: (G, N, b), already masked (0 where
-    missing; noise anything there since Z is 0); X, E as given to `normal` (masked)."""
+    missing; noise anything there since Z is 0); design as given to `normal` (X masked)."""
+    X, E = design.X, design.E
     beta = jnp.einsum("pq,nbq,gnb->gp", nm.A0, X, y)
     r = y - jnp.einsum("nbp,gp->gnb", X, beta)
     if E.shape[1] == 1:  # kernels shared by donors (CTP): sum_i r_i^T E_k r_i = tr(E_k S)
@@ -76,18 +92,21 @@ def he_genes(y: jax.Array, noise: jax.Array, X: jax.Array, E: jax.Array, nm: Nor
         quad = jnp.einsum("kij,gji->gk", E[:, 0], S)
     else:
         quad = jnp.einsum("gni,knij,gnj->gk", r, E, r)
+    if design.U is not None:  # r^T K_r r = |U_r^T r|^2
+        quad_r = jnp.einsum("nbj,gnb->gj", design.U, r) ** 2 @ design.groups.T
+        quad = jnp.concatenate([quad, quad_r], axis=1)
     Qt = quad - jnp.einsum("gnb,knb->gk", noise, nm.Z)
     return HEFit(jnp.linalg.solve(nm.QtQ, Qt.T).T, beta)
 
 
 @jax.jit
-def he_chunk(y, noise, X, E) -> HEFit:
+def he_chunk(y, noise, design) -> HEFit:
     """HE for a batch of genes, all donors. y, noise: (G, N, b)."""
-    return he_genes(y, noise, X, E, normal(X, E))
+    return he_genes(y, noise, design, normal(design))
 
 
 @partial(jax.jit, static_argnames=("N",))
-def he_jackknife_chunk(y, noise, X, E, *, N: int) -> HEFit:
+def he_jackknife_chunk(y, noise, design, *, N: int) -> HEFit:
     """Leave-one-donor-out HE for a batch of genes: (G, N, k) and (G, N, p).
 
     Replicate i masks donor i; the shared normal equations of all N replicates are computed
@@ -95,32 +114,65 @@ def he_jackknife_chunk(y, noise, X, E, *, N: int) -> HEFit:
     one replicate's residuals)."""
     b = y.shape[-1]
     masks = jnp.repeat((1.0 - jnp.eye(N))[:, :, None], b, axis=2)  # (N reps, N, b)
-    normals = jax.vmap(normal, (None, None, 0))(X, E, masks)
+    normals = jax.vmap(normal, (None, 0))(design, masks)
 
     def replicate(args):
         m, nm = args
-        Xm = X * m[..., None]
-        return he_genes(y * m, noise * m, Xm, E, nm)
+        return he_genes(y * m, noise * m, design._replace(X=design.X * m[..., None]), nm)
 
     fits = jax.lax.map(replicate, (masks, normals))  # leading replicate axis
     return HEFit(jnp.swapaxes(fits.phi, 0, 1), jnp.swapaxes(fits.beta, 0, 1))
 
 
+def _he_per_gene(y, noise, mask, design) -> HEFit:
+    """HE where the observed values (mask (G, N, b)) or the design differ by gene: each gene
+    gets its own normal equations (vmapped over genes)."""
+
+    def one(y, noise, mask, design):
+        nm = normal(design, mask)
+        fit = he_genes(
+            (y * mask)[None], noise[None], design._replace(X=design.X * mask[..., None]), nm
+        )
+        return HEFit(fit.phi[0], fit.beta[0])
+
+    return over_genes(one, 3, design)(y, noise, mask, design)
+
+
+he_chunk_per_gene = jax.jit(_he_per_gene)
+
+
+@partial(jax.jit, static_argnames=("N",))
+def he_jackknife_chunk_per_gene(y, noise, mask, design, *, N: int) -> HEFit:
+    """`he_jackknife_chunk` with per-gene masks or designs: replicate i multiplies every gene's
+    mask by the mask of donor i (lax.map over replicates, vmap over genes)."""
+    reps = jnp.repeat((1.0 - jnp.eye(N))[:, :, None], y.shape[-1], axis=2)
+    fits = jax.lax.map(lambda rep: _he_per_gene(y, noise, mask * rep, design), reps)
+    return HEFit(jnp.swapaxes(fits.phi, 0, 1), jnp.swapaxes(fits.beta, 0, 1))
+
+
 def run_he(blocks, *, chunk_size: int) -> HEFit:
     """HE for every gene of `blocks` (structure.Blocks), in batches of genes."""
-    return _run(he_chunk, blocks, chunk_size)
+    return _run(he_chunk, he_chunk_per_gene, blocks, chunk_size)
 
 
 def run_he_jackknife(blocks, *, chunk_size: int) -> HEFit:
     """Leave-one-donor-out HE for every gene: phi (G, N, k), beta (G, N, p)."""
-    return _run(partial(he_jackknife_chunk, N=blocks.y.shape[1]), blocks, chunk_size)
+    N = blocks.y.shape[1]
+    shared, per_gene = partial(he_jackknife_chunk, N=N), partial(he_jackknife_chunk_per_gene, N=N)
+    return _run(shared, per_gene, blocks, chunk_size)
 
 
-def _run(chunk_fn, blocks, chunk_size: int) -> HEFit:
+def _run(shared_fn, per_gene_fn, blocks, chunk_size: int) -> HEFit:
+    """Batches of genes; the shared-normal path unless genes differ in mask or design."""
     G = blocks.y.shape[0]
-    X, E = jnp.asarray(blocks.X), jnp.asarray(blocks.E)
+    per_gene = blocks.mask is not None or blocks.per_gene
     parts = []
     for part, pad in batches(np.arange(G), min(chunk_size, G)):
         y, noise = jnp.asarray(blocks.y[pad]), jnp.asarray(blocks.noise[pad])
-        parts.append((part, chunk_fn(y, noise, X, E)))
+        design = blocks.design(pad)
+        if per_gene:
+            mask = np.ones(blocks.y[pad].shape) if blocks.mask is None else blocks.mask[pad]
+            parts.append((part, per_gene_fn(y, noise, jnp.asarray(mask), design)))
+        else:
+            parts.append((part, shared_fn(y, noise, design)))
     return gather(parts, G)

@@ -47,12 +47,17 @@ def wald_ct_beta(beta: np.ndarray, cov: np.ndarray, df) -> np.ndarray:
     return wald_f(beta @ T.T, T @ cov @ T.T, df)
 
 
-def jackknife_cov(reps: np.ndarray) -> np.ndarray:
-    """(N-1)/N sum_i (x_(-i) - mean)(x_(-i) - mean)^T over the replicate axis.
+def jackknife_cov(reps: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+    """(n-1)/n sum_i (x_(-i) - mean)(x_(-i) - mean)^T over the replicate axis, counting only
+    the replicates where `present` (G, N) is True (default all; n = their number).
     reps: (G, N, k) -> (G, k, k)."""
-    N = reps.shape[1]
-    dev = reps - reps.mean(axis=1, keepdims=True)
-    return (N - 1) / N * np.einsum("gni,gnj->gij", dev, dev)
+    if present is None:
+        present = np.ones(reps.shape[:2], bool)
+    w = present[..., None].astype(np.float64)
+    n = w.sum(axis=1, keepdims=True)
+    x = np.where(w > 0, reps, 0.0)
+    dev = (x - (x * w).sum(axis=1, keepdims=True) / n) * w
+    return ((n[:, 0] - 1) / n[:, 0])[:, :, None] * np.einsum("gni,gnj->gij", dev, dev)
 
 
 def lrt(l1, l0, k):

@@ -90,15 +90,18 @@ def _softplus_inv(x):
 
 
 def to_natural(theta: jax.Array, model: str, C: int, nonneg: bool) -> jax.Array:
-    """Unconstrained theta (n_var,) -> natural phi (n_var,)."""
+    """Unconstrained theta (n_var + n_rand,) -> natural phi: the model's parameters, then the
+    random-covariate variances r2 (softplus too when nonneg)."""
     if not nonneg:
         return theta
+    k = n_var(model, C)
+    r2 = jax.nn.softplus(theta[k:])
     if model != "full":
-        return jax.nn.softplus(theta)
+        return jnp.concatenate([jax.nn.softplus(theta[:k]), r2])
     rows, cols = np.tril_indices(C)
-    L = jnp.zeros((C, C)).at[rows, cols].set(theta)
+    L = jnp.zeros((C, C)).at[rows, cols].set(theta[:k])
     L = L - jnp.diag(jnp.diag(L)) + jnp.diag(jax.nn.softplus(jnp.diag(L)))
-    return (L @ L.T)[np.triu_indices(C)]
+    return jnp.concatenate([(L @ L.T)[np.triu_indices(C)], r2])
 
 
 def from_natural_batch(phi, model: str, C: int, nonneg: bool) -> jax.Array:
@@ -110,8 +113,10 @@ def from_natural(phi: jax.Array, model: str, C: int, nonneg: bool) -> jax.Array:
     """Inverse of `to_natural`; phi must be strictly inside the constrained set when nonneg."""
     if not nonneg:
         return phi
+    k = n_var(model, C)
+    r2 = _softplus_inv(phi[k:])
     if model != "full":
-        return _softplus_inv(phi)
-    L = jnp.linalg.cholesky(unpack(phi, model, C).V)
+        return jnp.concatenate([_softplus_inv(phi[:k]), r2])
+    L = jnp.linalg.cholesky(unpack(phi[:k], model, C).V)
     L = L - jnp.diag(jnp.diag(L)) + jnp.diag(_softplus_inv(jnp.diag(L)))
-    return L[np.tril_indices(C)]
+    return jnp.concatenate([L[np.tril_indices(C)], r2])

@@ -37,6 +37,7 @@ class Status(IntEnum):
     SINGULAR_INFO = 5
     NO_VARIATION = 6
     NOT_FINITE = 7
+    NOT_IDENTIFIED = 8
 
 
 MESSAGES = {
@@ -49,6 +50,8 @@ MESSAGES = {
     Status.NO_VARIATION: "no variation left after the fixed effects (constant gene); not fitted",
     Status.NOT_FINITE: "estimates not finite (HE normal equations singular, or GLS at HE "
     "variances that are not positive definite)",
+    Status.NOT_IDENTIFIED: "fixed effects not identified from the observed values (e.g. a cell "
+    "type with no observed value); not fitted",
 }
 
 

@@ -15,32 +15,36 @@ from .optimize import MESSAGES, Status
 class Jackknife:
     """Leave-one-donor-out replicates of every gene.
 
-    phi: (G, N, n_var) and ct_beta: (G, N, C) replicate estimates; var_cov (G, n_var, n_var)
-    and ct_beta_cov (G, C, C): (N-1)/N sum_i (x_(-i) - mean)(x_(-i) - mean)^T; n_failed: (G,)
-    replicates that did not converge (ML/REML; their estimates are still used, as the original).
+    phi: (G, N, n_var) and ct_beta: (G, N, C) replicate estimates; present: (G, N) the donors
+    observed for each gene (only their replicates count; the others are NaN); var_cov
+    (G, n_var, n_var) and ct_beta_cov (G, C, C): (n-1)/n sum_i (x_(-i) - mean)(x_(-i) - mean)^T
+    over the n present donors; n_failed: (G,) replicates that did not converge (ML/REML; their
+    estimates are still used, as the original).
     """
 
     phi: np.ndarray
     ct_beta: np.ndarray
     n_failed: np.ndarray
+    present: np.ndarray
 
     @property
     def var_cov(self) -> np.ndarray:
-        return inference.jackknife_cov(self.phi)
+        return inference.jackknife_cov(self.phi, self.present)
 
     @property
     def ct_beta_cov(self) -> np.ndarray:
-        return inference.jackknife_cov(self.ct_beta)
+        return inference.jackknife_cov(self.ct_beta, self.present)
 
 
 @dataclass(frozen=True)
 class FitResult:
     """Fit of every gene. Arrays carry a leading gene axis (G).
 
-    phi: (G, n_var) natural variance parameters (models.py order); var_cov: (G, n_var, n_var)
-    their covariance (inverse information; NaN for HE); beta: (G, p); beta_cov: (G, p, p);
-    loglik: (G,) with the constants of design.md section 4 (NaN for HE); status: (G,)
-    optimize.Status codes; pvalues: name -> (G,) Wald p values (information); jackknife and
+    phi: (G, n_var + n_rand) natural variance parameters (models.py order, then r2 of each
+    random covariate); var_cov: their covariance (inverse information; NaN for HE); beta:
+    (G, p); beta_cov: (G, p, p); loglik: (G,) with the constants of design.md section 4 (NaN
+    for HE); status: (G,) optimize.Status codes; df: (G,) N_g - n_par with N_g the donors with
+    an observed value; pvalues: name -> (G,) Wald p values (information); jackknife and
     pvalues_jk when fitted with jackknife=True; table: one row per gene.
     """
 
@@ -56,7 +60,7 @@ class FitResult:
     loglik: np.ndarray
     n_iter: np.ndarray
     status: np.ndarray
-    df: int
+    df: np.ndarray
     pvalues: dict[str, np.ndarray]
     jackknife: Jackknife | None
     pvalues_jk: dict[str, np.ndarray] | None
@@ -69,16 +73,18 @@ class FitResult:
     @classmethod
     def build(
         cls, data, model, method, information, fits, loglik, n_iter, status, n_par: int,
-        jackknife: Jackknife | None = None, covariates=None,
+        jackknife: Jackknife | None = None, covariates=None, random=None,
     ) -> FitResult:  # fmt: skip
         G, N, C = data.shape
         cts = list(data.celltypes)
-        not_fitted = status == Status.NO_VARIATION
+        not_fitted = np.isin(status, (Status.NO_VARIATION, Status.NOT_IDENTIFIED))
         if not_fitted.any():  # no estimates for genes that were not fitted: NaN, with a status
             fits = type(fits)(*(np.where(_expand(not_fitted, a), np.nan, a) for a in fits))
             loglik = np.where(not_fitted, np.nan, loglik)
-        df = N - n_par
-        names = models.param_names(model, cts)
+        n_donors = data.observed_donors.sum(axis=1)  # a donor with nothing observed is dropped
+        df = n_donors - n_par
+        rand_names = list(random.values) if random is not None else []
+        names = models.param_names(model, cts) + [f"r2_{name}" for name in rand_names]
         status = status.astype(int)
         if method != "he":  # a singular information leaves standard errors undefined
             bad = ~np.all(np.diagonal(fits.var_cov, axis1=1, axis2=2) > 0, axis=1)
@@ -93,7 +99,13 @@ class FitResult:
         cols.update({f"beta_{lab}": fits.beta[:, C + j] for j, lab in enumerate(labels)})
         if labels:
             cols.update(fixed_effect_variances(fits.beta, data.P, covariates))
+        for j, name in enumerate(rand_names):  # r2 tr(R^T R) / N, as the original
+            R = random.values[name]
+            cols[f"randomvar_{name}"] = (
+                fits.phi[:, len(names) - len(rand_names) + j] * np.sum(R**2) / N
+            )
         cols["loglik"] = loglik
+        cols["n_donors"] = n_donors
         cols["converged"] = status == Status.OK
         cols["n_iter"] = n_iter.astype(int)
         cols["status"] = np.array([MESSAGES[Status(s)] for s in status], dtype=object)
@@ -169,6 +181,7 @@ def wald_pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df) -> dict[str, np.
     if model == "iid":
         out["V"] = inference.wald_t(phi[:, 1], var_cov[:, 1, 1], df)
     elif model == "free":
-        out["V"] = inference.wald_f(phi[:, 1:], var_cov[:, 1:, 1:], df)
+        C = ct_beta.shape[1]
+        out["V"] = inference.wald_f(phi[:, 1 : 1 + C], var_cov[:, 1 : 1 + C, 1 : 1 + C], df)
     out["ct_beta"] = inference.wald_ct_beta(ct_beta, ct_beta_cov, df)
     return out

@@ -1,7 +1,8 @@
 """Seeded simulation of CTP data (and, through OPData.from_ctp, OP data) from the CTMM model.
 
-For gene g and donor i: Y_gi = beta_g + alpha_gi 1_C + gamma_gi + eps_gi with
-alpha_gi ~ N(0, hom2_g), gamma_gi ~ N(0, V_g), eps_gic ~ N(0, ctnu_gic).
+For gene g and donor i: Y_gi = beta_g + alpha_gi 1_C + gamma_gi + (sum_r R_ri u_gr) 1_C + eps_gi
+with alpha_gi ~ N(0, hom2_g), gamma_gi ~ N(0, V_g), u_gr ~ N(0, r2_r I) (random covariates,
+one draw per gene and level, shared by the cell types) and eps_gic ~ N(0, ctnu_gic).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def simulate(
     beta=0.0,
     ctnu=0.1,
     P=None,
+    random_covars: dict | None = None,
+    r2: dict | None = None,
     seed: int = 0,
 ) -> CTPData:
     """Draw CTP data from the model.
@@ -39,6 +42,8 @@ def simulate(
         beta: scalar, (C,) or (G, C) cell-type means.
         ctnu: (G, N, C) noise variances, or a scalar mean: then ctnu ~ mean * Gamma(4) / 4.
         P: (N, C) proportions; default Dirichlet(5, ..., 5) per donor.
+        random_covars, r2: name -> (N, m) design and name -> its variance (e.g. one-hot
+            batches with a batch effect of variance r2).
         seed: seed of numpy's default_rng; the same seed gives the same data.
     Returns:
         CTPData with genes 'gene0'.., donors 'ind0'.., cell types 'ct0'...
@@ -64,6 +69,10 @@ def simulate(
     gamma = np.einsum("gcd,gnd->gnc", _psd_sqrt(V), rng.standard_normal((G, N, C)))
     eps = rng.standard_normal((G, N, C)) * np.sqrt(ctnu)
     Y = beta[:, None, :] + alpha[..., None] + gamma + eps
+    for name in sorted(random_covars or {}):
+        R = np.asarray(random_covars[name], dtype=np.float64)
+        u = rng.standard_normal((G, R.shape[1])) * np.sqrt(float(r2[name]))
+        Y = Y + (u @ R.T)[..., None]
     return CTPData.from_arrays(
         Y, np.array(ctnu), P,
         genes=[f"gene{g}" for g in range(G)],

@@ -17,28 +17,70 @@ from .data import CTPData, OPData
 from .likelihood import GeneData
 
 
+class Design(NamedTuple):
+    """Device arrays shared by every gene (likelihood.GeneData): X (N, b, p), E (n_var, N or 1,
+    b, b), U (N, b, m) and groups (n_rand, m) or None without random covariates."""
+
+    X: jax.Array
+    E: jax.Array
+    U: jax.Array | None = None
+    groups: jax.Array | None = None
+
+
 class Blocks(NamedTuple):
-    """Host arrays of the block form (see likelihood.GeneData); y and noise carry a gene axis."""
+    """Host arrays of the block form (see likelihood.GeneData); y, noise and mask carry a gene
+    axis, and so do X and E when the design differs by gene (OP with per-gene proportions).
+    mask: (G, N, b) 1 observed / 0 missing, or None when everything is observed."""
 
     y: np.ndarray  # (G, N, b)
     noise: np.ndarray  # (G, N, b)
-    X: np.ndarray  # (N, b, p)
-    E: np.ndarray  # (n_var, N or 1, b, b)
+    X: np.ndarray  # ([G,] N, b, p)
+    E: np.ndarray  # ([G,] n_var, N or 1, b, b)
+    U: np.ndarray | None = None  # (N, b, m)
+    groups: np.ndarray | None = None  # (n_rand, m)
+    mask: np.ndarray | None = None  # (G, N, b)
+
+    @property
+    def per_gene(self) -> bool:
+        """True when X and E carry a gene axis."""
+        return self.X.ndim == 4
+
+    def design(self, genes: np.ndarray | None = None) -> Design:
+        """Device design; with per-gene X and E, those of `genes`."""
+        X, E = (self.X, self.E) if not self.per_gene else (self.X[genes], self.E[genes])
+        return Design(*(None if a is None else jnp.asarray(a) for a in (X, E, self.U, self.groups)))
+
+    @property
+    def n_rand(self) -> int:
+        return 0 if self.groups is None else self.groups.shape[0]
 
 
-def to_blocks(data: CTPData | OPData, model: str, F: np.ndarray | None = None) -> Blocks:
-    """CTP: N blocks of C values, X_i = [I_C, 1_C f_i^T], kernels E_k. OP: N scalars,
-    X_i = [P_i^T, f_i^T], kernels P_i^T E_k P_i. F: (N, k) fixed covariates (design.md 2-3:
-    one coefficient per covariate, shared by the cell types)."""
+def to_blocks(
+    data: CTPData | OPData, model: str, F: np.ndarray | None = None,
+    R: np.ndarray | None = None, groups: np.ndarray | None = None,
+) -> Blocks:  # fmt: skip
+    """CTP: N blocks of C values, X_i = [I_C, 1_C f_i^T], kernels E_k, U_i = 1_C r_i^T
+    (R R^T (x) J_C). OP: N scalars, X_i = [P_i^T, f_i^T], kernels P_i^T E_k P_i, U_i = r_i^T.
+    F: (N, k) fixed covariates (design.md 2-3: one coefficient per covariate, shared by the cell
+    types); R: (N, m) random-covariate designs side by side, groups (n_rand, m) their columns."""
     G, N, C = data.shape
     F = np.zeros((N, 0)) if F is None else F
     E = models.kernels(model, C)
+    b = C if isinstance(data, CTPData) else 1
+    U = None if R is None or R.shape[1] == 0 else np.repeat(R[:, None, :], b, axis=1)
+    groups = None if U is None else groups
+    mask = None if data.mask is None else data.mask.astype(np.float64).reshape(G, N, b)
     if isinstance(data, CTPData):
         X = np.concatenate([np.broadcast_to(np.eye(C), (N, C, C)), np.repeat(F[:, None], C, 1)], 2)
-        return Blocks(data.Y, data.ctnu, X, E[:, None])
-    E_op = np.einsum("kcd,nc,nd->kn", E, data.P, data.P)[:, :, None, None]
-    X = np.concatenate([data.P, F], 1)[:, None, :]
-    return Blocks(data.y[..., None], data.nu[..., None], X, E_op)
+        return Blocks(data.Y, data.ctnu, X, E[:, None], U, groups, mask)
+    if data.P_gene is None:
+        E_op = np.einsum("kcd,nc,nd->kn", E, data.P, data.P)[:, :, None, None]
+        X = np.concatenate([data.P, F], 1)[:, None, :]
+    else:  # per-gene proportions (OP from a CTP with missing values): a gene axis in front
+        P = data.P_gene
+        E_op = np.einsum("kcd,gnc,gnd->gkn", E, P, P)[..., None, None]
+        X = np.concatenate([P, np.broadcast_to(F, (G,) + F.shape)], 2)[:, :, None, :]
+    return Blocks(data.y[..., None], data.nu[..., None], X, E_op, U, groups, mask)
 
 
 def residual_variance(d: GeneData) -> jax.Array:
@@ -52,11 +94,13 @@ def residual_variance(d: GeneData) -> jax.Array:
 
 
 def start_values(d: GeneData, model: str, C: int) -> jax.Array:
-    """Natural start values as the original CTMM: hom2 and every V parameter s / 2 (hom:
-    hom2 = s; full: V = s I), s = residual_variance. Positive definite whenever s > 0."""
-    s = residual_variance(d)
-    if model == "hom":
-        return s[None]
+    """Natural start values as the original CTMM: with s = residual_variance and R random
+    covariates, hom2, every V parameter and every r2 are s / (R + 2) (hom: s / (R + 1); full:
+    V = s I / (R + 1)). Positive definite whenever s > 0."""
+    n_rand = 0 if d.groups is None else d.groups.shape[0]
+    s = residual_variance(d) / (n_rand + (1 if model in ("hom", "full") else 2))
     if model == "full":
-        return s * jnp.eye(C)[np.triu_indices(C)]
-    return jnp.full(models.n_var(model, C), s / 2)
+        phi = s * jnp.eye(C)[np.triu_indices(C)]
+    else:
+        phi = jnp.full(models.n_var(model, C), s)
+    return jnp.concatenate([phi, jnp.full(n_rand, s)])

@@ -68,7 +68,7 @@ def test_fit_with_covariates_table():
     covars = _covariates(40, seed=2)
     res = cj.fit(data, "free", "reml", fixed_covars=covars)
     t = res.table
-    assert res.df == 40 - (4 + 3 + 3)  # n_par counts the covariate columns
+    assert (res.df == 40 - (4 + 3 + 3)).all()  # n_par counts the covariate columns
     for col in ["beta_age_1", "beta_pca_1", "beta_pca_2", "se_beta_pca_2", "fixedvar_pca"]:
         assert col in t
     b = res.beta[:, 4:6]  # sorted names: age (1 column), then pca (2 columns)

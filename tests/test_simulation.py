@@ -81,3 +81,19 @@ def test_reml_lrt_free_vs_hom_is_calibrated():
     p = cj.lrt(free.loglik, hom.loglik, C)
     assert 0.03 < np.mean(p < 0.05) < 0.08
     assert np.mean(free.p_V < 0.05) > 0.1
+
+
+def test_batch_effect_r2_unbiased():
+    """A batch effect of variance 0.2 over 10 batches (N = 200): REML r2 is unbiased and hom2
+    is not inflated (without the random covariate hom2 absorbs the batch variance)."""
+    batch = np.eye(10)[np.arange(N) % 10]
+    V = np.diag([0.2, 0.1, 0.05, 0.0])
+    data = cj.simulate(G, N, C, hom2=0.3, V=V, ctnu=0.3, random_covars={"batch": batch},
+                       r2={"batch": 0.2}, seed=14)  # fmt: skip
+    t = cj.fit(data, "free", "reml", random_covars={"batch": batch}).table
+    assert t.converged.mean() > 0.99
+    _within_mc_error(t.r2_batch, 0.2)
+    _within_mc_error(t.hom2, 0.3)
+    for c in range(C):
+        _within_mc_error(t[f"V_ct{c}"], V[c, c])
+    assert cj.fit(data, "free", "reml").table.hom2.mean() > 0.45

@@ -1,0 +1,143 @@
+"""Missing (donor, cell type) values: exact likelihood of the observed values, HE on the observed
+pairs, OP from the observed pairs with renormalised proportions, fully missing donors dropped."""
+
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+import reference
+from helpers import CLOSED_FORM, OPTIMIZER, random_phi, small_data
+from numpy.testing import assert_allclose
+
+import ctmm_jax as cj
+from ctmm_jax import likelihood, structure
+from ctmm_jax.data import Covariates
+
+N, C = 24, 3
+
+
+def _masked(G=3, seed=0, frac=0.2):
+    """CTP with ~frac of the pairs missing per gene; donor 2 fully missing for gene 0."""
+    data = small_data("ctp", G=G, N=N, C=C, seed=seed, alpha=2.0)
+    mask = np.random.default_rng(seed).random((G, N, C)) > frac
+    mask[0, 2] = False
+    mask[:, :, 0] |= ~mask.any(axis=1)[:, None, 0]  # every cell type observed somewhere
+    return cj.CTPData.from_arrays(data.Y, data.ctnu, data.P, mask=mask), mask
+
+
+def _covars(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"pc": rng.normal(size=(N, 1))}, {"batch": np.eye(4)[np.arange(N) % 4]}
+
+
+@pytest.mark.parametrize("method", ["ml", "reml"])
+def test_masked_likelihood_with_covariates_equals_dense_observed(method):
+    """NLL = dense likelihood of the observed subvector, with fixed and random covariates."""
+    data, mask = _masked()
+    fixed, rand = _covars()
+    Fc, Rc = Covariates.build(fixed, data.donors), Covariates.build(rand, data.donors, "random")
+    b = structure.to_blocks(data, "free", Fc.matrix, Rc.matrix, Rc.groups)
+    phi = np.concatenate([random_phi("free", C, seed=2), [0.15]])
+    for g in range(3):
+        arrays = (b.y[g], b.noise[g], b.X, b.E, b.mask[g], b.U, b.groups)
+        d = likelihood.GeneData(*(jnp.asarray(a) for a in arrays))
+        y, X, Sigma = reference.dense(data, g, *reference.natural("free", phi[:-1], C))
+        X = np.hstack([X, np.kron(fixed["pc"], np.ones((C, 1)))])
+        Sigma = Sigma + phi[-1] * np.kron(rand["batch"] @ rand["batch"].T, np.ones((C, C)))
+        o = mask[g].ravel()
+        ll = reference.ml_loglik if method == "ml" else reference.reml_loglik
+        ref = ll(y[o], X[o], Sigma[np.ix_(o, o)])
+        assert_allclose(-likelihood.nll(jnp.asarray(phi), d, method == "reml"), ref, **CLOSED_FORM)
+
+
+@pytest.mark.parametrize("model", ["hom", "free"])
+def test_he_masked_equals_dense_observed(model):
+    data, mask = _masked(seed=1)
+    _, rand = _covars()
+    res = cj.fit(data, model, "he", random_covars=rand)
+    K_r = np.kron(rand["batch"] @ rand["batch"].T, np.ones((C, C)))
+    full = cj.CTPData.from_arrays(data.Y, data.ctnu, data.P)
+    for g in range(3):
+        o = mask[g].ravel()
+        y, X, _ = reference.dense(full, g, 0.0, np.zeros((C, C)))
+        y, X = y[o], X[o]
+        D = np.diag(data.ctnu[g].ravel()[o])
+        M = np.eye(len(y)) - X @ np.linalg.solve(X.T @ X, X.T)
+        t = (M @ np.outer(y, y) @ M - M @ D @ M).ravel()
+        Ks = [K[np.ix_(o, o)] for K in reference.kernels(full, model) + [K_r]]
+        Q = np.stack([(M @ K @ M).ravel() for K in Ks], axis=1)
+        assert_allclose(res.phi[g], np.linalg.lstsq(Q, t, rcond=None)[0], **CLOSED_FORM)
+
+
+def _delete_donor(data, i, covars):
+    keep = np.arange(N) != i
+    donors = np.array(data.donors)[keep]
+    sub = cj.CTPData.from_arrays(
+        data.Y[:, keep], data.ctnu[:, keep], data.P[keep], mask=data.mask[:, keep], donors=donors
+    )
+    return sub, {k: {n: v[keep] for n, v in c.items()} for k, c in covars.items()}
+
+
+@pytest.mark.parametrize("shape", ["ctp", "op"])
+@pytest.mark.parametrize("method", ["ml", "reml", "he"])
+def test_fully_masked_donor_equals_deleted_donor(shape, method):
+    """Gene 0 has donor 2 fully masked: its fit (estimates, loglik, p values, df, and the
+    jackknife over the remaining donors) equals the fit with donor 2 deleted."""
+    data, _ = _masked(G=1, seed=3)
+    fixed, rand = _covars(1)
+    covars = dict(fixed_covars=fixed, random_covars=rand)
+    sub, sub_covars = _delete_donor(data, 2, covars)
+    if shape == "op":
+        data, sub = cj.OPData.from_ctp(data), cj.OPData.from_ctp(sub)
+    a = cj.fit(data, "iid", method, jackknife=True, **covars)
+    b = cj.fit(sub, "iid", method, jackknife=True, **sub_covars)
+    tol = CLOSED_FORM if method == "he" else OPTIMIZER
+    assert a.table.n_donors.iloc[0] == N - 1 and a.df[0] == b.df[0]
+    cols = [c for c in b.table if c.startswith(("hom2", "V_", "r2", "beta", "p_", "se_"))]
+    assert_allclose(a.table[cols].to_numpy(float), b.table[cols].to_numpy(float), **tol)
+    if method != "he":
+        assert_allclose(a.loglik, b.loglik, **tol)
+    assert np.isnan(a.jackknife.phi[0, 2]).all()
+
+
+def test_op_from_masked_ctp_renormalises_proportions():
+    data, mask = _masked(seed=4)
+    op = cj.OPData.from_ctp(data)
+    P = data.P * mask[1]
+    P = P / P.sum(axis=1, keepdims=True)
+    assert_allclose(op.P_gene[1], P, rtol=1e-14)
+    assert_allclose(op.y[1], (P * data.Y[1]).sum(1), rtol=1e-14)
+    assert_allclose(op.nu[1], (P**2 * data.ctnu[1]).sum(1), rtol=1e-14)
+    assert not op.mask[0, 2] and op.mask[0].sum() == N - 1
+    # the OP likelihood uses each gene's own proportions: dense check
+    b = structure.to_blocks(op, "free")
+    phi = random_phi("free", C, seed=5)
+    d = likelihood.GeneData(
+        *(jnp.asarray(a) for a in (b.y[1], b.noise[1], b.X[1], b.E[1], b.mask[1]))
+    )
+    hom2, V = reference.natural("free", phi, C)
+    y, X, Sigma = reference.op_dense(hom2, V, op.y[1], op.nu[1], op.P_gene[1])
+    assert_allclose(-likelihood.nll(jnp.asarray(phi), d, True), reference.reml_loglik(y, X, Sigma),
+                    **CLOSED_FORM)  # fmt: skip
+
+
+def test_from_frames_absent_pairs_are_missing():
+    data = small_data("ctp", G=2, N=6, C=2, seed=6)
+    idx = pd.MultiIndex.from_product([data.donors, data.celltypes])
+    ctp = pd.DataFrame(data.Y.reshape(2, -1).T, index=idx, columns=data.genes)
+    ctnu = pd.DataFrame(data.ctnu.reshape(2, -1).T, index=idx, columns=data.genes)
+    ctp.iloc[3, 1] = np.nan  # gene1 at (donor1, ct1)
+    P = pd.DataFrame(data.P, index=list(data.donors), columns=list(data.celltypes))
+    got = cj.CTPData.from_frames(ctp.drop(index=ctp.index[0]), ctnu, P)
+    assert got.mask.sum() == 2 * 6 * 2 - 3
+    assert not got.mask[:, 0, 0].any() and not got.mask[1, 1, 1] and got.mask[0, 1, 1]
+
+
+def test_bad_mask():
+    data = small_data("ctp", G=1, N=6, C=2)
+    with pytest.raises(ValueError, match="mask: expected 0/1"):
+        cj.CTPData.from_arrays(data.Y, data.ctnu, data.P, mask=np.ones((5, 2)))
+    Y = data.Y.copy()
+    Y[0, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="Y: has NaN.*mark the values missing"):
+        cj.CTPData.from_arrays(Y, data.ctnu, data.P)
