@@ -6,6 +6,8 @@ waits for), the second runs warm; compile time is the difference. Results come b
 host as NumPy arrays, so every timing includes finishing the device work.
 
     python benchmarks/bench_fit.py --genes 10000 --donors 100 --celltypes 4 --json out.json
+    python benchmarks/bench_fit.py --shape ctp --pcs 6 --batches 20   # with covariates
+    python benchmarks/bench_fit.py --shape ctp --missing 0.2          # 20% missing pairs
 
 Typical printout (2-core CPU, float64): see benchmarks/README.md.
 """
@@ -33,30 +35,46 @@ import ctmm_jax as cj  # noqa: E402
 from ctmm_jax import models  # noqa: E402
 
 
-def check_correctness(data, model, method):
+def check_correctness(data, model, method, covars):
     """Before timing: the fitted log-likelihood of the first genes equals the dense reference
-    (ML/REML), or HE equals the dense least-squares solve."""
+    (ML/REML) on the observed values, with the covariates; HE equals the dense least squares."""
     import reference
 
     sub = data.select_genes(slice(3))
-    res = cj.fit(sub, model, method)
-    C = data.shape[2]
+    res = cj.fit(sub, model, method, **covars)
+    N, C = data.shape[1:]
+    ctp = isinstance(data, cj.CTPData)
+    lift = (lambda A: np.kron(A, np.ones((C, 1)))) if ctp else (lambda A: A)  # noqa: E731
+    F = [np.atleast_2d(v.T).T for _, v in sorted(covars.get("fixed_covars", {}).items())]
+    R = [v for _, v in sorted(covars.get("random_covars", {}).items())]
     for g in range(3):
+        vc = models.unpack(jnp.asarray(res.phi[g, : models.n_var(model, C)]), model, C)
+        y, X, Sigma = reference.dense(sub, g, float(vc.hom2), np.asarray(vc.V))
+        X = np.hstack([X] + [lift(f) for f in F])
+        Ks = [lift(r) @ lift(r).T for r in R]
+        o = sub.mask[g].ravel() if getattr(sub, "mask", None) is not None else slice(None)
         if method == "he":
-            from test_he import _dense_he
-
-            assert np.allclose(res.phi[g], _dense_he(sub, g, model)[0], rtol=1e-8, atol=1e-8)
+            D = np.diag(sub.ctnu[g].ravel() if ctp else sub.nu[g])[np.ix_(o, o)]
+            Xo = X[o]
+            M = np.eye(len(Xo)) - Xo @ np.linalg.solve(Xo.T @ Xo, Xo.T)
+            t = (M @ np.outer(y[o], y[o]) @ M - M @ D @ M).ravel()
+            kern = reference.kernels(sub, model) + Ks
+            Q = np.stack([(M @ K[np.ix_(o, o)] @ M).ravel() for K in kern], axis=1)
+            assert np.allclose(res.phi[g], np.linalg.lstsq(Q, t, rcond=None)[0], rtol=1e-8)
             continue
-        vc = models.unpack(jnp.asarray(res.phi[g]), model, C)
-        ll = reference.loglik(sub, g, float(vc.hom2), np.asarray(vc.V), method)
+        r2 = res.phi[g, models.n_var(model, C) :]
+        Sigma = Sigma + sum((v * K for v, K in zip(r2, Ks, strict=True)), np.zeros_like(Sigma))
+        ll = (reference.ml_loglik if method == "ml" else reference.reml_loglik)(
+            y[o], X[o], Sigma[np.ix_(o, o)]
+        )
         assert abs(ll - res.loglik[g]) < 1e-6 * max(1.0, abs(ll)), (ll, res.loglik[g])
 
 
-def bench(data, model, method, chunk, jackknife):
+def bench(data, model, method, chunk, jackknife, covars):
     """First call (compiles every batch shape, then runs) and a second, warm call; compile time
     is their difference. Peak memory is the process's maximum resident set so far."""
     G, N, C = data.shape
-    kw = dict(chunk_size=chunk, jackknife=jackknife)
+    kw = dict(chunk_size=chunk, jackknife=jackknife, **covars)
     t0 = time.perf_counter()
     cj.fit(data, model, method, **kw)
     first_s = time.perf_counter() - t0
@@ -67,6 +85,8 @@ def bench(data, model, method, chunk, jackknife):
     return dict(
         shape="CTP" if isinstance(data, cj.CTPData) else "OP", model=model, method=method,
         jackknife=jackknife, genes=G, donors=N, celltypes=C, chunk=min(chunk, G),
+        covariates=",".join(f"{k}:{v.shape[1]}" for c in covars.values() for k, v in c.items()),
+        missing=float(1 - data.mask.mean()) if getattr(data, "mask", None) is not None else 0.0,
         end_to_end_s=round(first_s, 3), compile_s=round(first_s - run_s, 3),
         run_s=round(run_s, 3), genes_per_s=round(G / run_s, 1),
         converged=float(t.converged.mean()),
@@ -87,20 +107,39 @@ def main(argv=None):
     p.add_argument("--shape", default="both", choices=("ctp", "op", "both"))
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pcs", type=int, default=0, help="fixed covariate 'pca' with this many columns"
+    )
+    p.add_argument(
+        "--batches", type=int, default=0, help="random one-hot 'batch' with this many levels"
+    )
+    p.add_argument("--missing", type=float, default=0.0, help="fraction of CTP pairs missing")
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args(argv)
 
     C = a.celltypes
     V = np.zeros((a.genes, C, C))
     V[: a.genes // 2] = np.diag(np.linspace(0.2, 0.0, C))  # half the genes with V != 0
-    ctp = cj.simulate(a.genes, a.donors, C, hom2=0.2, V=V, ctnu=0.2, seed=a.seed)
+    rng = np.random.default_rng(a.seed + 1)
+    covars = {}
+    if a.pcs:
+        covars["fixed_covars"] = {"pca": rng.normal(size=(a.donors, a.pcs))}
+    if a.batches:
+        batch = np.eye(a.batches)[np.arange(a.donors) % a.batches]
+        covars["random_covars"] = {"batch": batch}
+    ctp = cj.simulate(a.genes, a.donors, C, hom2=0.2, V=V, ctnu=0.2, seed=a.seed,
+                      random_covars=covars.get("random_covars"), r2={"batch": 0.1})  # fmt: skip
+    if a.missing:
+        mask = rng.random(ctp.shape) >= a.missing
+        ctp = cj.CTPData.from_arrays(ctp.Y, ctp.ctnu, ctp.P, mask=mask)
     datasets = {"ctp": [ctp], "op": [cj.OPData.from_ctp(ctp)]}
     datasets["both"] = datasets["ctp"] + datasets["op"]
     rows = []
     for data in datasets[a.shape]:
-        check_correctness(data, a.model, a.method)
-        rows.append(bench(data, a.model, a.method, a.chunk, a.jackknife))
+        check_correctness(data, a.model, a.method, covars)
+        rows.append(bench(data, a.model, a.method, a.chunk, a.jackknife, covars))
     keys = ["shape", "model", "method", "jackknife", "genes", "donors", "celltypes",
+            "covariates", "missing",
             "end_to_end_s", "compile_s", "run_s", "genes_per_s", "converged", "boundary",
             "mean_iter", "peak_rss_gb"]  # fmt: skip
     print(" | ".join(f"{k:>10}" for k in keys))

@@ -77,7 +77,8 @@ def test_table_columns_and_wald_pvalues(method):
     cts = data.celltypes
     expected = (
         ["hom2", *(f"V_{c}" for c in cts), *(f"beta_{c}" for c in cts)]
-        + ["loglik", "converged", "n_iter", "status", "se_hom2", *(f"se_V_{c}" for c in cts)]
+        + ["loglik", "n_donors", "converged", "n_iter", "status", "se_hom2"]
+        + [f"se_V_{c}" for c in cts]
         + [*(f"se_beta_{c}" for c in cts), "p_hom2", "p_V", "p_ct_beta"]
     )
     assert list(t.columns) == expected

@@ -97,3 +97,18 @@ def test_batch_effect_r2_unbiased():
     for c in range(C):
         _within_mc_error(t[f"V_ct{c}"], V[c, c])
     assert cj.fit(data, "free", "reml").table.hom2.mean() > 0.45
+
+
+def test_missing_at_random_reml_unbiased():
+    """20% of the (donor, cell type) pairs missing at random: REML stays unbiased."""
+    V = np.diag([0.2, 0.1, 0.05, 0.0])
+    beta = np.array([1.0, 0.5, 0.0, -0.5])
+    full = cj.simulate(G, N, C, hom2=0.3, V=V, beta=beta, ctnu=0.3, seed=15)
+    mask = np.random.default_rng(16).random(full.shape) >= 0.2
+    data = cj.CTPData.from_arrays(full.Y, full.ctnu, full.P, mask=mask)
+    t = cj.fit(data, "free", "reml").table
+    assert t.converged.mean() > 0.98
+    _within_mc_error(t.hom2, 0.3)
+    for c in range(C):
+        _within_mc_error(t[f"V_ct{c}"], V[c, c])
+        _within_mc_error(t[f"beta_ct{c}"], beta[c])
