@@ -52,7 +52,7 @@ def check_correctness(data, model, method, covars):
         y, X, Sigma = reference.dense(sub, g, float(vc.hom2), np.asarray(vc.V))
         X = np.hstack([X] + [lift(f) for f in F])
         Ks = [lift(r) @ lift(r).T for r in R]
-        o = sub.mask[g].ravel() if getattr(sub, "mask", None) is not None else slice(None)
+        o = sub.mask[g].ravel() if getattr(sub, "mask", None) is not None else y == y
         if method == "he":
             D = np.diag(sub.ctnu[g].ravel() if ctp else sub.nu[g])[np.ix_(o, o)]
             Xo = X[o]
