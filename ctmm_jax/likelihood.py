@@ -1,26 +1,27 @@
 """Per-gene ML/REML negative log-likelihood, score and expected information.
 
-Written once for a block-diagonal covariance: N donors, each a block of b values
-(b = C for CTP, b = 1 for OP),
+Written for N donors, each a block of b values (b = C for CTP, b = 1 for OP),
 
-    Sigma_i = sum_k phi_k E_ki + diag(noise_i),      y_i = X_i beta + e_i,
+    Sigma = blockdiag(D_i) + U G U^T,   D_i = sum_k phi_k E_ki + diag(noise_i),   y = X beta + e,
 
-with kernels E_ki (b x b) that are linear in the natural parameters phi (models.py). CTP uses
-the model kernels E_k for every donor; OP uses the scalars P_i^T E_k P_i (design.md 2-3).
+with kernels E_ki (b x b) linear in the natural parameters phi (models.py; CTP uses the model
+kernels for every donor, OP the scalars P_i^T E_k P_i, design.md 2-3) and optional random
+covariates U (N blocks of b x m; G = diag of each column's r2, one r2 per covariate).
 
-With W_i = Sigma_i^-1, A = (X^T W X)^-1, beta = A X^T W y, r = y - X beta:
+With W_i = D_i^-1 and Z = [X, U], the Woodbury identity (see `_low_rank`) gives
+Sigma^-1 = W - W U M U^T W and the REML projection Pi = W - W Z N Z^T W (N the inverse of
+Henderson's mixed-model equations, written without G^-1). With u = Pi y:
 
-    ML   : 2 nll = log|Sigma| + r^T W r + n log(2 pi)
-    REML : 2 nll = log|Sigma| + log|X^T W X| + r^T W r + (n - p) log(2 pi)
-    score: d nll / d phi_k = 1/2 [tr(Pi K_k) - (W r)^T K_k (W r)]
-    info : ML 1/2 tr(W K_k W K_l);  REML 1/2 tr(Pi K_k Pi K_l)
-           = 1/2 [T1_kl - 2 sum_i tr(H_i E_ki M_li) + tr(A B_k A B_l)]
-    hess : d2 nll / d phi_k d phi_l = (Pi y)^T K_k Pi K_l (Pi y) - info   (beta profiled out)
+    ML   : 2 nll = log|Sigma| + y^T u + n log(2 pi)
+    REML : 2 nll = log|Sigma| + log|X^T Sigma^-1 X| + y^T u + (n - p) log(2 pi)
+    score: d nll / d phi_k = 1/2 [tr(Pj K_k) - u^T K_k u]
+    info : 1/2 tr(Pj K_k Pj K_l) = 1/2 [T1_kl - 2 sum_i tr(H_i E_ki W_i E_li) + tr(N F_k N F_l)]
+    hess : d2 nll / d phi_k d phi_l = u^T K_k Pi K_l u - info   (beta profiled out)
 
-where Pi = W - W X A X^T W (for ML, Pi is replaced by W in the score), M_ki = W_i E_ki,
-T1_kl = sum_i tr(M_ki M_li), B_k = sum_i X_i^T W_i E_ki W_i X_i, H_i = W_i X_i A X_i^T W_i.
-Nothing larger than b x b or p x p is ever formed. A covariance that is not positive definite
-gives nll = +inf; the optimizer rejects such steps.
+where Pj is Pi (REML) or Sigma^-1 (ML: Z = U, N = M), T1_kl = sum_i tr(W_i E_ki W_i E_li),
+F_k = sum_i Z_i^T W_i E_ki W_i Z_i and H_i = (W Z N Z^T W)_ii; the random-covariate rows are
+in `_add_random`. Nothing larger than b x b or (p + m) x (p + m) is ever formed. A covariance
+that is not positive definite gives nll = +inf; the optimizer rejects such steps.
 """
 
 from __future__ import annotations
