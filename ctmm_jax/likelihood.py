@@ -251,11 +251,11 @@ def moments(phi: jax.Array, d: GeneData, reml: bool) -> Moments:
     info = 0.5 * (t.T1 - t.T2 - t.T2.T + jnp.einsum("kpq,lqp->kl", NF, NF))
     Q = t.uKWKu - t.ZtWKu @ f.N @ t.ZtWKu.T  # y'Pi K_k Pi K_l Pi y
     if d.U is not None:
-        score, info, Q = _add_random(d, f, t, Fp, Np, sel, score, info, Q)
+        score, info, Q = _add_random(d, f, t, Fp, Np, sel, reml, score, info, Q)
     return Moments(f.nll, f.cond, score, info, Q - info, f.beta, f.N[:p, :p])
 
 
-def _add_random(d, f, t, Fp, Np, sel, score, info, Q):
+def _add_random(d, f, t, Fp, Np, sel, reml, score, info, Q):
     """Append the rows of the random-covariate kernels K_r = sum_{j in r} U_j U_j^T. With the
     projection written Pj = W - W Z N Z^T W (as in `moments`), Pj U = W Z c with
     c = I_u - N Z^T W U, so
@@ -275,7 +275,7 @@ def _add_random(d, f, t, Fp, Np, sel, score, info, Q):
         ]
 
     c, PjU = projected(f.S[sel, sel], Np, sel)
-    cP, PiU = projected(f.S, f.N, slice(0, q))
+    cP, PiU = (c, PjU) if reml else projected(f.S, f.N, slice(0, q))
     score_r = 0.5 * G @ (jnp.diagonal(PjU) - Uu**2)
     info_kr = 0.5 * jnp.einsum("kab,aj,bj->kj", Fp, c, c) @ G.T
     info_rr = 0.5 * G @ PjU**2 @ G.T

@@ -86,6 +86,14 @@ def expected_information(data, g, hom2, V, model, method):
     return np.array([[0.5 * np.trace(Pm @ Ki @ Pm @ Kj) for Kj in Ks] for Ki in Ks])
 
 
+def he(y, X, D, Ks):
+    """HE written out: OLS of vec(M y y^T M - M D M) on the vec(M K M), M = I - X (X^T X)^-1 X^T."""
+    M = np.eye(len(y)) - X @ np.linalg.solve(X.T @ X, X.T)
+    t = (M @ np.outer(y, y) @ M - M @ D @ M).ravel()
+    Q = np.stack([(M @ K @ M).ravel() for K in Ks], axis=1)
+    return np.linalg.lstsq(Q, t, rcond=None)[0]
+
+
 def natural(model, phi, C):
     """phi -> (hom2, V) written out per model."""
     phi = np.asarray(phi)

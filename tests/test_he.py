@@ -16,10 +16,8 @@ def _dense_he(data, g, model):
     C = data.shape[2]
     y, X, _ = reference.dense(data, g, 0.0, np.zeros((C, C)))
     D = np.diag(data.ctnu[g].ravel() if hasattr(data, "Y") else data.nu[g])
-    M = np.eye(len(y)) - X @ np.linalg.solve(X.T @ X, X.T)
-    t = (M @ np.outer(y, y) @ M - M @ D @ M).ravel()
-    Q = np.stack([(M @ K @ M).ravel() for K in reference.kernels(data, model)], axis=1)
-    return np.linalg.lstsq(Q, t, rcond=None)[0], np.linalg.lstsq(X, y, rcond=None)[0]
+    Ks = reference.kernels(data, model)
+    return reference.he(y, X, D, Ks), np.linalg.lstsq(X, y, rcond=None)[0]
 
 
 def _drop_donor(data, i):
