@@ -103,9 +103,11 @@ def fit(
     random = Covariates.build(random_covars, data.donors, kind="random")
     blocks = to_blocks(data, model, covars.matrix, random.matrix, random.groups)
     n_var = models.n_var(model, C) + len(random.values)
-    n_par = n_var + blocks.X.shape[-1]
+    n_par = n_var + blocks.n_fixed
     name = "CTP design" if isinstance(data, CTPData) else "OP design (P)"
-    X_all = np.concatenate([data.P, covars.matrix], 1)[:, None] if blocks.per_gene else blocks.X
+    X_all = blocks.full_X()
+    if blocks.per_gene:  # checked on the proportions of all cell types
+        X_all = np.concatenate([data.P, covars.matrix], 1)[:, None]
     _check_design(X_all, n_var, name, list(covars.values))
     if jackknife and N - 1 <= n_par:
         raise ValueError(
@@ -149,7 +151,8 @@ def _unidentified(blocks) -> np.ndarray:
     G, N, b = blocks.y.shape
     if blocks.mask is None and not blocks.per_gene:
         return np.zeros(G, bool)
-    X = blocks.X if blocks.per_gene else blocks.X[None]
+    X = blocks.full_X()
+    X = X if blocks.per_gene else X[None]
     if blocks.mask is not None:
         X = X * blocks.mask[..., None]
     X = np.broadcast_to(X, (G,) + X.shape[1:]).reshape(G, N * b, -1)

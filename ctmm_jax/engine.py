@@ -60,7 +60,7 @@ def objective(d: GeneData, *, model: str, C: int, reml: bool, nonneg: bool) -> O
 
 
 def _gene(y, noise, mask, design: Design) -> GeneData:
-    return GeneData(y, noise, design.X, design.E, mask, design.U, design.groups)
+    return GeneData(y, noise, design.X, design.E, mask, design.F, design.U, design.groups)
 
 
 def _init_gene(y, noise, mask, theta0, design, *, model, C, reml, nonneg) -> OptState:
@@ -105,7 +105,7 @@ def over_genes(fn, n_args: int, design: Design):
     """vmap fn over its first n_args arguments and, when X and E carry a gene axis
     (structure.Blocks.per_gene), over those too; the rest of the design is shared."""
     per_gene = design.X.ndim == 4  # static
-    axes = Design(0, 0, None, None) if per_gene else None
+    axes = Design(0, 0, None, None, None) if per_gene else None
     return jax.vmap(fn, in_axes=(0,) * n_args + (axes,))
 
 

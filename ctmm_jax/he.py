@@ -13,7 +13,7 @@ blocks: no NC x NC matrix is formed. Q^T Q and diag(M K_k M) depend only on the 
 kernels (`Normal`), computed once and shared by every gene; a gene costs its OLS residuals and
 quadratic forms, and all genes are solved at once.
 
-A dropped donor (jackknife) is a mask over its block (likelihood.observed), which for HE is
+A dropped donor (jackknife) is a mask over its block, which for HE is
 the same as deleting it.
 """
 
@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .engine import batches, gather, over_genes
-from .likelihood import GeneData, observed
 from .structure import Design
 
 
@@ -46,10 +45,12 @@ def normal(design: Design, mask: jax.Array | None = None) -> Normal:
     A random covariate r has K_r = U_r U_r^T (U_r its columns of U), so with MU = M U:
     tr(M K_k M K_r) = sum_{j in r} (MU_j)^T K_k (MU_j), tr(M K_r M K_s) = |U_r^T M U_s|_F^2 and
     (M K_r M)_ii = sum_{j in r} (MU_j)_i^2."""
-    X, E = design.X, design.E
+    (X, U), E = design.full, design.E
     N, b, p = X.shape
-    d = observed(GeneData(jnp.zeros((N, b)), jnp.ones((N, b)), X, E, mask, design.U))
-    X, E = d.X, jnp.broadcast_to(d.E, (E.shape[0], N, b, b))
+    if mask is not None:
+        X, E = X * mask[..., None], E * (mask[:, :, None] * mask[:, None, :])
+        U = None if U is None else U * mask[..., None]
+    E = jnp.broadcast_to(E, (E.shape[0], N, b, b))
     A0 = jnp.linalg.inv(jnp.einsum("nbp,nbq->pq", X, X))
     H0 = X @ A0 @ jnp.swapaxes(X, 1, 2)  # (N, b, b)
     B = jnp.einsum("nip,knij,njq->kpq", X, E, X)
@@ -64,12 +65,12 @@ def normal(design: Design, mask: jax.Array | None = None) -> Normal:
         + jnp.diagonal(XABAX, axis1=2, axis2=3)
     )
     QtQ = T1 - T2 - T2.T + T3
-    if d.U is None:
+    if U is None:
         return Normal(QtQ, Z, A0)
     G = design.groups
-    MU = d.U - X @ (A0 @ jnp.einsum("nbp,nbj->pj", X, d.U))  # (N, b, m)
+    MU = U - X @ (A0 @ jnp.einsum("nbp,nbj->pj", X, U))  # (N, b, m)
     Q_kr = jnp.einsum("naj,knab,nbj->kj", MU, E, MU) @ G.T
-    Q_rr = G @ jnp.einsum("nbj,nbl->jl", d.U, MU) ** 2 @ G.T
+    Q_rr = G @ jnp.einsum("nbj,nbl->jl", U, MU) ** 2 @ G.T
     Z_r = jnp.einsum("nbj,rj->rnb", MU**2, G)
     return Normal(jnp.block([[QtQ, Q_kr], [Q_kr.T, Q_rr]]), jnp.concatenate([Z, Z_r]), A0)
 
@@ -81,19 +82,23 @@ class HEFit(NamedTuple):
     beta: jax.Array  # (G, p) OLS fixed effects
 
 
-def he_genes(y: jax.Array, noise: jax.Array, design: Design, nm: Normal) -> HEFit:
-    """HE for many genes sharing the design. y, noise: (G, N, b), already masked (0 where
-    missing; noise anything there since Z is 0); design as given to `normal` (X masked)."""
-    X, E = design.X, design.E
+def he_genes(y, noise, design: Design, nm: Normal, mask: jax.Array | None = None) -> HEFit:
+    """HE for many genes sharing the design. y, noise: (G, N, b); mask (N, b) as given to
+    `normal` or None (noise may be anything where missing, since Z is 0 there)."""
+    (X, U), E = design.full, design.E
+    if mask is not None:
+        y = y * mask
     beta = jnp.einsum("pq,nbq,gnb->gp", nm.A0, X, y)
     r = y - jnp.einsum("nbp,gp->gnb", X, beta)
+    if mask is not None:
+        r = r * mask
     if E.shape[1] == 1:  # kernels shared by donors (CTP): sum_i r_i^T E_k r_i = tr(E_k S)
         S = jnp.einsum("gni,gnj->gij", r, r)
         quad = jnp.einsum("kij,gji->gk", E[:, 0], S)
     else:
         quad = jnp.einsum("gni,knij,gnj->gk", r, E, r)
-    if design.U is not None:  # r^T K_r r = |U_r^T r|^2
-        quad_r = jnp.einsum("nbj,gnb->gj", design.U, r) ** 2 @ design.groups.T
+    if U is not None:  # r^T K_r r = |U_r^T r|^2
+        quad_r = jnp.einsum("nbj,gnb->gj", U, r) ** 2 @ design.groups.T
         quad = jnp.concatenate([quad, quad_r], axis=1)
     Qt = quad - jnp.einsum("gnb,knb->gk", noise, nm.Z)
     return HEFit(jnp.linalg.solve(nm.QtQ, Qt.T).T, beta)
@@ -118,7 +123,7 @@ def he_jackknife_chunk(y, noise, design, *, N: int) -> HEFit:
 
     def replicate(args):
         m, nm = args
-        return he_genes(y * m, noise * m, design._replace(X=design.X * m[..., None]), nm)
+        return he_genes(y, noise, design, nm, m)
 
     fits = jax.lax.map(replicate, (masks, normals))  # leading replicate axis
     return HEFit(jnp.swapaxes(fits.phi, 0, 1), jnp.swapaxes(fits.beta, 0, 1))
@@ -130,9 +135,7 @@ def _he_per_gene(y, noise, mask, design) -> HEFit:
 
     def one(y, noise, mask, design):
         nm = normal(design, mask)
-        fit = he_genes(
-            (y * mask)[None], noise[None], design._replace(X=design.X * mask[..., None]), nm
-        )
+        fit = he_genes(y[None], noise[None], design, nm, mask)
         return HEFit(fit.phi[0], fit.beta[0])
 
     return over_genes(one, 3, design)(y, noise, mask, design)

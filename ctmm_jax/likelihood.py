@@ -6,7 +6,10 @@ Written for N donors, each a block of b values (b = C for CTP, b = 1 for OP),
 
 with kernels E_ki (b x b) linear in the natural parameters phi (models.py; CTP uses the model
 kernels for every donor, OP the scalars P_i^T E_k P_i, design.md 2-3) and optional random
-covariates U (N blocks of b x m; G = diag of each column's r2, one r2 per covariate).
+covariates U (N blocks 1_b u_i^T; G = diag of each column's r2, one r2 per covariate). The
+fixed design is X_i (columns that vary within a block) plus donor-level columns 1_b f_i^T.
+Donor-level columns are never expanded to b rows: sums over donors that involve them are
+contractions with the (N x k) matrix of donor values (see `_sym_block` and below).
 
 With W_i = D_i^-1 and Z = [X, U], the Woodbury identity (see `_low_rank`) gives
 Sigma^-1 = W - W U M U^T W and the REML projection Pi = W - W Z N Z^T W (N the inverse of
@@ -18,8 +21,9 @@ Henderson's mixed-model equations, written without G^-1). With u = Pi y:
     info : 1/2 tr(Pj K_k Pj K_l) = 1/2 [T1_kl - 2 sum_i tr(H_i E_ki W_i E_li) + tr(N F_k N F_l)]
     hess : d2 nll / d phi_k d phi_l = u^T K_k Pi K_l u - info   (beta profiled out)
 
-where Pj is Pi (REML) or Sigma^-1 (ML: Z = U, N = M), T1_kl = sum_i tr(W_i E_ki W_i E_li),
-F_k = sum_i Z_i^T W_i E_ki W_i Z_i and H_i = (W Z N Z^T W)_ii; the random-covariate rows are
+where Pj is Pi (REML) or Sigma^-1 (ML: N = M in the U block, 0 elsewhere),
+T1_kl = sum_i tr(W_i E_ki W_i E_li), F_k = sum_i Z_i^T W_i E_ki W_i Z_i and
+H_i = (W Z N Z^T W)_ii; the random-covariate rows are
 in `_add_random`. Nothing larger than b x b or (p + m) x (p + m) is ever formed. A covariance
 that is not positive definite gives nll = +inf; the optimizer rejects such steps.
 """
@@ -40,13 +44,15 @@ COND_MAX = 1e8  # feasible region: max_i |Sigma_i|_F * max_i |Sigma_i^-1|_F <= C
 class GeneData(NamedTuple):
     """One gene in block form.
 
-    y: (N, b) values; noise: (N, b) known noise variances; X: (N, b, p) fixed-effect design;
+    y: (N, b) values; noise: (N, b) known noise variances; X: (N, b, p_b) fixed-effect columns
+    that vary within a block (CTP: the cell-type indicators I_C; OP: the proportions P_i^T);
     E: (n_var, N, b, b) kernels of each block (a leading 1 instead of N broadcasts);
     mask: (N, b) 1 for observed values, 0 for missing ones (a dropped donor is a row of 0s),
     or None when everything is observed;
-    U: (N, b, m) stacked random-covariate designs (CTP: R_i repeated over the C values of
-    donor i) or None; groups: (n_rand, m) 0/1, which columns of U belong to each random
-    covariate (its variance r2 multiplies sum_{j in group} U_j U_j^T).
+    F: (N, k) donor-level fixed covariates and U: (N, m) donor-level random-covariate designs
+    (or None): donor i's block of the full design is 1_b f_i^T (resp. 1_b u_i^T);
+    groups: (n_rand, m) 0/1, which columns of U belong to each random covariate (its variance
+    r2 multiplies sum_{j in group} U_j U_j^T (x) J_b).
     """
 
     y: jax.Array
@@ -54,14 +60,39 @@ class GeneData(NamedTuple):
     X: jax.Array
     E: jax.Array
     mask: jax.Array | None = None
+    F: jax.Array | None = None
     U: jax.Array | None = None
     groups: jax.Array | None = None
+
+    @property
+    def donor_columns(self) -> jax.Array:
+        """D = [F, U] (N, k + m): the donor-level columns of the full design Z = [X, 1 D^T]."""
+        N = self.y.shape[0]
+        cols = [c for c in (self.F, self.U) if c is not None]
+        return jnp.concatenate(cols, axis=1) if cols else jnp.zeros((N, 0), self.y.dtype)
+
+    @property
+    def n_fixed(self) -> int:
+        return self.X.shape[-1] + (0 if self.F is None else self.F.shape[-1])
+
+
+def lift(D: jax.Array, b: int) -> jax.Array:
+    """Donor-level columns D (N, k) as blocks 1_b d_i^T: (N, b, k)."""
+    return jnp.broadcast_to(D[:, None, :], (D.shape[0], b, D.shape[1]))
+
+
+def fixed_design(d: GeneData) -> jax.Array:
+    """The full fixed-effect design [X_i, 1_b f_i^T] (N, b, p), for small one-off uses."""
+    if d.F is None:
+        return d.X
+    return jnp.concatenate([d.X, lift(d.F, d.X.shape[1])], axis=2)
 
 
 def observed(d: GeneData) -> GeneData:
     """Exact likelihood of the observed values (design.md 4): for masked entries the rows and
-    columns of Sigma become the identity (kernels 0, noise 1) and y, X and U become 0, so they
-    add log|1| = 0 and nothing else."""
+    columns of Sigma become the identity (kernels 0, noise 1) and y and X become 0, so they
+    add log|1| = 0 and nothing else. F and U need no mask: they enter only through W_i, whose
+    masked rows and columns are 0 (`factor`)."""
     if d.mask is None:
         return d
     m = d.mask
@@ -70,7 +101,6 @@ def observed(d: GeneData) -> GeneData:
         noise=jnp.where(m > 0, d.noise, 1.0),
         X=d.X * m[..., None],
         E=d.E * (m[:, :, None] * m[:, None, :]),
-        U=None if d.U is None else d.U * m[..., None],
     )
 
 
@@ -94,14 +124,36 @@ class Factor(NamedTuple):
     """Sigma^-1 = W - W U M U^T W and the REML projection Pi = W - W Z N Z^T W, Z = [X, U]."""
 
     W: jax.Array  # (N, b, b) block inverses
-    WZ: jax.Array  # (N, b, q) W_i Z_i, q = p + m
-    S: jax.Array  # (q, q) Z^T W Z
+    V: jax.Array  # (N, b, p_b + 1) [W_i X_i, w_i], w_i = W_i 1_b: W_i Z_i = [W_i X_i, w_i d_i^T]
+    S: jax.Array  # (q, q) Z^T W Z, q = p + m
     N: jax.Array  # (q, q) see module doc; its (p, p) block is A = (X^T Sigma^-1 X)^-1
     M: jax.Array | None  # (m, m) (G^-1 + U^T W U)^-1 (None without random covariates)
     u: jax.Array  # (N, b) Pi y = Sigma^-1 (y - X beta)
     beta: jax.Array  # (p,)
     nll: jax.Array  # ()
     cond: jax.Array  # ()
+
+
+# Donor-level columns. With Z_i = [X_i, 1_b d_i^T] (D = [F, U]) and W_i Z_i = [W_i X_i, w_i d_i^T]
+# (w_i = W_i 1_b), every sum over donors of products of such blocks splits into a block-level
+# part over the p_b columns of X and donor-level parts that are contractions with D, e.g.
+#     Z^T W Z = [[sum_i X_i^T W_i X_i, sum_i X_i^T w_i d_i^T], [., D^T diag(1_b^T w_i) D]],
+# so a gene costs O(N b^2 p_b + N k^2) instead of O(N b q^2) (q = p_b + k; CTP: p_b = C).
+
+
+def _sym_block(A: jax.Array, B: jax.Array, C: jax.Array) -> jax.Array:
+    """[[A, B], [B^T, C]] over the last two axes."""
+    top = jnp.concatenate([A, B], -1)
+    return jnp.concatenate([top, jnp.concatenate([jnp.swapaxes(B, -1, -2), C], -1)], -2)
+
+
+def _donor_gram(s: jax.Array, D: jax.Array) -> jax.Array:
+    """D^T diag(s_k) D for every row s_k of s (k, N): (k, m, m); for small m as one product
+    with the rows d_i d_i^T (N x m^2, which vectorises best), else column-scaled products."""
+    N, m = D.shape
+    if m > 32:  # static
+        return jnp.einsum("kni,nj->kij", s[:, :, None] * D, D)
+    return (s @ (D[:, :, None] * D[:, None, :]).reshape(N, m * m)).reshape(s.shape[0], m, m)
 
 
 def _frobenius_cond(A: jax.Array, Ainv: jax.Array) -> jax.Array:
@@ -139,8 +191,9 @@ def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
     every sum over W below (GLS, quadratic form, score, information) runs over the observed
     values only, with y, X, U and the kernels left as they are."""
     N, b = d.y.shape
-    p = d.X.shape[-1]
+    p = d.n_fixed
     n_var = d.E.shape[0]
+    D = d.donor_columns
     Sigma = jnp.einsum("k,knij->nij", phi[:n_var], d.E) + d.noise[..., None] * jnp.eye(b)
     if d.mask is not None:
         mm = d.mask[:, :, None] * d.mask[:, None, :]
@@ -149,9 +202,12 @@ def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
     W = linalg.inv_from_cholesky(L)
     if d.mask is not None:
         W, Sigma = W * mm, Sigma * mm
-    Z = d.X if d.U is None else jnp.concatenate([d.X, d.U], axis=2)
-    WZ = linalg.small_matmul(W, Z)  # (N, b, q)
-    S = jnp.einsum("nbp,nbq->pq", Z, WZ)
+    pb = d.X.shape[-1]
+    X1 = jnp.concatenate([d.X, jnp.ones((N, b, 1), d.X.dtype)], axis=2)  # [X_i, 1_b]
+    V = linalg.small_matmul(W, X1)  # [W_i X_i, w_i]
+    WX, w = V[..., :pb], V[..., pb]
+    S_bd = jnp.einsum("nap,na->pn", d.X, w) @ D
+    S = _sym_block(jnp.einsum("nap,naq->pq", d.X, WX), S_bd, _donor_gram(w.sum(1)[None], D)[0])
     logdet = linalg.logdet_from_cholesky(L).sum()
     # max_i |Sigma_i|_F * max_i |W_i|_F (observed entries) is between the eigenvalue ratio of
     # the D_i and b times it (exact for OP). Past COND_MAX the fit counts as outside the
@@ -172,13 +228,15 @@ def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
     else:  # inverse of Henderson's [[X'WX, X'WU], [U'WX, U'WU + G^-1]], written without G^-1
         AXU_M = A @ S[:p, p:] @ M
         Nmat = jnp.block([[A, -AXU_M], [-AXU_M.T, M + AXU_M.T @ S[:p, p:] @ M]])
-    gamma = Nmat @ jnp.einsum("nbq,nb->q", WZ, d.y)
-    u = (W * (d.y - jnp.einsum("nbq,q->nb", Z, gamma))[:, None, :]).sum(-1)
+    ZtWy = jnp.concatenate([jnp.einsum("nap,na->p", WX, d.y), (w * d.y).sum(1) @ D])
+    gamma = Nmat @ ZtWy
+    fitted = jnp.einsum("nbp,p->nb", d.X, gamma[:pb]) + (D @ gamma[pb:])[:, None]
+    u = (W * (d.y - fitted)[:, None, :]).sum(-1)
     nll2 = logdet + jnp.sum(d.y * u) + n_observed(d) * LOG_2PI
     if reml:  # static: two compiled variants, no runtime branch
         nll2 = nll2 + linalg.logdet_from_cholesky(Lx) - p * LOG_2PI
     feasible = jnp.isfinite(nll2) & (cond <= COND_MAX)
-    return Factor(W, WZ, S, Nmat, M, u, gamma[:p], jnp.where(feasible, 0.5 * nll2, jnp.inf), cond)
+    return Factor(W, V, S, Nmat, M, u, gamma[:p], jnp.where(feasible, 0.5 * nll2, jnp.inf), cond)
 
 
 def nll(phi: jax.Array, d: GeneData, reml: bool) -> jax.Array:
@@ -193,12 +251,10 @@ class _Traces(NamedTuple):
     quad: jax.Array  # (k,) sum_i u_i^T E_ki u_i
     T1: jax.Array  # (k, k) sum_i tr(W_i E_ki W_i E_li)
     uKWKu: jax.Array  # (k, k) sum_i u_i^T E_ki W_i E_li u_i
-    ZtWKu: jax.Array  # (k, q) sum_i Z_i^T W_i E_ki u_i
-    F: jax.Array  # (k, q, q) sum_i Z_i^T W_i E_ki W_i Z_i
     T2: jax.Array  # (k, k) sum_i tr(H_i E_ki W_i E_li),  H_i = (W Z N Z^T W)_ii
 
 
-def _traces_per_donor(E, W, u, WZ, H) -> _Traces:
+def _traces_per_donor(E, W, u, H) -> _Traces:
     """Kernels that differ by donor (OP: 1 x 1 blocks): products block by block."""
     M = W[None] @ E  # W_i E_ki
     Ku = (E @ u[None, ..., None])[..., 0]  # E_ki u_i
@@ -207,13 +263,11 @@ def _traces_per_donor(E, W, u, WZ, H) -> _Traces:
         quad=jnp.einsum("ni,kni->k", u, Ku),
         T1=jnp.einsum("knij,lnji->kl", M, M),
         uKWKu=jnp.einsum("kni,lni->kl", Ku, (W[None] @ Ku[..., None])[..., 0]),
-        ZtWKu=jnp.einsum("nip,kni->kp", WZ, Ku),
-        F=jnp.einsum("nip,kniq->kpq", WZ, E @ WZ[None]),
         T2=jnp.einsum("knil,mnli->km", H[None] @ E, M),
     )
 
 
-def _traces_shared(E0, W, u, WZ, H) -> _Traces:
+def _traces_shared(E0, W, u, H) -> _Traces:
     """Kernels shared by every donor (CTP): sum over donors first (contractions over N, which
     vectorise far better than N small matrix products), then contract with the kernels."""
     S_WW = jnp.einsum("nbc,nda->bcda", W, W)
@@ -224,62 +278,108 @@ def _traces_shared(E0, W, u, WZ, H) -> _Traces:
         quad=jnp.einsum("kab,na,nb->k", E0, u, u),
         T1=jnp.einsum("kab,lcd,bcda->kl", E0, E0, S_WW),
         uKWKu=jnp.einsum("kab,lcd,abcd->kl", E0, E0, S_uWu),
-        ZtWKu=jnp.einsum("kab,nap,nb->kp", E0, WZ, u),
-        F=jnp.einsum("kab,nap,nbq->kpq", E0, WZ, WZ),
         T2=jnp.einsum("kab,lcd,dabc->kl", E0, E0, S_HW),
     )
+
+
+def _design_terms_shared(E0, WX, w, u, D):
+    """Kernels shared by every donor (CTP): the block-level parts of `_design_terms` summed over
+    donors first, then contracted with the kernels."""
+    F_bb = jnp.einsum("kab,apbq->kpq", E0, jnp.einsum("nap,nbq->apbq", WX, WX))
+    F_bd = jnp.einsum("kab,apbj->kpj", E0, jnp.einsum("nap,nb,nj->apbj", WX, w, D))
+    ZtWKu_b = jnp.einsum("kab,apb->kp", E0, jnp.einsum("nap,nb->apb", WX, u))
+    s = jnp.einsum("kab,na,nb->kn", E0, w, w)  # w_i^T E_k w_i
+    t = jnp.einsum("kab,na,nb->kn", E0, w, u)  # w_i^T E_k u_i
+    return F_bb, F_bd, s, ZtWKu_b, t
+
+
+def _design_terms_per_donor(E, WX, w, u, D):
+    """Kernels that differ by donor (OP): block by block."""
+    KWX, Kw, Ku = E @ WX[None], (E @ w[None, ..., None])[..., 0], (E @ u[None, ..., None])[..., 0]
+    F_bb = jnp.einsum("nap,knaq->kpq", WX, KWX)
+    F_bd = jnp.einsum("nap,kna,nj->kpj", WX, Kw, D)
+    ZtWKu_b = jnp.einsum("nap,kna->kp", WX, Ku)
+    return F_bb, F_bd, jnp.einsum("na,kna->kn", w, Kw), ZtWKu_b, jnp.einsum("na,kna->kn", w, Ku)
+
+
+def _design_terms(E, V, u, D) -> tuple[jax.Array, jax.Array]:
+    """F_k = Z^T W K_k W Z (k, q, q) and Z^T W K_k u (k, q) with W_i Z_i = [W_i X_i, w_i d_i^T]
+    (V = [W X, w]): the donor-level parts are [F_k]_dd = D^T diag(w_i^T E_ki w_i) D,
+    [F_k]_bd = sum_i (W_i X_i)^T E_ki w_i d_i^T and [Z^T W K_k u]_d = D^T (w_i^T E_ki u_i)."""
+    pb = V.shape[-1] - 1
+    WX, w = V[..., :pb], V[..., pb]
+    if E.shape[1] == 1:  # static
+        F_bb, F_bd, s, ZtWKu_b, t = _design_terms_shared(E[:, 0], WX, w, u, D)
+    else:
+        F_bb, F_bd, s, ZtWKu_b, t = _design_terms_per_donor(E, WX, w, u, D)
+    return _sym_block(F_bb, F_bd, _donor_gram(s, D)), jnp.concatenate([ZtWKu_b, t @ D], -1)
 
 
 def moments(phi: jax.Array, d: GeneData, reml: bool) -> Moments:
     """NLL, analytic score, expected information and Hessian of one gene at phi (module doc).
 
-    The score and information use Pi (REML: Z = [X, U] with N) or Sigma^-1 (ML: Z = U with M);
-    the Hessian's y^T Pi K Pi K Pi y always uses Pi (beta profiled out)."""
+    The score and information use Pj = W - W Z Nj Z^T W with Nj = N (REML: Pj = Pi) or M in
+    the U block and 0 elsewhere (ML: Pj = Sigma^-1); the Hessian's y^T Pi K Pi K Pi y always
+    uses Pi (beta profiled out)."""
     f = factor(phi, d, reml)
-    p, q = d.X.shape[-1], f.S.shape[0]
-    sel = slice(0, q) if reml else slice(p, q)
-    Np = f.N if reml else (jnp.zeros((0, 0)) if f.M is None else f.M)
-    WZp = f.WZ[..., sel]
-    H = linalg.small_matmul(linalg.small_matmul(WZp, Np), jnp.swapaxes(WZp, 1, 2))
-    if d.E.shape[1] == 1:  # static
-        t = _traces_shared(d.E[:, 0], f.W, f.u, f.WZ, H)
+    p, q = d.n_fixed, f.S.shape[0]
+    D = d.donor_columns
+    if reml:
+        Nj = f.N
     else:
-        t = _traces_per_donor(d.E, f.W, f.u, f.WZ, H)
-    Fp = t.F[:, sel, sel]
-    NF = Np @ Fp
-    score = 0.5 * (t.trWK - jnp.trace(NF, axis1=1, axis2=2) - t.quad)
-    info = 0.5 * (t.T1 - t.T2 - t.T2.T + jnp.einsum("kpq,lqp->kl", NF, NF))
-    Q = t.uKWKu - t.ZtWKu @ f.N @ t.ZtWKu.T  # y'Pi K_k Pi K_l Pi y
+        Nj = jnp.zeros((q, q)) if f.M is None else jnp.zeros((q, q)).at[p:, p:].set(f.M)
+    H = _projected_blocks(f.V, Nj, D)
+    if d.E.shape[1] == 1:  # static
+        t = _traces_shared(d.E[:, 0], f.W, f.u, H)
+    else:
+        t = _traces_per_donor(d.E, f.W, f.u, H)
+    F, ZtWKu = _design_terms(d.E, f.V, f.u, D)
+    Njk = jnp.broadcast_to(Nj, F.shape)  # batched products vectorise, broadcast ones do not
+    NFN = Njk @ F @ Njk  # tr(Nj F_k Nj F_l) = <Nj F_k Nj, F_l> (all symmetric)
+    score = 0.5 * (t.trWK - (Nj * F).sum((1, 2)) - t.quad)
+    info = 0.5 * (t.T1 - t.T2 - t.T2.T + (NFN[:, None] * F[None]).sum((2, 3)))
+    Q = t.uKWKu - ZtWKu @ f.N @ ZtWKu.T  # y'Pi K_k Pi K_l Pi y
     if d.U is not None:
-        score, info, Q = _add_random(d, f, t, Fp, Np, sel, reml, score, info, Q)
+        score, info, Q = _add_random(d, f, F, ZtWKu, Nj, reml, score, info, Q)
     return Moments(f.nll, f.cond, score, info, Q - info, f.beta, f.N[:p, :p])
 
 
-def _add_random(d, f, t, Fp, Np, sel, reml, score, info, Q):
+def _projected_blocks(V, Nj, D):
+    """H_i = (W Z Nj Z^T W)_ii = (W X)_i A (W X)_i^T + v_i w_i^T + w_i v_i^T + h_i w_i w_i^T with
+    A the (p_b, p_b) block of Nj, v_i = (W X)_i Nj_bd d_i and h_i = d_i^T Nj_dd d_i."""
+    pb = V.shape[-1] - 1
+    WX, w = V[..., :pb], V[..., pb]
+    v = jnp.einsum("nap,np->na", WX, D @ Nj[pb:, :pb])
+    h = jnp.einsum("ni,ij,nj->n", D, Nj[pb:, pb:], D)
+    wv = w[:, :, None] * v[:, None, :]
+    H = linalg.small_matmul(linalg.small_matmul(WX, Nj[:pb, :pb]), jnp.swapaxes(WX, 1, 2))
+    return H + wv + jnp.swapaxes(wv, 1, 2) + h[:, None, None] * w[:, :, None] * w[:, None, :]
+
+
+def _add_random(d, f, F, ZtWKu, Nj, reml, score, info, Q):
     """Append the rows of the random-covariate kernels K_r = sum_{j in r} U_j U_j^T. With the
-    projection written Pj = W - W Z N Z^T W (as in `moments`), Pj U = W Z c with
-    c = I_u - N Z^T W U, so
+    projection written Pj = W - W Z Nj Z^T W (as in `moments`), Pj U = W Z c with
+    c = I_u - Nj Z^T W U (q x m), so
 
         tr(Pj K_k Pj K_r) = sum_{j in r} c_j^T F_k c_j,   tr(Pj K_r Pj K_s) = |(U^T Pj U)_rs|_F^2,
         tr(Pj K_r) = sum_{j in r} (U^T Pj U)_jj,          u^T K_r u = |U_r^T u|^2,
 
     and for the Hessian (always Pi) u^T K_k Pi K_r u = (Z^T W K_k u)^T c_r U_r^T u and
     u^T K_r Pi K_s u = (U_r^T u)^T (U^T Pi U)_rs (U_s^T u)."""
-    p, q = d.X.shape[-1], f.S.shape[0]
+    p = d.n_fixed
     G = d.groups
-    Uu = jnp.einsum("nbj,nb->j", d.U, f.u)
+    Uu = d.U.T @ f.u.sum(-1)  # U^T u, U's rows repeated over each block
 
-    def projected(S, N, rows):  # c (rows x m) and U^T Pj U (m x m)
-        return jnp.eye(q)[rows, p:] - N @ S[:, p - q :], S[p - q :, p - q :] - S[p - q :] @ N @ S[
-            :, p - q :
-        ]
+    def projected(N):  # c (q x m) and U^T Pj U (m x m)
+        SU = f.S[:, p:]
+        return jnp.eye(f.S.shape[0])[:, p:] - N @ SU, SU[p:] - SU.T @ N @ SU
 
-    c, PjU = projected(f.S[sel, sel], Np, sel)
-    cP, PiU = (c, PjU) if reml else projected(f.S, f.N, slice(0, q))
+    c, PjU = projected(Nj)
+    cP, PiU = (c, PjU) if reml else projected(f.N)
     score_r = 0.5 * G @ (jnp.diagonal(PjU) - Uu**2)
-    info_kr = 0.5 * jnp.einsum("kab,aj,bj->kj", Fp, c, c) @ G.T
+    info_kr = 0.5 * ((F @ jnp.broadcast_to(c, F.shape[:1] + c.shape)) * c).sum(1) @ G.T
     info_rr = 0.5 * G @ PjU**2 @ G.T
-    Q_kr = (t.ZtWKu @ cP * Uu) @ G.T
+    Q_kr = (ZtWKu @ cP * Uu) @ G.T
     Q_rr = G @ (PiU * jnp.outer(Uu, Uu)) @ G.T
     return (
         jnp.concatenate([score, score_r]),

@@ -18,13 +18,24 @@ from .likelihood import GeneData
 
 
 class Design(NamedTuple):
-    """Device arrays shared by every gene (likelihood.GeneData): X (N, b, p), E (n_var, N or 1,
-    b, b), U (N, b, m) and groups (n_rand, m) or None without random covariates."""
+    """Device arrays shared by every gene (likelihood.GeneData): X (N, b, p_b), E (n_var, N or 1,
+    b, b), F (N, k) donor-level fixed covariates, U (N, m) and groups (n_rand, m) or None
+    without random covariates."""
 
     X: jax.Array
     E: jax.Array
+    F: jax.Array
     U: jax.Array | None = None
     groups: jax.Array | None = None
+
+    @property
+    def full(self) -> tuple[jax.Array, jax.Array | None]:
+        """The lifted designs: fixed [X_i, 1_b f_i^T] (..., N, b, p) and random 1_b u_i^T
+        (N, b, m) or None."""
+        b = self.X.shape[-2]
+        F = jnp.broadcast_to(self.F[:, None, :], self.X.shape[:-1] + self.F.shape[-1:])
+        U = None if self.U is None else likelihood.lift(self.U, b)
+        return jnp.concatenate([self.X, F], axis=-1), U
 
 
 class Blocks(NamedTuple):
@@ -34,9 +45,10 @@ class Blocks(NamedTuple):
 
     y: np.ndarray  # (G, N, b)
     noise: np.ndarray  # (G, N, b)
-    X: np.ndarray  # ([G,] N, b, p)
+    X: np.ndarray  # ([G,] N, b, p_b) columns that vary within a block
     E: np.ndarray  # ([G,] n_var, N or 1, b, b)
-    U: np.ndarray | None = None  # (N, b, m)
+    F: np.ndarray  # (N, k) donor-level fixed covariates
+    U: np.ndarray | None = None  # (N, m) donor-level random-covariate designs
     groups: np.ndarray | None = None  # (n_rand, m)
     mask: np.ndarray | None = None  # (G, N, b)
 
@@ -48,7 +60,24 @@ class Blocks(NamedTuple):
     def design(self, genes: np.ndarray | None = None) -> Design:
         """Device design; with per-gene X and E, those of `genes`."""
         X, E = (self.X, self.E) if not self.per_gene else (self.X[genes], self.E[genes])
-        return Design(*(None if a is None else jnp.asarray(a) for a in (X, E, self.U, self.groups)))
+        arrays = (X, E, self.F, self.U, self.groups)
+        return Design(*(None if a is None else jnp.asarray(a) for a in arrays))
+
+    def gene(self, g: int) -> GeneData:
+        """Gene g as likelihood.GeneData (device arrays), e.g. to evaluate its likelihood."""
+        X, E = (self.X[g], self.E[g]) if self.per_gene else (self.X, self.E)
+        mask = None if self.mask is None else self.mask[g]
+        arrays = (self.y[g], self.noise[g], X, E, mask, self.F, self.U, self.groups)
+        return GeneData(*(None if a is None else jnp.asarray(a) for a in arrays))
+
+    @property
+    def n_fixed(self) -> int:
+        return self.X.shape[-1] + self.F.shape[-1]
+
+    def full_X(self) -> np.ndarray:
+        """([G,] N, b, p) the lifted fixed design [X_i, 1_b f_i^T] (host copy, for checks)."""
+        F = np.broadcast_to(self.F[:, None, :], self.X.shape[:-1] + self.F.shape[-1:])
+        return np.concatenate([self.X, F], axis=-1)
 
     @property
     def n_rand(self) -> int:
@@ -59,28 +88,29 @@ def to_blocks(
     data: CTPData | OPData, model: str, F: np.ndarray | None = None,
     R: np.ndarray | None = None, groups: np.ndarray | None = None,
 ) -> Blocks:  # fmt: skip
-    """CTP: N blocks of C values, X_i = [I_C, 1_C f_i^T], kernels E_k, U_i = 1_C r_i^T
-    (R R^T (x) J_C). OP: N scalars, X_i = [P_i^T, f_i^T], kernels P_i^T E_k P_i, U_i = r_i^T.
+    """CTP: N blocks of C values, X_i = I_C, kernels E_k; OP: N scalars, X_i = P_i^T, kernels
+    P_i^T E_k P_i. The covariates stay donor-level (likelihood.GeneData): the full design is
+    [X_i, 1_b f_i^T] and the random part 1_b r_i^T (R R^T (x) J_C for CTP).
     F: (N, k) fixed covariates (design.md 2-3: one coefficient per covariate, shared by the cell
     types); R: (N, m) random-covariate designs side by side, groups (n_rand, m) their columns."""
     G, N, C = data.shape
     F = np.zeros((N, 0)) if F is None else F
     E = models.kernels(model, C)
     b = C if isinstance(data, CTPData) else 1
-    U = None if R is None or R.shape[1] == 0 else np.repeat(R[:, None, :], b, axis=1)
+    U = None if R is None or R.shape[1] == 0 else R
     groups = None if U is None else groups
     mask = None if data.mask is None else data.mask.astype(np.float64).reshape(G, N, b)
     if isinstance(data, CTPData):
-        X = np.concatenate([np.broadcast_to(np.eye(C), (N, C, C)), np.repeat(F[:, None], C, 1)], 2)
-        return Blocks(data.Y, data.ctnu, X, E[:, None], U, groups, mask)
+        X = np.broadcast_to(np.eye(C), (N, C, C))
+        return Blocks(data.Y, data.ctnu, X, E[:, None], F, U, groups, mask)
     if data.P_gene is None:
         E_op = np.einsum("kcd,nc,nd->kn", E, data.P, data.P)[:, :, None, None]
-        X = np.concatenate([data.P, F], 1)[:, None, :]
+        X = data.P[:, None, :]
     else:  # per-gene proportions (OP from a CTP with missing values): a gene axis in front
         P = data.P_gene
         E_op = np.einsum("kcd,gnc,gnd->gkn", E, P, P)[..., None, None]
-        X = np.concatenate([P, np.broadcast_to(F, (G,) + F.shape)], 2)[:, :, None, :]
-    return Blocks(data.y[..., None], data.nu[..., None], X, E_op, U, groups, mask)
+        X = P[:, :, None, :]
+    return Blocks(data.y[..., None], data.nu[..., None], X, E_op, F, U, groups, mask)
 
 
 def residual_variance(d: GeneData) -> jax.Array:
@@ -88,9 +118,12 @@ def residual_variance(d: GeneData) -> jax.Array:
     scale)."""
     n = likelihood.n_observed(d)
     d = likelihood.observed(d)
-    XtX = jnp.einsum("nbp,nbq->pq", d.X, d.X)
-    beta = jnp.linalg.solve(XtX, jnp.einsum("nbp,nb->p", d.X, d.y))
-    return jnp.sum((d.y - jnp.einsum("nbp,p->nb", d.X, beta)) ** 2) / n
+    X = likelihood.fixed_design(d)
+    if d.mask is not None:
+        X = X * d.mask[..., None]
+    XtX = jnp.einsum("nbp,nbq->pq", X, X)
+    beta = jnp.linalg.solve(XtX, jnp.einsum("nbp,nb->p", X, d.y))
+    return jnp.sum((d.y - jnp.einsum("nbp,p->nb", X, beta)) ** 2) / n
 
 
 def start_values(d: GeneData, model: str, C: int) -> jax.Array:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 import ctmm_jax as cj
@@ -40,5 +39,4 @@ def random_phi(model: str, C: int, seed=0) -> np.ndarray:
 
 
 def gene_data(data, model: str, g: int) -> likelihood.GeneData:
-    b = structure.to_blocks(data, model)
-    return likelihood.GeneData(*(jnp.asarray(a) for a in (b.y[g], b.noise[g], b.X, b.E)))
+    return structure.to_blocks(data, model).gene(g)

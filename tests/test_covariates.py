@@ -37,7 +37,7 @@ def test_loglik_with_covariates_equals_dense(shape, model, method):
     covars = _covariates(15)
     F = _F(covars)
     b = structure.to_blocks(data, model, F)
-    d = likelihood.GeneData(*(jnp.asarray(a) for a in (b.y[0], b.noise[0], b.X, b.E)))
+    d = b.gene(0)
     phi = random_phi(model, 3, seed=32)
     hom2, V = reference.natural(model, phi, 3)
     y, _, Sigma = reference.dense(data, 0, hom2, V)

@@ -36,7 +36,7 @@ def test_optimum_beats_dense_scipy(shape, model, method):
     for g in range(2):
         assert res.table.converged.iloc[g], res.table.status.iloc[g]
         d = structure.to_blocks(data, model)
-        gd = likelihood.GeneData(*(jnp.asarray(a) for a in (d.y[g], d.noise[g], d.X, d.E)))
+        gd = d.gene(g)
         m = likelihood.moments(jnp.asarray(res.phi[g]), gd, method == "reml")
         assert float(m.score @ np.linalg.solve(m.info, m.score)) < 1e-8  # gradient ~ 0
         phi0 = np.asarray(structure.start_values(gd, model, 3))
@@ -116,7 +116,7 @@ def test_observed_information():
         import jax
 
         d = structure.to_blocks(data, "free")
-        gd = likelihood.GeneData(*(jnp.asarray(a) for a in (d.y[g], d.noise[g], d.X, d.E)))
+        gd = d.gene(g)
         H = jax.hessian(likelihood.nll)(jnp.asarray(phi), gd, True)
         assert_allclose(res.var_cov[g], np.linalg.inv(H), rtol=1e-8)
 

@@ -39,8 +39,7 @@ def test_masked_likelihood_with_covariates_equals_dense_observed(method):
     b = structure.to_blocks(data, "free", Fc.matrix, Rc.matrix, Rc.groups)
     phi = np.concatenate([random_phi("free", C, seed=2), [0.15]])
     for g in range(3):
-        arrays = (b.y[g], b.noise[g], b.X, b.E, b.mask[g], b.U, b.groups)
-        d = likelihood.GeneData(*(jnp.asarray(a) for a in arrays))
+        d = b.gene(g)
         y, X, Sigma = reference.dense(data, g, *reference.natural("free", phi[:-1], C))
         X = np.hstack([X, np.kron(fixed["pc"], np.ones((C, 1)))])
         Sigma = Sigma + phi[-1] * np.kron(rand["batch"] @ rand["batch"].T, np.ones((C, C)))
@@ -109,9 +108,7 @@ def test_op_from_masked_ctp_renormalises_proportions():
     # the OP likelihood uses each gene's own proportions: dense check
     b = structure.to_blocks(op, "free")
     phi = random_phi("free", C, seed=5)
-    d = likelihood.GeneData(
-        *(jnp.asarray(a) for a in (b.y[1], b.noise[1], b.X[1], b.E[1], b.mask[1]))
-    )
+    d = b.gene(1)
     hom2, V = reference.natural("free", phi, C)
     y, X, Sigma = reference.op_dense(hom2, V, op.y[1], op.nu[1], op.P_gene[1])
     assert_allclose(-likelihood.nll(jnp.asarray(phi), d, True), reference.reml_loglik(y, X, Sigma),

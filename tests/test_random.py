@@ -33,8 +33,7 @@ def _dense_kernels(data, covars):
 def _gene(data, model, covars, g=0):
     rc = Covariates.build(covars, data.donors, kind="random")
     b = structure.to_blocks(data, model, None, rc.matrix, rc.groups)
-    arrays = (b.y[g], b.noise[g], b.X, b.E, None, b.U, b.groups)
-    return likelihood.GeneData(*(None if a is None else jnp.asarray(a) for a in arrays))
+    return b.gene(g)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
