@@ -68,10 +68,13 @@ def _init_gene(y, noise, mask, theta0, design, *, model, C, reml, nonneg) -> Opt
     and its NLL is lower (an infeasible or NaN theta0 never wins)."""
     d = _gene(y, noise, mask, design)
     obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
-    s = init_state(obj.value, models.from_natural(start_values(d, model, C), model, C, nonneg))
-    if theta0 is not None:
-        alt = init_state(obj.value, theta0)
-        s = jax.tree.map(partial(jnp.where, alt.nll < s.nll), alt, s)
+    start = models.from_natural(start_values(d, model, C), model, C, nonneg)
+    if theta0 is None:
+        s = init_state(obj.value, start)
+    else:  # one after the other (lax.map): XLA's CPU runtime can deadlock when two large
+        # LAPACK factorisations (many random-covariate columns) are scheduled concurrently
+        both = jax.lax.map(partial(init_state, obj.value), jnp.stack([start, theta0]))
+        s = jax.tree.map(lambda a: jnp.where(both.nll[1] < both.nll[0], a[1], a[0]), both)
     y_obs = likelihood.observed(d).y
     constant = residual_variance(d) <= 1e-24 * jnp.sum(y_obs**2) / likelihood.n_observed(d)
     return s._replace(status=jnp.where(constant, Status.NO_VARIATION, s.status))

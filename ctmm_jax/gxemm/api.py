@@ -1,0 +1,141 @@
+"""`gxemm.fit`: GxEMM by native REML or HE, batched over traits, with the original's outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from ..optimize import MESSAGES, Status
+from . import he, reml
+from .model import Inputs, check_inputs, standardize, variance_map
+
+
+@dataclass(frozen=True)
+class GxEMMResult:
+    """Per-trait outputs with the original GxEMM's names (a leading trait axis when y was
+    (T, N), none when y was one trait):
+
+    sig2s: variance components (genetic kernels, then noise kernels with I last);
+    sig2Var: their covariance, the inverse expected REML information (NaN for HE);
+    sig2g, sig2e, h2: as the original's sig2map (model.variance_map);
+    h2Covmat: delta-method covariance of h2 (autodiff of the h2 map; NaN for HE);
+    ll: REML log-likelihood of the standardised trait (NaN for HE); df: number of variance
+    components but the noise I (REML) or all of them (HE), as the original reports;
+    betas: fixed effects of [1, X] (REML: GLS of the standardised trait; HE: OLS of y);
+    converged, n_iter, status: per trait."""
+
+    sig2s: np.ndarray
+    sig2Var: np.ndarray
+    sig2g: np.ndarray
+    sig2e: np.ndarray
+    h2: np.ndarray
+    h2Covmat: np.ndarray
+    ll: np.ndarray
+    df: int
+    betas: np.ndarray
+    converged: np.ndarray
+    n_iter: np.ndarray
+    status: np.ndarray
+    gtype: str
+    etype: str
+    method: str
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per trait: sig2s, h2 and their standard errors, ll, status."""
+        cols = {}
+        s, v = np.atleast_2d(self.sig2s), self.sig2Var.reshape((-1,) + self.sig2Var.shape[-2:])
+        h, hv = np.atleast_2d(self.h2), self.h2Covmat.reshape((-1,) + self.h2Covmat.shape[-2:])
+        for j in range(s.shape[1]):
+            cols[f"sig2s_{j + 1}"] = s[:, j]
+            cols[f"se_sig2s_{j + 1}"] = np.sqrt(v[:, j, j])
+        for j in range(h.shape[1]):
+            cols[f"h2_{j + 1}"] = h[:, j]
+            cols[f"se_h2_{j + 1}"] = np.sqrt(hv[:, j, j])
+        cols["ll"] = np.atleast_1d(self.ll)
+        cols["converged"] = np.atleast_1d(self.converged)
+        cols["n_iter"] = np.atleast_1d(self.n_iter)
+        cols["status"] = [MESSAGES[Status(int(c))] for c in np.atleast_1d(self.status)]
+        return pd.DataFrame(cols)
+
+    def trait(self, t: int) -> dict:
+        """The original's output list for trait t, as a dict."""
+        many = self.sig2s.ndim == 2
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v[t] if many and isinstance(v, np.ndarray) else v for k, v in values.items()}
+
+
+def fit(
+    y, X=None, K=None, Z=None, *, gtype: str = "hom", etype: str = "hom", method: str = "reml",
+    S=None, max_iter: int = 100, tol: float = 1e-8, chunk_size: int | None = None,
+) -> GxEMMResult:  # fmt: skip
+    """Fit GxEMM to one trait y (N) or many traits (T, N) sharing X, K (or genotypes S) and Z.
+
+    gtype 'hom' | 'iid' | 'free' (genetic variance shared / plus one exchangeable GxE term /
+    per environment), etype 'hom' | 'free' (noise), method 'reml' (Fisher scoring from the HE
+    estimates or the all-noise start, whichever is more likely) or 'he'. With S (N x M
+    genotypes) instead of K, K = S S^T / M is never formed (Woodbury, O(N M^2) per iteration).
+    The trait is standardised as the original (R's scale) before REML; HE residualises on X
+    and then standardises."""
+    if method not in ("reml", "he"):
+        raise ValueError(f"method={method!r}: use 'reml' or 'he'.")
+    if not (int(max_iter) >= 1 and tol > 0):
+        raise ValueError("max_iter must be >= 1 and tol > 0.")
+    one = np.ndim(y) == 1
+    inputs = check_inputs(y, X, K, Z, S, gtype, etype)
+    design, lowrank = reml.design_of(inputs)
+    T = inputs.y.shape[0]
+    size = int(chunk_size or (256 if lowrank else 8))
+    he_fit = _chunks(lambda ys: he.he_chunk(ys, design), inputs.y, 1024)
+    if method == "he":
+        sig2s = he_fit.sig2s
+        nan_k = np.full(sig2s.shape + sig2s.shape[-1:], np.nan)
+        ok = np.all(np.isfinite(sig2s), axis=1)
+        out = dict(
+            sig2s=sig2s, sig2Var=nan_k, ll=np.full(T, np.nan), df=inputs.n_kernels,
+            betas=he_fit.betas, converged=ok, n_iter=np.zeros(T, int),
+            status=np.where(ok, Status.OK, Status.NOT_FINITE).astype(int),
+        )  # fmt: skip
+    else:
+        null = np.zeros((T, inputs.n_kernels))
+        null[:, -1] = 1.0  # all noise: Sigma = I for the standardised trait
+        starts = np.stack([np.nan_to_num(he_fit.sig2s, nan=0.0), null])
+        keys = dict(lowrank=lowrank, max_iter=int(max_iter), tol=float(tol))
+        r = _chunks(
+            lambda ys, st: reml.fit_chunk(ys, st, design, **keys),
+            standardize(inputs.y), size, starts=starts,
+        )  # fmt: skip
+        out = dict(
+            sig2s=r.sig2s, sig2Var=r.sig2Var, ll=-r.nll, df=inputs.n_kernels - 1, betas=r.betas,
+            converged=r.status == Status.OK, n_iter=r.n_iter, status=r.status,
+        )  # fmt: skip
+    out.update(_heritability(out["sig2s"], out["sig2Var"], inputs))
+    if one:
+        out = {k: v[0] if isinstance(v, np.ndarray) else v for k, v in out.items()}
+    return GxEMMResult(**out, gtype=gtype, etype=etype, method=method)
+
+
+def _chunks(fn, y, size, starts=None):
+    """fn over batches of traits (padded to `size` so one compiled shape serves all)."""
+    T = y.shape[0]
+    size = min(size, T)
+    parts = []
+    for lo in range(0, T, size):
+        idx = np.minimum(np.arange(lo, lo + size), T - 1)
+        args = (jnp.asarray(y[idx]),) + (() if starts is None else (jnp.asarray(starts[:, idx]),))
+        parts.append(jax.tree.map(np.asarray, fn(*args)))
+    return jax.tree.map(lambda *a: np.concatenate(a)[:T], *parts)
+
+
+def _heritability(sig2s, sig2Var, inputs: Inputs) -> dict:
+    """sig2g, sig2e, h2 and the delta-method h2Covmat = J sig2Var J^T, J = d h2 / d sig2s."""
+    keys = (inputs.gtype, inputs.etype, inputs.K0)
+    g, e, h2 = jax.vmap(lambda s: variance_map(s, *keys))(jnp.asarray(sig2s))
+    J = jax.vmap(jax.jacfwd(lambda s: variance_map(s, *keys)[2]))(jnp.asarray(sig2s))
+    cov = jnp.einsum("thk,tkl,tgl->thg", J, jnp.asarray(sig2Var), J)
+    return dict(sig2g=np.asarray(g), sig2e=np.asarray(e), h2=np.asarray(h2),
+                h2Covmat=np.asarray(cov))  # fmt: skip

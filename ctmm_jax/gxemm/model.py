@@ -1,0 +1,148 @@
+"""GxEMM models: inputs, kernels and the map from variance components to heritabilities.
+
+Trait y (N), covariates X (an intercept is added), kinship K (N x N) or genotypes S (N x M,
+K = S S^T / M) and environments Z (N x K0) (design.md section 6). Variance components sig2s, in
+the original GxEMM's order, multiply
+
+    genetic : hom  K;   iid  K, K o Z Z^T;   free  K, K o z_k z_k^T (k = 1..K0)
+    noise   : hom  I;   free diag(z_k^2) (k = 1..K0-1), I
+
+(the last environment's noise kernel is dropped: it is collinear with I for discrete Z).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+GTYPES = ("hom", "iid", "free")
+ETYPES = ("hom", "free")
+COLLINEAR_MAX = 1e4  # the original's bound on the singular-value ratio of [1, X]
+
+
+class Inputs(NamedTuple):
+    """Validated host arrays: y (T, N), X (N, p) with the intercept first, genetic kernels as
+    dense (kg, N, N) or as low-rank factors U (N, m) with groups (kg, m) (K_g = sum of the
+    group's U_j U_j^T), noise kernels as diagonals (ke, N) with I last."""
+
+    y: np.ndarray
+    X: np.ndarray
+    K: np.ndarray | None
+    U: np.ndarray | None
+    groups: np.ndarray | None
+    noise: np.ndarray
+    gtype: str
+    etype: str
+    K0: int
+
+    @property
+    def n_genetic(self) -> int:
+        return self.K.shape[0] if self.K is not None else self.groups.shape[0]
+
+    @property
+    def n_kernels(self) -> int:
+        return self.n_genetic + self.noise.shape[0]
+
+
+def _matrix(a, name: str, ndim: int) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim == 1 and ndim == 2:
+        a = a[:, None]
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}.")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: contains NaN or inf; remove or impute those individuals.")
+    return a
+
+
+def check_inputs(y, X, K, Z, S, gtype: str, etype: str) -> Inputs:
+    """Validate everything before anything is compiled; ValueError names the input and fix."""
+    if gtype not in GTYPES or etype not in ETYPES:
+        raise ValueError(f"gtype must be one of {GTYPES} and etype one of {ETYPES}.")
+    if gtype == "iid" and etype == "free":  # the original's refusal, same reason
+        raise ValueError("gtype='iid' with etype='free': iid + het noise is not very meaningful.")
+    y = np.asarray(y, dtype=np.float64)
+    y = y[None] if y.ndim == 1 else y
+    if y.ndim != 2:
+        raise ValueError(f"y: expected (N,) or (traits, N), got shape {y.shape}.")
+    if np.isnan(y).any() or not np.all(np.isfinite(y)):
+        raise ValueError("y: contains NaN or inf; drop those individuals (from y, X, K and Z).")
+    T, N = y.shape
+    if (K is None) == (S is None):
+        raise ValueError("give exactly one of K (kinship, N x N) and S (genotypes, N x M).")
+    Z = np.zeros((N, 0)) if Z is None else _matrix(Z, "Z", 2)
+    K0 = Z.shape[1]
+    if Z.shape[0] != N:
+        raise ValueError(f"Z: {Z.shape[0]} rows for N = {N} individuals in y.")
+    if K0 == 0 and (gtype != "hom" or etype != "hom"):
+        raise ValueError("Z is None: only gtype='hom', etype='hom' (plain GREML) can be fitted.")
+    if K0 and np.isin(Z, (0.0, 1.0)).all() and (Z.sum(1) == 0).any():
+        i = int(np.flatnonzero(Z.sum(1) == 0)[0])
+        raise ValueError(
+            f"Z: row {i} is all zeros; with discrete environments every individual needs one "
+            "(one-hot rows), or drop the individual."
+        )
+    X = np.ones((N, 1)) if X is None else np.hstack([np.ones((N, 1)), _matrix(X, "X", 2)])
+    if X.shape[0] != N:
+        raise ValueError(f"X: {X.shape[0]} rows for N = {N} individuals in y.")
+    sv = np.linalg.svd(X, compute_uv=False)
+    if sv[-1] == 0 or sv[0] / sv[-1] > COLLINEAR_MAX:
+        raise ValueError(
+            "X: cbind(1, X) is nearly collinear (singular-value ratio > 1e4); either X should "
+            "be scaled or a column (e.g. an intercept or one environment indicator) dropped."
+        )
+    genetic = [np.ones(N)] + (
+        [] if gtype == "hom" else [None] if gtype == "iid" else [Z[:, k] for k in range(K0)]
+    )
+    if K is not None:
+        K = _matrix(K, "K", 2)
+        if K.shape[0] != K.shape[1]:
+            raise ValueError(f"K: must be square (N x N), got shape {K.shape}.")
+        if K.shape[0] != N:
+            raise ValueError(f"K: {K.shape[0]} rows for N = {N} individuals in y.")
+        if not np.allclose(K, K.T, rtol=0, atol=1e-10 * np.abs(K).max()):
+            raise ValueError("K: must be symmetric; use (K + K.T) / 2 if it is a rounding issue.")
+        Ks = [K * (Z @ Z.T) if z is None else K * np.outer(z, z) for z in genetic]
+        Kg, U, groups = np.stack(Ks), None, None
+    else:
+        S = _matrix(S, "S", 2)
+        if S.shape[0] != N:
+            raise ValueError(f"S: {S.shape[0]} rows for N = {N} individuals in y.")
+        G = S / np.sqrt(S.shape[1])
+        by_env = [Z[:, [k]] * G for k in range(K0)]  # K o z_k z_k^T = (z_k o G)(z_k o G)^T
+        factors = {"hom": [[G]], "iid": [[G], by_env], "free": [[G]] + [[f] for f in by_env]}
+        factors = factors[gtype]
+        U = np.hstack([f for group in factors for f in group])
+        sizes = [sum(f.shape[1] for f in group) for group in factors]
+        groups = np.repeat(np.eye(len(sizes)), sizes, axis=1)
+        Kg = None
+    noise = [Z[:, k] ** 2 for k in range(K0 - 1)] if etype == "free" else []
+    return Inputs(y, X, Kg, U, groups, np.stack(noise + [np.ones(N)]), gtype, etype, K0)
+
+
+def standardize(y: np.ndarray) -> np.ndarray:
+    """R's scale(y): mean 0 and standard deviation 1 (N - 1) per trait (rows)."""
+    return (y - y.mean(1, keepdims=True)) / y.std(1, ddof=1, keepdims=True)
+
+
+def variance_map(sig2s, gtype: str, etype: str, K0: int):
+    """(sig2g, sig2e, h2) from sig2s as the original's sig2map (continuous traits): works on
+    NumPy and JAX arrays alike, so the delta method can differentiate it.
+
+    hom/hom: h2 = g / (g + e). iid: h2 = (hom, het) = g_j / (g_1 + g_2 + e).
+    Otherwise per environment k: h2_k = (g + g_k) / (g + g_k + e_k) with g_k = 0 for hom
+    genetics and e_k = e_I + e_k (e_K0 = 0) for free noise."""
+    s = jnp.asarray(sig2s)
+    kg = 1 if gtype == "hom" else 2 if gtype == "iid" else 1 + K0
+    g, e = s[:kg], s[kg:]
+    if gtype == "hom" and etype == "hom":
+        return g, e, g / (g + e)
+    if gtype == "iid":
+        return g, e, g / (g.sum() + e[0])
+    env_g = jnp.broadcast_to(g[0] + (g[1:] if gtype == "free" else 0.0), (K0,))
+    if etype == "hom":
+        return g, e, env_g / (env_g + e[0])
+    env_e = e[-1] + jnp.concatenate([e[:-1], jnp.zeros(1)])
+    return g, env_e, env_g / (env_g + env_e)

@@ -1,0 +1,326 @@
+"""Pseudobulk from single-cell data, and the original CTMM's standardisation (host side).
+
+For one gene, donor i and cell type c with n_ic cells of expression x_1, ..., x_n:
+
+    ctp_ic  = mean(x)                   cell type-specific pseudobulk (CTP)
+    ctnu_ic = var(x, ddof=1) / n_ic     its noise variance, the squared standard error
+    P_ic    = n_ic / n_i                cell-type proportions, n_i = sum_c n_ic
+    op_i    = sum_c P_ic ctp_ic         overall pseudobulk (OP) = mean of all donor i's cells
+    nu_i    = sum_c P_ic^2 ctnu_ic      its noise variance
+
+as in the original CTMM (github.com/Minhui-Chen/CTMM, `ctmm/preprocess.py`: `pseudobulk` gives
+ctp, ctnu = `stats.sem`**2 and P; `std` computes op and nu from them and standardises). The
+original's AnnData branch computes ctnu as (mean(x^2) - mean(x)^2) / n^2, which disagrees with
+its own groupby branch; we follow the groupby branch (sem^2) everywhere.
+Per-(donor, cell type) sums and sums of squares come from a sparse one-hot matrix product over
+chunks of genes, so a sparse X is never densified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from .data import CTPData, OPData
+
+
+@dataclass(frozen=True)
+class Pseudobulk:
+    """Pseudobulk of G genes, N donors and C cell types (see the module docstring for the math).
+
+    ctp, ctnu: (G, N, C), NaN where `mask` is False; counts: (N, C) cells per (donor, cell
+    type); P: (N, C) proportions counts / donor total; op, nu: (G, N) overall pseudobulk and its
+    noise variance, from all the donor's cells; mask: (N, C) True for observed pairs.
+    """
+
+    genes: tuple[str, ...]
+    donors: tuple[str, ...]
+    cell_types: tuple[str, ...]
+    ctp: np.ndarray
+    ctnu: np.ndarray
+    counts: np.ndarray
+    P: np.ndarray
+    op: np.ndarray
+    nu: np.ndarray
+    mask: np.ndarray
+
+    def select_genes(self, idx) -> Pseudobulk:
+        """The genes at positions `idx` (an int array, slice or boolean mask)."""
+        i = np.arange(len(self.genes))[idx]
+        return replace(
+            self,
+            genes=tuple(np.array(self.genes)[i]),
+            ctp=self.ctp[i],
+            ctnu=self.ctnu[i],
+            op=self.op[i],
+            nu=self.nu[i],
+        )
+
+    def to_ctp(self) -> CTPData:
+        """CTPData of (ctp, ctnu, P) with `mask`: unobserved pairs stay missing, never imputed."""
+        return CTPData.from_arrays(
+            self.ctp, self.ctnu, self.P,
+            genes=self.genes, donors=self.donors, celltypes=self.cell_types, mask=self.mask,
+        )  # fmt: skip
+
+    def to_op(self) -> OPData:
+        """OPData of (op, nu, P)."""
+        return OPData.from_arrays(
+            self.op, self.nu, self.P,
+            genes=self.genes, donors=self.donors, celltypes=self.cell_types,
+        )  # fmt: skip
+
+
+def _as_matrix(X):
+    """X as CSC (sparse input) or as it is (an array, or a 2-D sliceable array-like such as an
+    h5py dataset, read one chunk of columns at a time)."""
+    if X is None:
+        raise ValueError("X: got None; pass the cells x genes expression matrix.")
+    if sparse.issparse(X):
+        if X.ndim != 2:
+            raise ValueError(f"X: expected a 2-D cells x genes matrix, got shape {X.shape}.")
+        csc = X.tocsc()  # one copy (none for CSC); column chunks are then views of it
+        if not csc.has_canonical_format:  # sum duplicate entries before squaring them
+            csc = csc.copy() if csc is X else csc
+            csc.sum_duplicates()
+        return csc
+    if not (hasattr(X, "shape") and hasattr(X, "__getitem__")):
+        X = np.asarray(X)
+    if len(X.shape) != 2:
+        raise ValueError(f"X: expected a 2-D cells x genes matrix, got shape {X.shape}.")
+    return X
+
+
+def _labels(cells: pd.DataFrame, column: str, arg: str) -> np.ndarray:
+    """(cells,) the labels in `cells[column]` as str."""
+    if column not in cells.columns:
+        raise ValueError(
+            f"cells: no column {column!r}; available columns: {list(cells.columns)}. "
+            f"Name the column with {arg}=..."
+        )
+    col = cells[column]
+    if col.isna().any():
+        raise ValueError(
+            f"cells[{column!r}]: {int(col.isna().sum())} cells have no label; drop them first."
+        )
+    return col.astype(str).to_numpy(dtype=object)
+
+
+def _gene_names(genes: Sequence | None, G: int) -> tuple[str, ...]:
+    if genes is None:
+        return tuple(f"gene{j}" for j in range(G))
+    names = tuple(str(g) for g in genes)
+    if len(names) != G:
+        raise ValueError(f"genes: got {len(names)} names but X has {G} columns (genes).")
+    return names
+
+
+def _csc_columns(X, j0: int, j1: int) -> sparse.csc_matrix:
+    """Columns j0:j1 of CSC X, float64, sharing X's index arrays (X[:, j0:j1] copies them)."""
+    a, b = X.indptr[j0], X.indptr[j1]
+    data = X.data[a:b].astype(np.float64, copy=False)
+    return sparse.csc_matrix(
+        (data, X.indices[a:b], X.indptr[j0 : j1 + 1] - a), shape=(X.shape[0], j1 - j0)
+    )
+
+
+def _column_blocks(X, chunk_size: int) -> Iterator[tuple[slice, object]]:
+    """(columns, float64 block) over chunks of `chunk_size` genes: sparse blocks stay sparse."""
+    for j in range(0, X.shape[1], chunk_size):
+        cols = slice(j, min(j + chunk_size, X.shape[1]))
+        if sparse.issparse(X):
+            yield cols, _csc_columns(X, cols.start, cols.stop)
+        else:
+            yield cols, np.asarray(X[:, cols], dtype=np.float64)
+
+
+def _square(block):
+    """Elementwise square; a (canonical) sparse block keeps its index arrays."""
+    if not sparse.issparse(block):
+        return block**2
+    return sparse.csc_matrix((block.data**2, block.indices, block.indptr), shape=block.shape)
+
+
+def _dense(a) -> np.ndarray:
+    return a.toarray() if sparse.issparse(a) else np.asarray(a)
+
+
+def _group_moments(X, At, chunk_size: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group sums S = A X and sums of squares Q = A (X * X), one chunk of genes at a time.
+
+    Computed as (X_chunk^T At)^T: a CSC chunk's transpose is CSR, so the sparse product needs no
+    format conversion of the chunk.
+
+    Args:
+        X: (cells, G) canonical scipy.sparse CSC (no duplicate entries), or a dense array.
+        At: (cells, groups) CSR indicator A^T.
+    Returns:
+        S, Q: (groups, G). Temporaries are (cells, chunk_size) at most: a sparse block's
+        nonzeros, or a dense block and its square.
+    """
+    S = np.empty((At.shape[1], X.shape[1]))
+    Q = np.empty((At.shape[1], X.shape[1]))
+    for cols, block in _column_blocks(X, chunk_size):
+        S[:, cols] = _dense(block.T @ At).T
+        Q[:, cols] = _dense(_square(block).T @ At).T
+    return S, Q
+
+
+def _cell_stats(S: np.ndarray, Q: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and squared standard error of each group from its moments.
+
+    mean = S / n;  ctnu = (Q - S mean) / ((n - 1) n) = var(ddof=1) / n.
+    The sum of squared deviations Q - S mean is floored at 0 (rounding can make it slightly
+    negative when all the group's values are equal).
+
+    Args:
+        S, Q: (..., G) sums and sums of squares; n: (...) group sizes.
+    Returns:
+        mean: (..., G), NaN where n = 0; ctnu: (..., G), NaN where n < 2 (undefined).
+    """
+    n = np.broadcast_to(n[..., None], S.shape).astype(np.float64)
+    mean = np.divide(S, n, out=np.full(S.shape, np.nan), where=n > 0)
+    ss = np.maximum(Q - S * np.where(n > 0, mean, 0.0), 0.0)
+    ctnu = np.divide(ss, (n - 1) * n, out=np.full(S.shape, np.nan), where=n > 1)
+    return mean, ctnu
+
+
+def pseudobulk(
+    X,
+    cells: pd.DataFrame,
+    *,
+    donor: str = "donor",
+    cell_type: str = "cell_type",
+    genes: Sequence | None = None,
+    ind_cut: int = 0,
+    ct_cut: int = 0,
+    chunk_size: int = 2000,
+) -> Pseudobulk:
+    """Cell type-specific and overall pseudobulk of single-cell expression, as the original CTMM.
+
+    ctp_ic = mean of the n_ic cells of donor i and type c; ctnu_ic = their var(ddof=1) / n_ic;
+    P_ic = n_ic / n_i; op_i = sum_c P_ic ctp_ic; nu_i = sum_c P_ic^2 ctnu_ic.
+
+    Filters, in the original's order: first donors with <= `ind_cut` cells in all are dropped
+    (their cells are ignored; donors and cell types are those of the remaining cells). Then
+    (donor, cell type) pairs with <= max(ct_cut, 1) cells are missing: mask False, ctp and ctnu
+    NaN, never imputed. Pairs with one cell are always missing, since their sample variance is
+    undefined (the original drops them too). P counts all the donor's cells, masked pairs too.
+
+    op and nu use all the donor's cells: where the original sums over imputed ctp/ctnu of
+    missing pairs, we use the pairs' own cells, so op_i is exactly the mean of all donor i's
+    cells. In nu, single-cell pairs add no term (their variance is undefined).
+
+    Args:
+        X: (cells, G) expression: a NumPy array, any scipy.sparse matrix or array (converted to
+            CSC once, never densified) or a 2-D sliceable array-like (read by column chunks).
+        cells: one row per row of X, with the `donor` and `cell_type` columns (labels are used
+            as str and sorted as str).
+        genes: (G,) gene names; default "gene0", "gene1", ...
+        chunk_size: genes per chunk; bounds the temporaries (see `_group_moments`).
+    Returns:
+        Pseudobulk with ctp, ctnu: (G, N, C); counts, P, mask: (N, C); op, nu: (G, N).
+    """
+    X = _as_matrix(X)
+    n_cells, G = X.shape
+    if not isinstance(cells, pd.DataFrame):
+        raise ValueError(f"cells: expected a pandas DataFrame, got {type(cells).__name__}.")
+    if len(cells) != n_cells:
+        raise ValueError(
+            f"cells: has {len(cells)} rows but X has {n_cells} rows (cells); give one row per "
+            "cell, in X's row order."
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}.")
+    gene_names = _gene_names(genes, G)
+    donor_of = _labels(cells, donor, "donor")
+    type_of = _labels(cells, cell_type, "cell_type")
+
+    _, donor_idx, donor_total = np.unique(donor_of, return_inverse=True, return_counts=True)
+    keep = (donor_total > ind_cut)[donor_idx]
+    if not keep.any():
+        most = int(donor_total.max()) if len(donor_total) else 0
+        raise ValueError(
+            f"ind_cut: no donor left; every donor has <= ind_cut={ind_cut} cells (the most is "
+            f"{most}). Lower ind_cut."
+        )
+    donors, d = np.unique(donor_of[keep], return_inverse=True)
+    cell_types, c = np.unique(type_of[keep], return_inverse=True)
+    N, C = len(donors), len(cell_types)
+    group = d * C + c
+    At = sparse.csr_matrix(
+        (np.ones(len(group)), (np.flatnonzero(keep), group)), shape=(n_cells, N * C)
+    )
+    S, Q = _group_moments(X, At, chunk_size)
+    counts = np.bincount(group, minlength=N * C).reshape(N, C)
+    mean, ctnu = _cell_stats(S.reshape(N, C, G), Q.reshape(N, C, G), counts)
+    mean, ctnu = mean.transpose(2, 0, 1), ctnu.transpose(2, 0, 1)  # (G, N, C)
+
+    P = counts / counts.sum(axis=1, keepdims=True)
+    mask = counts > max(ct_cut, 1)
+    return Pseudobulk(
+        genes=gene_names,
+        donors=tuple(str(x) for x in donors),
+        cell_types=tuple(str(x) for x in cell_types),
+        ctp=np.where(mask, mean, np.nan),
+        ctnu=np.where(mask, ctnu, np.nan),
+        counts=counts,
+        P=P,
+        op=np.einsum("gnc,nc->gn", np.where(counts > 0, mean, 0.0), P),
+        nu=np.einsum("gnc,nc->gn", np.where(counts > 1, ctnu, 0.0), P**2),
+        mask=mask,
+    )
+
+
+def std(pb: Pseudobulk) -> Pseudobulk:
+    """Standardise each gene's OP across donors, scaling CTP and the noise variances to match.
+
+    With m_g and s_g the mean and sd (ddof=1, pandas' default, as the original `std`) of op_g:
+    op' = (op - m) / s, ctp' = (ctp - m) / s, nu' = nu / s^2, ctnu' = ctnu / s^2; as sum_c P_c = 1,
+    op' = sum_c P_c ctp'_c and nu' = sum_c P_c^2 ctnu'_c still hold (for donors whose pairs are
+    all observed). The original also replaces negative ctnu (its imputation can make them);
+    ours are never negative.
+    """
+    if len(pb.donors) < 2:
+        raise ValueError("std: needs at least 2 donors to estimate each gene's sd.")
+    m = pb.op.mean(axis=1, keepdims=True)
+    s = pb.op.std(axis=1, ddof=1, keepdims=True)
+    flat = ~(s[:, 0] > 0)
+    if flat.any():
+        raise ValueError(
+            f"std: OP is constant across donors for {int(flat.sum())} genes (first "
+            f"{pb.genes[int(np.argmax(flat))]!r}); drop them first, e.g. pb.select_genes(...)."
+        )
+    return replace(
+        pb,
+        op=(pb.op - m) / s,
+        nu=pb.nu / s**2,
+        ctp=(pb.ctp - m[..., None]) / s[..., None],
+        ctnu=pb.ctnu / s[..., None] ** 2,
+    )
+
+
+def from_anndata(
+    adata, *, donor: str = "donor", cell_type: str = "cell_type", layer: str | None = None, **kw
+) -> Pseudobulk:
+    """`pseudobulk` of an AnnData: X = adata.X (or adata.layers[layer]), cells = adata.obs,
+    genes = adata.var_names. A backed sparse X is read into memory still sparse (`to_memory`);
+    a backed dense X is read one chunk of genes at a time. anndata itself is not imported.
+    `kw` go to `pseudobulk` (ind_cut, ct_cut, chunk_size)."""
+    if layer is None:
+        X = adata.X
+    elif layer in adata.layers:
+        X = adata.layers[layer]
+    else:
+        raise ValueError(
+            f"layer: {layer!r} is not in adata.layers (has {list(adata.layers.keys())})."
+        )
+    if not sparse.issparse(X) and hasattr(X, "to_memory"):
+        X = X.to_memory()
+    return pseudobulk(
+        X, adata.obs, donor=donor, cell_type=cell_type, genes=list(adata.var_names), **kw
+    )

@@ -1,0 +1,301 @@
+"""Pseudobulk and standardisation (ctmm_jax.preprocess) against pandas groupby references."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from ctmm_jax.data import CTPData, OPData
+from ctmm_jax.preprocess import Pseudobulk, from_anndata, pseudobulk, std
+
+# Cells per (donor, cell type): a single-cell pair (d2, NK), a two-cell pair (d3, NK), an empty
+# pair (d4, NK) and a small donor d5 (4 cells). Cell types are listed unsorted on purpose.
+DONORS = ["d0", "d1", "d2", "d3", "d4", "d5"]
+TYPES = ["T", "B", "NK"]
+COUNTS = np.array([[30, 20, 10], [25, 25, 25], [40, 19, 1], [50, 8, 2], [30, 37, 0], [2, 1, 1]])
+G = 7
+
+
+def make_cells(counts=COUNTS, seed=0):
+    """(X, cells): Poisson counts with a mean per gene and cell type, cells in random order."""
+    rng = np.random.default_rng(seed)
+    donor = np.repeat(np.repeat(DONORS, len(TYPES)), counts.ravel())
+    ctype = np.repeat(np.tile(TYPES, len(DONORS)), counts.ravel())
+    order = rng.permutation(len(donor))
+    cells = pd.DataFrame({"donor": donor[order], "cell_type": ctype[order]})
+    rate = rng.uniform(1.0, 8.0, (len(TYPES), G))[pd.Index(TYPES).get_indexer(cells.cell_type)]
+    return rng.poisson(rate).astype(np.float64), cells
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_cells()
+
+
+def groupby_reference(X, cells, keys):
+    """Mean, var(ddof=1) and size of each group of cells, by pandas."""
+    df = pd.DataFrame(X, columns=[f"gene{j}" for j in range(X.shape[1])])
+    df[keys] = cells[keys].to_numpy()
+    g = df.groupby(keys)
+    return g.mean(), g.var(ddof=1), g.size()
+
+
+def assert_same(a: Pseudobulk, b: Pseudobulk, rtol=1e-13):
+    assert (a.genes, a.donors, a.cell_types) == (b.genes, b.donors, b.cell_types)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    for f in ("ctp", "ctnu", "P", "op", "nu"):
+        np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=rtol, atol=1e-14, err_msg=f)
+
+
+def test_pseudobulk_equals_pandas_groupby(data):
+    X, cells = data
+    pb = pseudobulk(X, cells)
+    mean, var, size = groupby_reference(X, cells, ["donor", "cell_type"])
+    assert pb.donors == tuple(DONORS) and pb.cell_types == ("B", "NK", "T")
+    assert pb.ctp.shape == pb.ctnu.shape == (G, 6, 3) and pb.op.shape == pb.nu.shape == (G, 6)
+    col = [TYPES.index(c) for c in pb.cell_types]
+    np.testing.assert_array_equal(pb.counts, COUNTS[:, col])
+    for i, d in enumerate(pb.donors):
+        for c, t in enumerate(pb.cell_types):
+            if size.get((d, t), 0) < 2:
+                continue
+            np.testing.assert_allclose(pb.ctp[:, i, c], mean.loc[(d, t)], rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(
+                pb.ctnu[:, i, c], var.loc[(d, t)] / size[(d, t)], rtol=1e-12, atol=1e-12
+            )
+    np.testing.assert_allclose(pb.P, pb.counts / pb.counts.sum(1, keepdims=True), rtol=1e-15)
+    np.testing.assert_allclose(pb.P.sum(1), 1.0, rtol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "fmt", [np.asarray, sparse.csr_matrix, sparse.csc_matrix, sparse.coo_matrix, sparse.csr_array]
+)
+@pytest.mark.parametrize("chunk_size", [1, 3, 2000])
+def test_dense_sparse_and_chunks_agree(data, fmt, chunk_size):
+    X, cells = data
+    assert_same(pseudobulk(fmt(X), cells, chunk_size=chunk_size), pseudobulk(X, cells))
+
+
+def test_duplicate_and_unsorted_sparse_entries(data):
+    """Duplicate entries add up (scipy's convention), also in the squares; order is irrelevant."""
+    X, cells = data
+    r, c = np.nonzero(X)
+    half = np.floor(X[r, c] / 2)
+    rows, cols = np.r_[r, r][::-1], np.r_[c, c][::-1]  # each entry split in two, reversed
+    coo = sparse.coo_matrix((np.r_[half, X[r, c] - half][::-1], (rows, cols)), shape=X.shape)
+    by_col = np.argsort(cols, kind="stable")  # grouped by column, rows still descending
+    indptr = np.r_[0, np.cumsum(np.bincount(cols, minlength=G))]
+    raw_csc = sparse.csc_matrix((coo.data[by_col], rows[by_col], indptr), shape=X.shape)
+    by_row = np.argsort(rows, kind="stable")
+    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=len(X)))]
+    raw_csr = sparse.csr_matrix((coo.data[by_row], cols[by_row], indptr), shape=X.shape)
+    assert not raw_csc.has_canonical_format and not raw_csr.has_canonical_format
+    for Xs in (coo, raw_csc, raw_csr):
+        assert_same(pseudobulk(Xs, cells, chunk_size=3), pseudobulk(X, cells))
+
+
+def test_integer_and_list_input(data):
+    X, cells = data
+    assert_same(pseudobulk(sparse.csr_matrix(X.astype(np.int32)), cells), pseudobulk(X, cells))
+    assert_same(pseudobulk(X.tolist(), cells), pseudobulk(X, cells))
+
+
+@pytest.mark.parametrize(
+    "ind_cut, dropped", [(0, []), (3, []), (4, ["d5"]), (60, ["d0", "d2", "d3", "d5"])]
+)
+def test_ind_cut_drops_donors_with_few_cells(data, ind_cut, dropped):
+    X, cells = data
+    full, pb = pseudobulk(X, cells), pseudobulk(X, cells, ind_cut=ind_cut)
+    kept = [d for d in DONORS if d not in dropped]
+    assert pb.donors == tuple(kept)
+    i = [DONORS.index(d) for d in kept]
+    np.testing.assert_array_equal(pb.counts, full.counts[i])
+    np.testing.assert_allclose(pb.ctp, full.ctp[:, i], rtol=1e-13)
+    np.testing.assert_allclose(pb.op, full.op[:, i], rtol=1e-13)
+
+
+def test_ind_cut_drops_a_cell_type_left_without_cells():
+    counts = COUNTS.copy()
+    counts[:, 2], counts[5, 2] = 0, 3  # cell type NK only in the small donor d5
+    X, cells = make_cells(counts)
+    assert pseudobulk(X, cells).cell_types == ("B", "NK", "T")
+    assert pseudobulk(X, cells, ind_cut=6).cell_types == ("B", "T")
+
+
+@pytest.mark.parametrize("ct_cut", [0, 1, 2, 8])
+def test_ct_cut_masks_pairs_with_few_cells(data, ct_cut):
+    X, cells = data
+    pb, full = pseudobulk(X, cells, ct_cut=ct_cut), pseudobulk(X, cells)
+    # pairs with one cell have no sample variance: missing whatever ct_cut
+    np.testing.assert_array_equal(pb.mask, pb.counts > max(ct_cut, 1))
+    assert not pb.mask.all()
+    assert np.isnan(pb.ctp[:, ~pb.mask]).all() and np.isnan(pb.ctnu[:, ~pb.mask]).all()
+    assert np.isfinite(pb.ctp[:, pb.mask]).all() and np.isfinite(pb.ctnu[:, pb.mask]).all()
+    np.testing.assert_allclose(pb.ctp[:, pb.mask], full.ctp[:, pb.mask], rtol=1e-15)
+    # proportions and the overall pseudobulk still use every cell of the donor
+    np.testing.assert_array_equal(pb.counts, full.counts)
+    np.testing.assert_array_equal(pb.P, full.P)
+    np.testing.assert_array_equal(pb.op, full.op)
+    np.testing.assert_array_equal(pb.nu, full.nu)
+
+
+def test_equal_values_give_zero_not_negative_ctnu(data):
+    """Rounding in Q - S * mean must not make a negative variance."""
+    X, cells = data
+    X = X.copy()
+    X[:, 4] = 0.1
+    pb = pseudobulk(sparse.csr_matrix(X), cells)
+    assert (pb.ctnu[4][pb.mask] >= 0).all() and (pb.ctnu[4][pb.mask] < 1e-15).all()
+    assert (pb.nu[4] >= 0).all() and (pb.nu[4] < 1e-15).all()
+
+
+def test_op_and_nu_as_the_original(data):
+    """op_i = sum_c P_ic ctp_ic = mean of all donor i's cells; nu_i = sum_c P_ic^2 ctnu_ic,
+    with single-cell pairs adding nothing to nu."""
+    X, cells = data
+    pb = pseudobulk(X, cells, ct_cut=5)
+    donor_mean = groupby_reference(X, cells, ["donor"])[0]
+    mean, var, size = groupby_reference(X, cells, ["donor", "cell_type"])
+    for i, d in enumerate(pb.donors):
+        np.testing.assert_allclose(pb.op[:, i], donor_mean.loc[d], rtol=1e-12)
+        op, nu = np.zeros(G), np.zeros(G)
+        for t in pb.cell_types:
+            n = size.get((d, t), 0)
+            p = n / size[d].sum()
+            op += p * mean.loc[(d, t)].to_numpy() if n else 0.0
+            nu += p**2 * var.loc[(d, t)].to_numpy() / n if n > 1 else 0.0
+        np.testing.assert_allclose(pb.op[:, i], op, rtol=1e-12)
+        np.testing.assert_allclose(pb.nu[:, i], nu, rtol=1e-12)
+
+
+def test_std_standardises_op_and_scales_the_rest(data):
+    X, cells = data
+    pb = pseudobulk(X, cells)
+    s = std(pb)
+    np.testing.assert_allclose(s.op.mean(1), 0.0, atol=1e-12)
+    np.testing.assert_allclose(s.op.var(1, ddof=1), 1.0, rtol=1e-12)
+    m, sd = pb.op.mean(1), pb.op.std(1, ddof=1)
+    np.testing.assert_allclose(s.ctp, (pb.ctp - m[:, None, None]) / sd[:, None, None], rtol=1e-12)
+    np.testing.assert_allclose(s.ctnu, pb.ctnu / sd[:, None, None] ** 2, rtol=1e-12)
+    np.testing.assert_allclose(s.nu, pb.nu / sd[:, None] ** 2, rtol=1e-12)
+    # op = sum_c P_c ctp_c and nu = sum_c P_c^2 ctnu_c still hold on fully observed donors
+    full = pb.mask.all(1)
+    assert full.sum() >= 2
+    np.testing.assert_allclose(
+        s.op[:, full], np.einsum("gnc,nc->gn", s.ctp[:, full], s.P[full]), atol=1e-12
+    )
+    np.testing.assert_allclose(
+        s.nu[:, full], np.einsum("gnc,nc->gn", s.ctnu[:, full], s.P[full] ** 2), rtol=1e-12
+    )
+    np.testing.assert_array_equal(s.mask, pb.mask)
+    np.testing.assert_array_equal(s.P, pb.P)
+
+
+def test_std_rejects_a_gene_with_constant_op(data):
+    X, cells = data
+    X = X.copy()
+    X[:, 4] = 2.0
+    with pytest.raises(ValueError, match="constant across donors.*'gene4'"):
+        std(pseudobulk(X, cells))
+
+
+def test_std_needs_two_donors(data):
+    with pytest.raises(ValueError, match="std: needs at least 2 donors"):
+        std(pseudobulk(*data, ind_cut=74))
+
+
+def test_to_ctp_and_to_op(data):
+    X, cells = data
+    # ind_cut=4 drops d5, whose only multi-cell pair has equal values for one gene (nu = 0)
+    pb = pseudobulk(X, cells, ind_cut=4, ct_cut=2)
+    ctp = pb.to_ctp()
+    assert isinstance(ctp, CTPData) and ctp.shape == (G, 5, 3)
+    assert (ctp.genes, ctp.donors, ctp.celltypes) == (pb.genes, pb.donors, pb.cell_types)
+    np.testing.assert_array_equal(ctp.mask, np.broadcast_to(pb.mask, (G, 5, 3)))
+    np.testing.assert_array_equal(ctp.Y[:, pb.mask], pb.ctp[:, pb.mask])
+    np.testing.assert_array_equal(ctp.ctnu[:, pb.mask], pb.ctnu[:, pb.mask])
+    np.testing.assert_array_equal(ctp.P, pb.P)
+    op = pb.to_op()
+    assert isinstance(op, OPData) and op.shape == (G, 5, 3)
+    np.testing.assert_array_equal(op.y, pb.op)
+    np.testing.assert_array_equal(op.nu, pb.nu)
+    assert op.donors == pb.donors and op.celltypes == pb.cell_types
+
+
+def test_select_genes(data):
+    X, cells = data
+    pb = pseudobulk(X, cells, genes=list("abcdefg"))
+    sub = pb.select_genes([4, 1])
+    assert sub.genes == ("e", "b")
+    assert_same(sub, pseudobulk(X[:, [4, 1]], cells, genes=["e", "b"]))
+
+
+def stand_in_anndata(X, cells, **layers):
+    """What from_anndata reads of an AnnData: X, obs, var_names, layers."""
+    var_names = pd.Index([f"g{j}" for j in range(X.shape[1])])
+    return SimpleNamespace(X=X, obs=cells, var_names=var_names, layers=layers)
+
+
+def test_from_anndata(data):
+    X, cells = data
+    expected = pseudobulk(X, cells, genes=[f"g{j}" for j in range(G)], ct_cut=3)
+    adata = stand_in_anndata(sparse.csr_matrix(X), cells, counts=X)
+    assert_same(from_anndata(adata, ct_cut=3), expected)
+    assert_same(from_anndata(adata, layer="counts", ct_cut=3, chunk_size=2), expected)
+    renamed = cells.rename(columns={"donor": "ind", "cell_type": "ct"}).astype("category")
+    by_name = from_anndata(stand_in_anndata(X, renamed), donor="ind", cell_type="ct", ct_cut=3)
+    assert_same(by_name, expected)
+
+
+def test_from_anndata_reads_a_backed_sparse_x(data):
+    X, cells = data
+    backed = SimpleNamespace(shape=X.shape, to_memory=lambda: sparse.csr_matrix(X))
+    expected = pseudobulk(X, cells, genes=[f"g{j}" for j in range(G)])
+    assert_same(from_anndata(stand_in_anndata(backed, cells)), expected)
+
+
+def test_from_anndata_missing_layer(data):
+    X, cells = data
+    with pytest.raises(ValueError, match=r"layer: 'raw' is not in adata.layers \(has \['counts'\]"):
+        from_anndata(stand_in_anndata(X, cells, counts=X), layer="raw")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda X, c: (X[None], c), r"X: expected a 2-D cells x genes matrix, got shape \(1, "),
+        (lambda X, c: (X[:, 0], c), r"X: expected a 2-D .* got shape \(326,\)"),
+        (lambda X, c: (None, c), "X: got None"),
+        (lambda X, c: (X, c.iloc[:-1]), "cells: has 325 rows but X has 326 rows"),
+        (lambda X, c: (X, c.to_numpy()), "cells: expected a pandas DataFrame"),
+        (
+            lambda X, c: (X, c.rename(columns={"donor": "ind"})),
+            r"cells: no column 'donor'; available columns: \['ind', 'cell_type'\].*donor=",
+        ),
+        (
+            lambda X, c: (X, c.drop(columns="cell_type")),
+            r"no column 'cell_type'; available columns: \['donor'\].*cell_type=",
+        ),
+        (lambda X, c: (X, c.assign(donor=c.donor.where(c.index > 0))), "1 cells have no label"),
+    ],
+)
+def test_bad_input(data, change, match):
+    X, cells = change(*data)
+    with pytest.raises(ValueError, match=match):
+        pseudobulk(X, cells)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"genes": ["a", "b"]}, r"genes: got 2 names but X has 7 columns"),
+        ({"ind_cut": 75}, r"ind_cut: no donor left; .*ind_cut=75 .*the most is 75"),
+        ({"chunk_size": 0}, "chunk_size: must be >= 1"),
+    ],
+)
+def test_bad_options(data, kw, match):
+    with pytest.raises(ValueError, match=match):
+        pseudobulk(*data, **kw)
