@@ -15,9 +15,7 @@ Typical printout (2-core CPU, float64): see benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -30,6 +28,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+from common import write_json  # noqa: E402
 
 import ctmm_jax as cj  # noqa: E402
 from ctmm_jax import models  # noqa: E402
@@ -147,11 +147,7 @@ def main(argv=None):
         print(
             " | ".join(f"{r[k]:>10.4g}" if isinstance(r[k], float) else f"{r[k]:>10}" for k in keys)
         )
-    meta = dict(device=str(jax.devices()[0]), jax=jax.__version__, cpus=os.cpu_count(),
-                platform=platform.platform(), x64=bool(jax.config.jax_enable_x64))  # fmt: skip
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(dict(meta=meta, rows=rows), fh, indent=2)
+    write_json(a.json, rows)
     return rows
 
 

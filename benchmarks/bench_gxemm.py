@@ -41,9 +41,7 @@ genotypes         free   reml    K      1 200 2.275    2.26 0.016 0.016     64.1
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -55,6 +53,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+from common import write_json  # noqa: E402
 
 from ctmm_jax import gxemm  # noqa: E402
 
@@ -198,11 +198,7 @@ def main(argv=None):
             for path in "SK"
         ]
     print(table(rows))
-    meta = dict(device=str(jax.devices()[0]), jax=jax.__version__, cpus=os.cpu_count(),
-                platform=platform.platform(), x64=bool(jax.config.jax_enable_x64))  # fmt: skip
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(dict(meta=meta, rows=rows), fh, indent=2)
+    write_json(a.json, rows)
     return rows
 
 

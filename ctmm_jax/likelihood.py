@@ -81,11 +81,12 @@ def lift(D: jax.Array, b: int) -> jax.Array:
     return jnp.broadcast_to(D[:, None, :], (D.shape[0], b, D.shape[1]))
 
 
-def fixed_design(d: GeneData) -> jax.Array:
-    """The full fixed-effect design [X_i, 1_b f_i^T] (N, b, p), for small one-off uses."""
-    if d.F is None:
-        return d.X
-    return jnp.concatenate([d.X, lift(d.F, d.X.shape[1])], axis=2)
+def fixed_design(X: jax.Array, F: jax.Array | None) -> jax.Array:
+    """The full fixed-effect design [X_i, 1_b f_i^T] ([G,] N, b, p) from the block-level X
+    ([G,] N, b, p_b) and the donor-level F (N, k), for one-off uses (checks, start values, HE)."""
+    if F is None:
+        return X
+    return jnp.concatenate([X, jnp.broadcast_to(F[:, None, :], X.shape[:-1] + F.shape[-1:])], -1)
 
 
 def observed(d: GeneData) -> GeneData:

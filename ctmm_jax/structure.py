@@ -32,10 +32,8 @@ class Design(NamedTuple):
     def full(self) -> tuple[jax.Array, jax.Array | None]:
         """The lifted designs: fixed [X_i, 1_b f_i^T] (..., N, b, p) and random 1_b u_i^T
         (N, b, m) or None."""
-        b = self.X.shape[-2]
-        F = jnp.broadcast_to(self.F[:, None, :], self.X.shape[:-1] + self.F.shape[-1:])
-        U = None if self.U is None else likelihood.lift(self.U, b)
-        return jnp.concatenate([self.X, F], axis=-1), U
+        U = None if self.U is None else likelihood.lift(self.U, self.X.shape[-2])
+        return likelihood.fixed_design(self.X, self.F), U
 
 
 class Blocks(NamedTuple):
@@ -76,8 +74,7 @@ class Blocks(NamedTuple):
 
     def full_X(self) -> np.ndarray:
         """([G,] N, b, p) the lifted fixed design [X_i, 1_b f_i^T] (host copy, for checks)."""
-        F = np.broadcast_to(self.F[:, None, :], self.X.shape[:-1] + self.F.shape[-1:])
-        return np.concatenate([self.X, F], axis=-1)
+        return np.asarray(likelihood.fixed_design(self.X, self.F))
 
     @property
     def n_rand(self) -> int:
@@ -118,7 +115,7 @@ def residual_variance(d: GeneData) -> jax.Array:
     scale)."""
     n = likelihood.n_observed(d)
     d = likelihood.observed(d)
-    X = likelihood.fixed_design(d)
+    X = likelihood.fixed_design(d.X, d.F)
     if d.mask is not None:
         X = X * d.mask[..., None]
     XtX = jnp.einsum("nbp,nbq->pq", X, X)
