@@ -19,13 +19,15 @@ chunks of genes, so a sparse X is never densified.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
 from .data import CTPData, OPData
+
+DATASET_FORMAT = "ctmm_jax.pseudobulk/1"
 
 
 @dataclass(frozen=True)
@@ -60,19 +62,60 @@ class Pseudobulk:
             nu=self.nu[i],
         )
 
+    @property
+    def observed(self) -> np.ndarray:
+        """(G, N, C) pairs used by `to_ctp`: observed (`mask`) and with ctnu > 0."""
+        return self.mask & (np.nan_to_num(self.ctnu) > 0)
+
     def to_ctp(self) -> CTPData:
-        """CTPData of (ctp, ctnu, P) with `mask`: unobserved pairs stay missing, never imputed."""
+        """CTPData of (ctp, ctnu, P), missing where `observed` is False: unobserved pairs stay
+        missing, never imputed.
+
+        Pairs whose cells all have the same value (ctnu = 0; for counts, usually all zero) are
+        missing too: a noise variance of 0 claims the pair's mean is known exactly, which makes
+        the donor's covariance singular as soon as V_c -> 0 (the original CTMM leaves such
+        zeros in place and can break there). Filter lowly expressed genes before fitting if
+        this masks many pairs (see `observed`)."""
+        observed = self.observed
         return CTPData.from_arrays(
-            self.ctp, self.ctnu, self.P,
-            genes=self.genes, donors=self.donors, celltypes=self.cell_types, mask=self.mask,
+            np.where(observed, self.ctp, 0.0), np.where(observed, self.ctnu, 1.0), self.P,
+            genes=self.genes, donors=self.donors, celltypes=self.cell_types, mask=observed,
         )  # fmt: skip
 
     def to_op(self) -> OPData:
-        """OPData of (op, nu, P)."""
-        return OPData.from_arrays(
-            self.op, self.nu, self.P,
+        """OPData of (op, nu, P). A donor whose cells all have the same value for a gene
+        (nu = 0) is missing for that gene, as zero-variance pairs are in `to_ctp`."""
+        present = self.nu > 0
+        data = OPData.from_arrays(
+            np.where(present, self.op, 0.0), np.where(present, self.nu, 1.0), self.P,
             genes=self.genes, donors=self.donors, celltypes=self.cell_types,
         )  # fmt: skip
+        return data if present.all() else replace(data, mask=present)
+
+    def save(self, path) -> None:
+        """Write to a compressed .npz (arrays and names; loads without pickle)."""
+        arrays = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("genes", "donors", "cell_types"):
+            arrays[name] = np.array(arrays[name], dtype=str)
+        np.savez_compressed(path, format=np.array(DATASET_FORMAT), **arrays)
+
+    @classmethod
+    def load(cls, path) -> Pseudobulk:
+        """Read a dataset written by `save` (or `ctmm-jax pseudobulk`)."""
+        wrong = ValueError(
+            f"{path}: not a ctmm_jax pseudobulk dataset (make one with `ctmm-jax pseudobulk` "
+            "or Pseudobulk.save)."
+        )
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if "format" not in f.files or str(f["format"]) != DATASET_FORMAT:
+                    raise wrong
+                kw = {fl.name: f[fl.name] for fl in fields(cls)}
+        except (ValueError, EOFError, KeyError) as err:
+            raise wrong from err
+        for name in ("genes", "donors", "cell_types"):
+            kw[name] = tuple(str(x) for x in kw[name])
+        return cls(**kw)
 
 
 def _as_matrix(X):
@@ -100,7 +143,7 @@ def _labels(cells: pd.DataFrame, column: str, arg: str) -> np.ndarray:
     if column not in cells.columns:
         raise ValueError(
             f"cells: no column {column!r}; available columns: {list(cells.columns)}. "
-            f"Name the column with {arg}=..."
+            f"Name the column with {arg}=... (command line: --{arg.replace('_', '-')})."
         )
     col = cells[column]
     if col.isna().any():
@@ -324,3 +367,17 @@ def from_anndata(
     return pseudobulk(
         X, adata.obs, donor=donor, cell_type=cell_type, genes=list(adata.var_names), **kw
     )
+
+
+def normalize_log1p(counts, target: float = 1e4):
+    """log1p(x_jg / n_j * target) with n_j the total count of cell j (the usual library-size
+    normalisation); sparse input stays sparse (zeros stay zero). Cells with no counts stay 0."""
+    if sparse.issparse(counts):
+        X = sparse.csr_matrix(counts, dtype=np.float64, copy=True)
+        total = np.asarray(X.sum(axis=1)).ravel()
+        scale = np.divide(target, total, out=np.zeros_like(total), where=total > 0)
+        X.data = np.log1p(X.data * np.repeat(scale, np.diff(X.indptr)))
+        return X
+    X = np.asarray(counts, dtype=np.float64)
+    total = X.sum(axis=1, keepdims=True)
+    return np.log1p(X * np.divide(target, total, out=np.zeros_like(total), where=total > 0))

@@ -8,6 +8,8 @@ one draw per gene and level, shared by the cell types) and eps_gic ~ N(0, ctnu_g
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+from scipy import sparse
 
 from .data import CTPData
 
@@ -79,3 +81,80 @@ def simulate(
         donors=[f"ind{i}" for i in range(N)],
         celltypes=[f"ct{c}" for c in range(C)],
     )  # fmt: skip
+
+
+def simulate_cells(
+    n_genes: int = 200,
+    n_donors: int = 40,
+    n_celltypes: int = 4,
+    *,
+    cells_per_donor: float = 100.0,
+    hom2: float = 0.05,
+    V=0.05,
+    ct_sd: float = 0.5,
+    depth: float = 5000.0,
+    seed: int = 0,
+) -> tuple[sparse.csr_matrix, pd.DataFrame, list[str]]:
+    """Draw single-cell UMI counts with donor and cell-type structure on the log scale.
+
+    Gene g has a base rate r_g ~ LogNormal(log 5, 1) per 10,000 UMIs and cell-type effects
+    b_gc ~ N(0, ct_sd^2); donor i adds a_gi ~ N(0, hom2) shared by its cell types and
+    g_gic ~ N(0, V_c) specific to each. Donor i has Poisson(cells_per_donor) cells (at least
+    2), of cell types drawn from its proportions p_i ~ Dirichlet(2, ..., 2); cell j has a
+    library size L_j ~ depth * LogNormal(0, 0.3) and counts
+    x_jg ~ Poisson(L_j / 1e4 * r_g * exp(b_gc + a_gi + g_gic)).
+
+    Returns:
+        counts: (cells, genes) CSR of int64 counts; cells: one row per cell (index 'cell0'..)
+        with columns donor ('ind0'..), cell_type ('ct0'..) and n_counts (the cell's total);
+        genes: names 'gene0'...
+    """
+    G, N, C = int(n_genes), int(n_donors), int(n_celltypes)
+    rng = np.random.default_rng(seed)
+    V = np.broadcast_to(np.asarray(V, dtype=np.float64), (C,))
+    if hom2 < 0 or (V < 0).any():
+        raise ValueError("hom2, V: variances must be >= 0 to simulate from them.")
+    log_rate = np.log(5.0) + rng.standard_normal(G)
+    ct_effect = ct_sd * rng.standard_normal((G, C))
+    donor_effect = np.sqrt(hom2) * rng.standard_normal((G, N))
+    specific = np.sqrt(V) * rng.standard_normal((G, N, C))
+    log_mu = log_rate[:, None, None] + ct_effect[:, None, :] + donor_effect[..., None] + specific
+
+    n_cells = np.maximum(rng.poisson(cells_per_donor, N), 2)
+    donor = np.repeat(np.arange(N), n_cells)
+    props = rng.dirichlet(np.full(C, 2.0), size=N)
+    cell_type = (rng.random(len(donor))[:, None] > np.cumsum(props[donor], 1)).sum(1)
+    cell_type = np.minimum(cell_type, C - 1)
+    library = depth * np.exp(0.3 * rng.standard_normal(len(donor)))
+    blocks = []  # 256 genes at a time: the rates are a dense (cells, 256) temporary
+    for j in range(0, G, 256):
+        lam = library[:, None] / 1e4 * np.exp(log_mu[j : j + 256, donor, cell_type].T)
+        blocks.append(sparse.csr_matrix(rng.poisson(lam)))
+    counts = sparse.hstack(blocks, format="csr")
+    cells = pd.DataFrame(
+        {
+            "donor": [f"ind{i}" for i in donor],
+            "cell_type": [f"ct{c}" for c in cell_type],
+            "n_counts": np.asarray(counts.sum(axis=1)).ravel(),
+        },
+        index=pd.Index([f"cell{j}" for j in range(len(donor))], name="cell"),
+    )
+    return counts, cells, [f"gene{g}" for g in range(G)]
+
+
+def simulate_anndata(*args, **kwargs):
+    """`simulate_cells` as an AnnData: X = log1p(counts / n_counts * 1e4) (CSR), the raw
+    counts in layers['counts'], obs = the cell table, var_names = the genes. Needs anndata
+    (`pip install "ctmm_jax[anndata]"`)."""
+    try:
+        import anndata
+    except ImportError as err:
+        raise ImportError('simulate_anndata needs: pip install "ctmm_jax[anndata]"') from err
+    from .preprocess import normalize_log1p
+
+    counts, cells, genes = simulate_cells(*args, **kwargs)
+    adata = anndata.AnnData(
+        X=normalize_log1p(counts), obs=cells, var=pd.DataFrame(index=pd.Index(genes, name="gene"))
+    )
+    adata.layers["counts"] = counts
+    return adata

@@ -8,7 +8,7 @@ import pytest
 from scipy import sparse
 
 from ctmm_jax.data import CTPData, OPData
-from ctmm_jax.preprocess import Pseudobulk, from_anndata, pseudobulk, std
+from ctmm_jax.preprocess import Pseudobulk, from_anndata, normalize_log1p, pseudobulk, std
 
 # Cells per (donor, cell type): a single-cell pair (d2, NK), a two-cell pair (d3, NK), an empty
 # pair (d4, NK) and a small donor d5 (4 cells). Cell types are listed unsorted on purpose.
@@ -223,6 +223,48 @@ def test_to_ctp_and_to_op(data):
     np.testing.assert_array_equal(op.y, pb.op)
     np.testing.assert_array_equal(op.nu, pb.nu)
     assert op.donors == pb.donors and op.celltypes == pb.cell_types
+
+
+def test_zero_variance_values_are_missing_in_fits(data):
+    """A pair whose cells are all equal (ctnu = 0) is missing in to_ctp; a donor whose cells
+    are all equal (nu = 0) is missing in to_op; the other values are kept as they are."""
+    X, cells = data
+    X = X.copy()
+    X[(cells.donor == "d0").to_numpy() & (cells.cell_type == "B").to_numpy(), 2] = 0.0
+    X[(cells.donor == "d1").to_numpy(), 3] = 5.0
+    pb = pseudobulk(X, cells, ct_cut=2)
+    assert pb.ctnu[2, 0, pb.cell_types.index("B")] == 0 and pb.nu[3, 1] == 0
+    expected = pb.mask & ~((np.arange(G) == 2)[:, None, None] & (np.arange(6)[:, None] == 0)
+                           & (np.array(pb.cell_types) == "B"))  # fmt: skip
+    expected[3, 1] = False  # all of d1's cells equal for gene 3
+    np.testing.assert_array_equal(pb.observed, expected)
+    ctp = pb.to_ctp()
+    np.testing.assert_array_equal(ctp.mask, expected)
+    np.testing.assert_array_equal(ctp.Y[expected], pb.ctp[expected])
+    op = pb.to_op()
+    np.testing.assert_array_equal(op.mask, pb.nu > 0)
+    assert not op.mask[3, 1]
+    np.testing.assert_array_equal(op.y[op.mask], pb.op[op.mask])
+
+
+def test_save_and_load_round_trip(data, tmp_path):
+    pb = pseudobulk(*data, ct_cut=2, genes=list("abcdefg"))
+    pb.save(tmp_path / "pb.npz")
+    assert_same(Pseudobulk.load(tmp_path / "pb.npz"), pb, rtol=0)
+    np.savez(tmp_path / "other.npz", ctp=pb.ctp)
+    with pytest.raises(ValueError, match="not a ctmm_jax pseudobulk dataset"):
+        Pseudobulk.load(tmp_path / "other.npz")
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_normalize_log1p(data, fmt):
+    X = data[0].copy()
+    X[0] = 0.0  # a cell with no counts stays 0
+    expected = np.zeros_like(X)
+    expected[1:] = np.log1p(X[1:] / X[1:].sum(axis=1, keepdims=True) * 1e4)
+    got = normalize_log1p(X if fmt == "dense" else sparse.csr_matrix(X))
+    assert sparse.issparse(got) == (fmt == "csr")
+    np.testing.assert_allclose(got.toarray() if fmt == "csr" else got, expected, rtol=1e-14)
 
 
 def test_select_genes(data):

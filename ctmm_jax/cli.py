@@ -1,0 +1,533 @@
+"""`ctmm-jax`: the command-line tool (pseudobulk, fit, merge, simulate, gxemm).
+
+Every subcommand reads files, calls the library and writes files; a mistake in the input ends
+the run with one line on stderr (`ctmm-jax <command>: error: ...`) and exit code 1, never a
+traceback. Each output table gets a sidecar `<output>.json` with the run's settings and the
+package version; `merge` uses them to check that chunk outputs belong together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+EXAMPLES = """\
+examples:
+  ctmm-jax simulate -o cells.h5ad --n-donors 60 --seed 1
+  ctmm-jax pseudobulk cells.h5ad --ct-cut 5 -o pb.npz
+  ctmm-jax fit pb.npz --model free --method reml --jackknife -o free.tsv
+  # cluster array job: 20 chunks, then one table
+  ctmm-jax fit pb.npz --chunk 3/20 -o out/free.3.tsv
+  ctmm-jax merge out/free.*.tsv -o free.tsv
+  # the original CTMM's text files for one gene
+  ctmm-jax fit --y y.txt --P P.txt --ctnu ctnu.txt --shape ctp -o gene.tsv
+  ctmm-jax gxemm --y y.txt --K K.txt --Z Z.txt --gtype free -o gxemm.tsv
+"""
+
+MODELS = ("hom", "iid", "free", "full")
+
+
+class UserError(Exception):
+    """A mistake in the command line or the inputs, reported as one line."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `ctmm-jax` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (UserError, ValueError, OSError, ImportError, KeyError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"ctmm-jax {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="ctmm-jax",
+        description="Cell type-specific linear mixed models (CTMM) for single-cell pseudobulk, "
+        "and GxEMM, fitted for many genes at once with JAX.",
+        epilog=EXAMPLES,
+        formatter_class=formatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"ctmm_jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES,
+                           formatter_class=formatter)  # fmt: skip
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+        p.set_defaults(run=run)
+        return p
+
+    p = command("pseudobulk", run_pseudobulk, "single cells -> a pseudobulk dataset (.npz)")
+    p.add_argument(
+        "input",
+        help="cells x genes expression: .h5ad (AnnData), .npz (scipy "
+        "sparse), .mtx[.gz] (Matrix Market) or .tsv/.csv (header = genes)",
+    )
+    p.add_argument(
+        "--cells",
+        help="cell table (.tsv/.csv, header, one row per cell in the "
+        "matrix's order); needed unless the input is .h5ad",
+    )
+    p.add_argument("--gene-names", help="text file, one gene name per line (.npz/.mtx input)")
+    p.add_argument(
+        "--genes-by-cells",
+        action="store_true",
+        help="the matrix is genes x cells (as 10x .mtx files)",
+    )
+    p.add_argument("--layer", help="AnnData layer to use instead of X (e.g. a log-normalised one)")
+    p.add_argument("--donor", default="donor", help="donor column of the cell table")
+    p.add_argument("--cell-type", default="cell_type", help="cell-type column of the cell table")
+    p.add_argument("--ind-cut", type=int, default=0, help="drop donors with <= this many cells")
+    p.add_argument(
+        "--ct-cut",
+        type=int,
+        default=0,
+        help="(donor, cell type) pairs with <= this many cells are missing",
+    )
+    p.add_argument("--chunk-size", type=int, default=2000, help="genes per streamed chunk")
+    p.add_argument("-o", "--output", required=True, help="dataset to write (.npz)")
+
+    p = command("fit", run_fit, "fit CTMM to every gene -> one row per gene (.tsv/.parquet)")
+    p.add_argument("dataset", nargs="?", help="pseudobulk dataset (.npz from `pseudobulk`)")
+    p.add_argument("--y", help="original-format y file of one gene (instead of a dataset)")
+    p.add_argument("--P", help="original-format P file (with --y)")
+    p.add_argument("--ctnu", help="original-format ctnu file (with --y, --shape ctp)")
+    p.add_argument("--nu", help="original-format nu file (with --y, --shape op)")
+    p.add_argument(
+        "--shape",
+        choices=("ctp", "op"),
+        default="ctp",
+        help="CTP (donor x cell type) or OP (one value per donor); default ctp",
+    )
+    p.add_argument("--model", choices=MODELS, default="free", help="default free")
+    p.add_argument("--method", choices=("ml", "reml", "he"), default="reml", help="default reml")
+    p.add_argument("--jackknife", action="store_true", help="leave-one-donor-out Wald tests too")
+    p.add_argument(
+        "--fixed",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="fixed covariates (e.g. PCs): a table with the donor id in the first "
+        "column and a header, or the original's headerless numbers in donor order",
+    )
+    p.add_argument(
+        "--random",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="random covariates (e.g. batch): a table donor -> label (one-hot "
+        "encoded) or a numeric design, as --fixed",
+    )
+    p.add_argument("--genes", help="genes to fit: comma-separated names or a file (one per line)")
+    p.add_argument(
+        "--chunk",
+        metavar="I/N",
+        help="fit only the I-th of N equal parts of the genes "
+        "(1 <= I <= N; e.g. $SLURM_ARRAY_TASK_ID/20); combine with `merge`",
+    )
+    p.add_argument(
+        "--std",
+        action="store_true",
+        help="standardise each gene's OP first (the original's std; dataset input)",
+    )
+    p.add_argument(
+        "--batch-genes",
+        type=int,
+        default=2048,
+        help="genes per fit call (progress bar step; default 2048)",
+    )
+    p.add_argument("-o", "--output", required=True, help="table to write (.tsv, .csv, .parquet)")
+
+    p = command("merge", run_merge, "chunk outputs of `fit --chunk` -> one table")
+    p.add_argument("inputs", nargs="+", help="the chunk tables (each with its .json sidecar)")
+    p.add_argument("-o", "--output", required=True, help="table to write")
+
+    p = command("simulate", run_simulate, "simulate single-cell counts with donor structure")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help=".h5ad (AnnData: X log-normalised, layers['counts']) or .npz (counts; "
+        "writes <stem>.cells.tsv and <stem>.genes.txt beside it)",
+    )
+    p.add_argument("--n-genes", type=int, default=200)
+    p.add_argument("--n-donors", type=int, default=40)
+    p.add_argument("--n-celltypes", type=int, default=4)
+    p.add_argument("--cells-per-donor", type=float, default=100.0)
+    p.add_argument("--hom2", type=float, default=0.05, help="shared donor variance (log scale)")
+    p.add_argument("--V", type=float, default=0.05, help="cell type-specific variance")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("gxemm", run_gxemm, "fit GxEMM (gene-by-environment heritability)")
+    p.add_argument("--y", required=True, help="trait(s): N values, or N x T (one trait a column)")
+    p.add_argument("--K", required=True, help="N x N kinship")
+    p.add_argument("--Z", required=True, help="N x L environments")
+    p.add_argument("--X", help="N x q fixed covariates (an intercept is added)")
+    p.add_argument("--gtype", choices=("hom", "iid", "free"), default="hom")
+    p.add_argument("--etype", choices=("hom", "free"), default="hom")
+    p.add_argument("--method", choices=("reml", "he"), default="reml")
+    p.add_argument("-o", "--output", required=True, help="table to write (.tsv, .csv, .parquet)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def _existing(path: str | None, what: str) -> Path:
+    if path is None:
+        raise UserError(f"{what}: no file given.")
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what}: no such file {path!r}; check the path.")
+    return p
+
+
+def _is(path: Path, *suffixes: str) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in suffixes)
+
+
+def _read_table(path: Path, what: str, **kw) -> pd.DataFrame:
+    """A .tsv/.csv (or .parquet) table with a header."""
+    if _is(path, ".parquet"):
+        return pd.read_parquet(path)
+    sep = "," if _is(path, ".csv", ".csv.gz") else "\t"
+    try:
+        return pd.read_csv(path, sep=sep, **kw)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise UserError(
+            f"{what}: cannot read {path} as a {sep!r}-separated table ({err})."
+        ) from err
+
+
+def _read_matrix(path: Path, genes_by_cells: bool):
+    """(cells x genes matrix, gene names or None) from .npz, .mtx[.gz] or .tsv/.csv."""
+    from scipy import io, sparse
+
+    if _is(path, ".npz"):
+        try:
+            X = sparse.load_npz(path)
+        except (ValueError, OSError) as err:
+            raise UserError(f"{path}: not a scipy.sparse .npz matrix ({err}).") from None
+        names = None
+    elif _is(path, ".mtx", ".mtx.gz"):
+        X, names = sparse.csr_matrix(io.mmread(path)), None
+    elif _is(path, ".tsv", ".csv", ".tsv.gz", ".csv.gz", ".txt"):
+        table = _read_table(path, "input", index_col=0)
+        X, names = table.to_numpy(np.float64), [str(c) for c in table.columns]
+    else:
+        raise UserError(f"input: {path.name}: use .h5ad, .npz, .mtx[.gz], .tsv or .csv.")
+    return (X.T if genes_by_cells else X), names
+
+
+def _read_gene_list(value: str) -> list[str]:
+    """--genes: a file with one name per line, or comma-separated names."""
+    p = Path(value)
+    if p.is_file():
+        names = [s.strip() for s in p.read_text().splitlines()]
+    else:
+        names = [s.strip() for s in value.split(",")]
+    names = [s for s in names if s]
+    if not names:
+        raise UserError("--genes: no gene names given.")
+    return names
+
+
+def _read_covariate(spec: str, option: str):
+    """--fixed/--random NAME=FILE -> (name, DataFrame indexed by donor, or a path)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise UserError(f"{option} {spec!r}: write NAME=FILE, e.g. {option} pca=pcs.tsv.")
+    p = _existing(path, f"{option} {name}")
+    try:  # the original's format: whitespace-separated numbers, donors in the data's order
+        np.loadtxt(p, ndmin=2)
+        return name, str(p)
+    except ValueError:
+        pass
+    table = _read_table(p, f"{option} {name}", index_col=0)
+    if (
+        option == "--random"
+        and table.shape[1] == 1
+        and not pd.api.types.is_numeric_dtype(table.iloc[:, 0])
+    ):
+        return name, table.iloc[:, 0].astype(str)  # labels: one-hot encoded by the fit
+    return name, table
+
+
+def _parse_chunk(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise UserError(f"--chunk {value!r}: write I/N, e.g. --chunk 3/20.") from None
+    if not 1 <= i <= n:
+        raise UserError(f"--chunk {value!r}: need 1 <= I <= N (chunks are numbered from 1).")
+    return i, n
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def _write_table(table: pd.DataFrame, path: str, settings: dict) -> Path:
+    """Write the table (by extension) and its sidecar <path>.json."""
+    from . import __version__
+
+    out = Path(path)
+    if not _is(out, ".tsv", ".csv", ".parquet", ".txt", ".tsv.gz", ".csv.gz"):
+        raise UserError(f"-o {path}: use a .tsv, .csv or .parquet file name.")
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if _is(out, ".parquet"):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                'writing .parquet needs pyarrow: pip install "ctmm_jax[parquet]", or use .tsv.'
+            ) from None
+        table.to_parquet(out)
+    else:
+        table.to_csv(out, sep="," if _is(out, ".csv", ".csv.gz") else "\t")
+    sidecar = {"ctmm_jax_version": __version__, "output": out.name, **settings}
+    Path(f"{out}.json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    return out
+
+
+def _say(args, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def run_pseudobulk(args) -> None:
+    from . import preprocess
+
+    source = _existing(args.input, "input")
+    kw = dict(donor=args.donor, cell_type=args.cell_type, ind_cut=args.ind_cut,
+              ct_cut=args.ct_cut, chunk_size=args.chunk_size)  # fmt: skip
+    if not _is(Path(args.output), ".npz"):
+        raise UserError(f"-o {args.output}: the dataset is written as .npz; name it *.npz.")
+    if _is(source, ".h5ad"):
+        try:
+            import anndata
+        except ImportError:
+            raise ImportError('reading .h5ad needs: pip install "ctmm_jax[anndata]".') from None
+        pb = preprocess.from_anndata(anndata.read_h5ad(source), layer=args.layer, **kw)
+    else:
+        if args.cells is None:
+            raise UserError("--cells: give the cell table (donor and cell type of each cell).")
+        X, names = _read_matrix(source, args.genes_by_cells)
+        cells = _read_table(_existing(args.cells, "--cells"), "--cells")
+        if args.gene_names:
+            names = _read_gene_list(str(_existing(args.gene_names, "--gene-names")))
+        pb = preprocess.pseudobulk(X, cells, genes=names, **kw)
+    pb.save(args.output)
+    G, N, C = pb.ctp.shape
+    zero = int((pb.mask & ~pb.observed).sum())
+    _say(args, f"wrote {args.output}: {G} genes, {N} donors, {C} cell types; "
+         f"{int((~pb.mask).sum())} of {N * C} (donor, cell type) pairs have <= "
+         f"max(ct_cut, 1) cells (missing); {zero} gene x pair values have zero variance "
+         "(missing in CTP fits).")  # fmt: skip
+
+
+def _load_data(args):
+    """CTPData/OPData from the dataset (gene selection, chunk, std) or original-format files."""
+    from . import preprocess
+    from .data import CTPData, OPData
+
+    chunk = _parse_chunk(args.chunk)
+    if args.dataset is None:
+        if args.y is None:
+            raise UserError("give a dataset (.npz from `ctmm-jax pseudobulk`) or --y/--P files.")
+        if args.genes or chunk or args.std:
+            raise UserError("--genes, --chunk and --std need a dataset (the files hold one gene).")
+        y, P = _existing(args.y, "--y"), _existing(args.P, "--P")
+        if args.shape == "ctp":
+            return CTPData.from_files(y=y, P=P, ctnu=_existing(args.ctnu, "--ctnu")), {}
+        return OPData.from_files(y=y, P=P, nu=_existing(args.nu, "--nu")), {}
+    if args.y is not None:
+        raise UserError("give either a dataset or --y/--P files, not both.")
+    try:
+        pb = preprocess.Pseudobulk.load(_existing(args.dataset, "dataset"))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    genes = np.array(pb.genes)
+    idx = np.arange(len(genes))
+    if args.genes:
+        wanted = _read_gene_list(args.genes)
+        unknown = [g for g in wanted if g not in set(pb.genes)]
+        if unknown:
+            raise UserError(
+                f"--genes: {len(unknown)} of {len(wanted)} genes are not in {args.dataset} "
+                f"(e.g. {unknown[0]!r}); its genes are named like {pb.genes[0]!r}."
+            )
+        position = {g: j for j, g in enumerate(pb.genes)}
+        idx = np.array([position[g] for g in dict.fromkeys(wanted)])
+    if chunk is not None:
+        idx = np.array_split(idx, chunk[1])[chunk[0] - 1]
+        if len(idx) == 0:
+            raise UserError(f"--chunk {args.chunk}: more chunks than genes ({len(genes)}).")
+    pb = pb.select_genes(idx)
+    if args.std:
+        pb = preprocess.std(pb)
+    data = pb.to_ctp() if args.shape == "ctp" else pb.to_op()
+    return data, {"chunk": args.chunk}
+
+
+def run_fit(args) -> None:
+    from tqdm import tqdm
+
+    from .api import fit
+
+    data, extra = _load_data(args)
+    fixed = dict(_read_covariate(s, "--fixed") for s in args.fixed)
+    random = dict(_read_covariate(s, "--random") for s in args.random)
+    if args.batch_genes < 1:
+        raise UserError("--batch-genes: must be >= 1.")
+    G = data.shape[0]
+    start = time.perf_counter()
+    tables = []
+    with tqdm(total=G, unit="gene", disable=args.quiet or G <= args.batch_genes,
+              desc=f"{args.shape} {args.model} {args.method}") as bar:  # fmt: skip
+        for lo in range(0, G, args.batch_genes):
+            part = data.select_genes(slice(lo, lo + args.batch_genes))
+            result = fit(part, args.model, args.method, jackknife=args.jackknife,
+                         fixed_covars=fixed or None, random_covars=random or None)  # fmt: skip
+            tables.append(result.table)
+            bar.update(part.shape[0])
+    table = pd.concat(tables)
+    seconds = time.perf_counter() - start
+    settings = {
+        "command": "fit",
+        "input": args.dataset or {"y": args.y, "P": args.P, "ctnu": args.ctnu, "nu": args.nu},
+        "shape": args.shape, "model": args.model, "method": args.method,
+        "jackknife": args.jackknife, "std": args.std, "fixed": args.fixed, "random": args.random,
+        "genes": args.genes, **extra,
+        "n_genes": int(G), "n_converged": int(table["converged"].sum()),
+        "seconds": round(seconds, 3),
+    }  # fmt: skip
+    out = _write_table(table, args.output, settings)
+    _say(args, f"wrote {out}: {G} genes ({settings['n_converged']} converged) in {seconds:.1f} s.")
+
+
+# settings that differ between the chunks of one run
+PER_CHUNK = ("output", "chunk", "n_genes", "n_converged", "seconds")
+
+
+def run_merge(args) -> None:
+    parts = []
+    for path in args.inputs:
+        table_path = _existing(path, "merge input")
+        sidecar = Path(f"{table_path}.json")
+        if not sidecar.is_file():
+            raise UserError(f"{path}: no sidecar {sidecar.name}; merge takes outputs of `fit`.")
+        meta = json.loads(sidecar.read_text())
+        if meta.get("command") != "fit":
+            raise UserError(f"{path}: not an output of `ctmm-jax fit`.")
+        parts.append((meta, table_path))
+    settings = [{k: v for k, v in m.items() if k not in PER_CHUNK} for m, _ in parts]
+    for (_, path), s in zip(parts, settings, strict=True):
+        if s != settings[0]:
+            diff = sorted(k for k in s | settings[0] if s.get(k) != settings[0].get(k))
+            raise UserError(f"{path}: fitted with other settings than {parts[0][1]} ({diff}).")
+    chunks = [m.get("chunk") for m, _ in parts]
+    if any(c is not None for c in chunks):
+        if any(c is None for c in chunks):
+            raise UserError("mix of chunked and unchunked outputs; merge the chunks of one run.")
+        index = [tuple(int(x) for x in c.split("/")) for c in chunks]
+        n = {k for _, k in index}
+        if len(n) > 1:
+            raise UserError(f"chunks of different runs (N = {sorted(n)}).")
+        n = n.pop()
+        seen = sorted(i for i, _ in index)
+        if len(set(seen)) != len(seen):
+            raise UserError(f"a chunk is given twice ({seen}).")
+        missing = sorted(set(range(1, n + 1)) - set(seen))
+        if missing:
+            raise UserError(f"missing chunks {missing} of {n}: run `fit --chunk I/{n}` for them.")
+        parts = [p for _, p in sorted(zip(index, parts, strict=True))]
+    tables = [_read_table(p, "merge input", index_col=0) for _, p in parts]
+    table = pd.concat(tables)
+    if table.index.duplicated().any():
+        raise UserError(f"gene {table.index[table.index.duplicated()][0]!r} is in two inputs.")
+    merged = {**settings[0], "chunk": None, "merged": [str(p) for _, p in parts],
+              "n_genes": len(table), "n_converged": int(table["converged"].sum())}  # fmt: skip
+    out = _write_table(table, args.output, merged)
+    _say(args, f"wrote {out}: {len(table)} genes from {len(parts)} tables.")
+
+
+def run_simulate(args) -> None:
+    from scipy import sparse
+
+    from .simulate import simulate_anndata, simulate_cells
+
+    out = Path(args.output)
+    kw = dict(cells_per_donor=args.cells_per_donor, hom2=args.hom2, V=args.V, seed=args.seed)
+    shape = (args.n_genes, args.n_donors, args.n_celltypes)
+    if min(shape) < 1:
+        raise UserError("--n-genes, --n-donors and --n-celltypes must be >= 1.")
+    if _is(out, ".h5ad"):
+        adata = simulate_anndata(*shape, **kw)
+        adata.write_h5ad(out)
+        n_cells = adata.n_obs
+    elif _is(out, ".npz"):
+        counts, cells, genes = simulate_cells(*shape, **kw)
+        sparse.save_npz(out, counts)
+        stem = str(out)[: -len(".npz")]
+        cells.to_csv(f"{stem}.cells.tsv", sep="\t")
+        Path(f"{stem}.genes.txt").write_text("\n".join(genes) + "\n")
+        n_cells = counts.shape[0]
+    else:
+        raise UserError(f"-o {args.output}: use .h5ad (AnnData) or .npz (sparse counts).")
+    _say(args, f"wrote {out}: {n_cells} cells x {args.n_genes} genes, {args.n_donors} donors, "
+         f"{args.n_celltypes} cell types.")  # fmt: skip
+
+
+def _read_numbers(path: str | None, what: str, ndim: int) -> np.ndarray | None:
+    if path is None:
+        return None
+    p = _existing(path, what)
+    try:
+        a = np.load(p) if _is(p, ".npy") else np.loadtxt(p, ndmin=ndim)
+    except ValueError as err:
+        raise UserError(
+            f"{what}: {path} is not a whitespace-separated number table ({err})."
+        ) from err
+    return a
+
+
+def run_gxemm(args) -> None:
+    from .gxemm import fit
+
+    y = _read_numbers(args.y, "--y", 1)
+    y = y.T if y.ndim == 2 else y[None]  # traits as rows
+    K, Z = _read_numbers(args.K, "--K", 2), _read_numbers(args.Z, "--Z", 2)
+    X = _read_numbers(args.X, "--X", 2)
+    start = time.perf_counter()
+    result = fit(y, X, K, Z, gtype=args.gtype, etype=args.etype, method=args.method)
+    table = result.table.set_axis(pd.Index([f"trait{t}" for t in range(y.shape[0])], name="trait"))
+    settings = {"command": "gxemm", "y": args.y, "K": args.K, "Z": args.Z, "X": args.X,
+                "gtype": args.gtype, "etype": args.etype, "method": args.method,
+                "df": int(result.df), "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+    out = _write_table(table, args.output, settings)
+    _say(args, f"wrote {out}: {len(table)} traits ({int(table['converged'].sum())} converged).")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

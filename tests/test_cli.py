@@ -1,0 +1,198 @@
+"""The `ctmm-jax` command line: round trip in subprocesses, chunked = unchunked, the outputs
+equal the library's, and common mistakes end in one line on stderr (never a traceback)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ctmm_jax as cj
+from ctmm_jax import gxemm, preprocess
+from ctmm_jax.cli import main
+from ctmm_jax.simulate import simulate_cells
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ctmm_example"
+TIGHT = dict(rtol=1e-8, atol=1e-10)  # the same fit, in another batch shape
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ctmm_jax.cli", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def numeric(table: pd.DataFrame) -> np.ndarray:
+    return table.select_dtypes("number").to_numpy(np.float64)
+
+
+def read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", index_col=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """simulate -> pseudobulk -> fit in two chunks -> merge, each a `ctmm-jax` subprocess."""
+    d = tmp_path_factory.mktemp("cli")
+    steps = [
+        ("simulate", "-o", "cells.h5ad", "--n-genes", "24", "--n-donors", "30", "--seed", "3"),
+        ("pseudobulk", "cells.h5ad", "--ct-cut", "3", "-o", "pb.npz"),
+        ("fit", "pb.npz", "--model", "iid", "--chunk", "1/2", "-o", "chunks/iid.1.tsv"),
+        ("fit", "pb.npz", "--model", "iid", "--chunk", "2/2", "-o", "chunks/iid.2.tsv"),
+        ("merge", "chunks/iid.2.tsv", "chunks/iid.1.tsv", "-o", "iid.tsv"),
+    ]
+    for step in steps:
+        done = cli(*step, cwd=d)
+        assert done.returncode == 0, f"{step}: {done.stderr}"
+        assert "Traceback" not in done.stderr
+    return d
+
+
+def test_round_trip_equals_the_library(run_dir):
+    """The merged chunk fits equal one unchunked library fit of the same pseudobulk."""
+    import anndata
+
+    pb = preprocess.from_anndata(anndata.read_h5ad(run_dir / "cells.h5ad"), ct_cut=3)
+    saved = preprocess.Pseudobulk.load(run_dir / "pb.npz")
+    np.testing.assert_array_equal(saved.mask, pb.mask)
+    np.testing.assert_allclose(saved.ctp, pb.ctp, rtol=1e-14)
+    expected = cj.fit(pb.to_ctp(), "iid", "reml").table
+    merged = read(run_dir / "iid.tsv")
+    assert list(merged.index) == list(expected.index)  # chunk order restored
+    assert list(merged.columns) == list(expected.columns)
+    np.testing.assert_allclose(numeric(merged), numeric(expected), **TIGHT)
+    assert merged["converged"].all()
+
+
+def test_sidecars_carry_settings_and_version(run_dir):
+    chunk = json.loads((run_dir / "chunks" / "iid.1.tsv.json").read_text())
+    assert chunk["ctmm_jax_version"] == cj.__version__
+    assert (chunk["model"], chunk["method"], chunk["shape"], chunk["chunk"]) == (
+        "iid", "reml", "ctp", "1/2",
+    )  # fmt: skip
+    merged = json.loads((run_dir / "iid.tsv.json").read_text())
+    assert merged["chunk"] is None and merged["n_genes"] == 24
+    assert merged["merged"] == ["chunks/iid.1.tsv", "chunks/iid.2.tsv"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("pseudobulk", "cells.h5ad", "--donor", "individual", "-o", "x.npz"),
+         "no column 'individual'"),
+        (("fit", "missing.npz", "-o", "x.tsv"), "no such file 'missing.npz'"),
+        (("fit", "pb.npz", "--genes", "gene1,NOTAGENE", "-o", "x.tsv"),
+         "1 of 2 genes are not in pb.npz (e.g. 'NOTAGENE')"),
+        (("fit", "cells.h5ad", "-o", "x.tsv"), "not a ctmm_jax pseudobulk dataset"),
+        (("merge", "chunks/iid.1.tsv", "-o", "x.tsv"), "missing chunks [2] of 2"),
+    ],
+)  # fmt: skip
+def test_mistakes_get_one_line_and_exit_code_1(run_dir, args, message):
+    done = cli(*args, cwd=run_dir)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert lines[0].startswith(f"ctmm-jax {args[0]}: error: ") and message in lines[0]
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--chunk I/N" in out and "examples:" in out and "ctmm-jax merge" in out
+
+
+def test_console_script_is_declared():
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    assert {s.name: s.value for s in scripts}.get("ctmm-jax") == "ctmm_jax.cli:main"
+
+
+def test_counts_and_cell_table_input(tmp_path):
+    """simulate .npz (counts + cell table + gene list) -> pseudobulk equals the library's."""
+    assert main(["simulate", "-q", "-o", str(tmp_path / "c.npz"), "--n-genes", "7",
+                 "--n-donors", "6", "--seed", "2"]) == 0  # fmt: skip
+    assert main(["pseudobulk", "-q", str(tmp_path / "c.npz"), "--cells",
+                 str(tmp_path / "c.cells.tsv"), "--gene-names", str(tmp_path / "c.genes.txt"),
+                 "-o", str(tmp_path / "pb.npz")]) == 0  # fmt: skip
+    counts, cells, genes = simulate_cells(7, 6, 4, seed=2)
+    expected = preprocess.pseudobulk(counts, cells, genes=genes)
+    got = preprocess.Pseudobulk.load(tmp_path / "pb.npz")
+    assert got.genes == expected.genes and got.donors == expected.donors
+    np.testing.assert_allclose(got.ctp, expected.ctp, rtol=1e-14)
+    np.testing.assert_allclose(got.ctnu, expected.ctnu, rtol=1e-14)
+
+
+def test_original_files_fit_equals_library(tmp_path):
+    files = dict(y=EXAMPLE / "CTP.gz", P=EXAMPLE / "P.gz", ctnu=EXAMPLE / "ctnu.gz")
+    out = tmp_path / "he.tsv"
+    args = ["fit", "-q", "--method", "he", "--jackknife", "-o", str(out)]
+    assert main(args + [f"--{k}={v}" for k, v in files.items()]) == 0
+    expected = cj.fit(cj.CTPData.from_files(**files), "free", "he", jackknife=True).table
+    np.testing.assert_allclose(numeric(read(out)), numeric(expected), rtol=1e-10)
+
+
+def test_covariates_genes_and_std_equal_library(tmp_path):
+    """--fixed (donor-indexed table), --random (labels), --genes and --std, OP and CTP."""
+    counts, cells, genes = simulate_cells(12, 30, 3, seed=5)
+    pb = preprocess.pseudobulk(preprocess.normalize_log1p(counts), cells, genes=genes)
+    pb.save(tmp_path / "pb.npz")
+    rng = np.random.default_rng(0)
+    pcs = pd.DataFrame(rng.normal(size=(30, 2)), index=list(pb.donors), columns=["PC1", "PC2"])
+    pcs.iloc[::-1].to_csv(tmp_path / "pcs.tsv", sep="\t")  # rows matched by donor, not order
+    batch = pd.Series(np.array(["a", "b", "c"])[np.arange(30) % 3], index=list(pb.donors))
+    batch.rename("batch").to_csv(tmp_path / "batch.tsv", sep="\t")
+    pick = ["gene7", "gene2", "gene9"]
+    sub = preprocess.std(pb.select_genes([7, 2, 9]))
+    covariates = [
+        "--fixed",
+        f"pc={tmp_path / 'pcs.tsv'}",
+        "--random",
+        f"batch={tmp_path / 'batch.tsv'}",
+    ]
+    for shape, data in (("ctp", sub.to_ctp()), ("op", sub.to_op())):
+        out = tmp_path / f"{shape}.tsv"
+        options = ["--shape", shape, "--method", "he", "--genes", ",".join(pick), "--std"]
+        assert (
+            main(["fit", "-q", str(tmp_path / "pb.npz"), *options, *covariates, "-o", str(out)])
+            == 0
+        )
+        expected = cj.fit(data, "free", "he", fixed_covars={"pc": pcs},
+                          random_covars={"batch": batch}).table  # fmt: skip
+        got = read(out)
+        assert list(got.index) == pick and "r2_batch" in got and "beta_pc_PC2" in got
+        np.testing.assert_allclose(numeric(got), numeric(expected), rtol=1e-10)
+
+
+def test_merge_refuses_other_settings(tmp_path, capsys):
+    pb = cj.simulate(4, 20, 2, seed=1)
+    saved = preprocess.Pseudobulk(
+        pb.genes, pb.donors, pb.celltypes, pb.Y, pb.ctnu, np.full((20, 2), 5), pb.P,
+        np.einsum("gnc,nc->gn", pb.Y, pb.P), np.einsum("gnc,nc->gn", pb.ctnu, pb.P**2),
+        np.ones((20, 2), bool),
+    )  # fmt: skip
+    saved.save(tmp_path / "pb.npz")
+    for i, model in ((1, "hom"), (2, "iid")):
+        assert main(["fit", "-q", str(tmp_path / "pb.npz"), "--method", "he", "--model", model,
+                     "--chunk", f"{i}/2", "-o", str(tmp_path / f"{i}.tsv")]) == 0  # fmt: skip
+    assert main(["merge", str(tmp_path / "1.tsv"), str(tmp_path / "2.tsv"), "-o",
+                 str(tmp_path / "m.tsv")]) == 1  # fmt: skip
+    assert "fitted with other settings" in capsys.readouterr().err
+
+
+def test_gxemm_command_equals_library(tmp_path):
+    y, X, K, Z = (a for a in gxemm.simulate(80, seed=4)[:4])
+    for name, a in (("y", y), ("X", X), ("K", K), ("Z", Z)):
+        np.savetxt(tmp_path / f"{name}.txt", a)
+    out = tmp_path / "g.tsv"
+    assert main(["gxemm", "-q", "--y", str(tmp_path / "y.txt"), "--K", str(tmp_path / "K.txt"),
+                 "--Z", str(tmp_path / "Z.txt"), "--X", str(tmp_path / "X.txt"),
+                 "--gtype", "iid", "-o", str(out)]) == 0  # fmt: skip
+    expected = gxemm.fit(y, X, K, Z, gtype="iid").table
+    np.testing.assert_allclose(numeric(read(out)), numeric(expected), rtol=1e-10)
