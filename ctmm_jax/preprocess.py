@@ -369,15 +369,20 @@ def from_anndata(
     )
 
 
-def normalize_log1p(counts, target: float = 1e4):
+def normalize_log1p(counts, target: float = 1e4, total=None):
     """log1p(x_jg / n_j * target) with n_j the total count of cell j (the usual library-size
-    normalisation); sparse input stays sparse (zeros stay zero). Cells with no counts stay 0."""
-    if sparse.issparse(counts):
-        X = sparse.csr_matrix(counts, dtype=np.float64, copy=True)
-        total = np.asarray(X.sum(axis=1)).ravel()
-        scale = np.divide(target, total, out=np.zeros_like(total), where=total > 0)
-        X.data = np.log1p(X.data * np.repeat(scale, np.diff(X.indptr)))
-        return X
-    X = np.asarray(counts, dtype=np.float64)
-    total = X.sum(axis=1, keepdims=True)
-    return np.log1p(X * np.divide(target, total, out=np.zeros_like(total), where=total > 0))
+    normalisation); sparse input stays sparse (zeros stay zero). Cells with no counts stay 0.
+
+    total: (cells,) n_j, e.g. the cell's UMIs over all genes when `counts` holds a subset;
+    default the row sums of `counts`."""
+    sparse_in = sparse.issparse(counts)
+    X = sparse.csr_matrix(counts, dtype=np.float64, copy=True) if sparse_in else (
+        np.asarray(counts, dtype=np.float64))  # fmt: skip
+    total = np.asarray(X.sum(axis=1)).ravel() if total is None else np.asarray(total, float)
+    if total.shape != (X.shape[0],):
+        raise ValueError(f"total: expected one value per cell ({X.shape[0]}), got {total.shape}.")
+    scale = np.divide(target, total, out=np.zeros_like(total), where=total > 0)
+    if not sparse_in:
+        return np.log1p(X * scale[:, None])
+    X.data = np.log1p(X.data * np.repeat(scale, np.diff(X.indptr)))
+    return X

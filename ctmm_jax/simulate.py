@@ -89,7 +89,7 @@ def simulate_cells(
     n_celltypes: int = 4,
     *,
     cells_per_donor: float = 100.0,
-    hom2: float = 0.05,
+    hom2=0.05,
     V=0.05,
     ct_sd: float = 0.5,
     depth: float = 5000.0,
@@ -98,11 +98,14 @@ def simulate_cells(
     """Draw single-cell UMI counts with donor and cell-type structure on the log scale.
 
     Gene g has a base rate r_g ~ LogNormal(log 5, 1) per 10,000 UMIs and cell-type effects
-    b_gc ~ N(0, ct_sd^2); donor i adds a_gi ~ N(0, hom2) shared by its cell types and
-    g_gic ~ N(0, V_c) specific to each. Donor i has Poisson(cells_per_donor) cells (at least
+    b_gc ~ N(0, ct_sd^2); donor i adds a_gi ~ N(0, hom2_g) shared by its cell types and
+    g_gic ~ N(0, V_gc) specific to each (hom2: scalar or (G,); V: scalar, (C,) or (G, C)). Donor i has Poisson(cells_per_donor) cells (at least
     2), of cell types drawn from its proportions p_i ~ Dirichlet(2, ..., 2); cell j has a
     library size L_j ~ depth * LogNormal(0, 0.3) and counts
-    x_jg ~ Poisson(L_j / 1e4 * r_g * exp(b_gc + a_gi + g_gic)).
+    x_jg ~ Poisson(L_j / 1e4 * r_g * exp(b_gc + a_gi + g_gic)). The simulated genes are a
+    small part of a transcriptome: the cell's total UMI count n_counts is theirs plus
+    Poisson(L_j) from the other genes, so normalising by it does not mix the genes' donor
+    effects into every gene (as normalising by the sum over a few hundred genes would).
 
     Returns:
         counts: (cells, genes) CSR of int64 counts; cells: one row per cell (index 'cell0'..)
@@ -111,13 +114,14 @@ def simulate_cells(
     """
     G, N, C = int(n_genes), int(n_donors), int(n_celltypes)
     rng = np.random.default_rng(seed)
-    V = np.broadcast_to(np.asarray(V, dtype=np.float64), (C,))
-    if hom2 < 0 or (V < 0).any():
+    hom2 = np.broadcast_to(np.asarray(hom2, dtype=np.float64), (G,))
+    V = np.broadcast_to(np.asarray(V, dtype=np.float64), (G, C))
+    if (hom2 < 0).any() or (V < 0).any():
         raise ValueError("hom2, V: variances must be >= 0 to simulate from them.")
     log_rate = np.log(5.0) + rng.standard_normal(G)
     ct_effect = ct_sd * rng.standard_normal((G, C))
-    donor_effect = np.sqrt(hom2) * rng.standard_normal((G, N))
-    specific = np.sqrt(V) * rng.standard_normal((G, N, C))
+    donor_effect = np.sqrt(hom2)[:, None] * rng.standard_normal((G, N))
+    specific = np.sqrt(V)[:, None, :] * rng.standard_normal((G, N, C))
     log_mu = log_rate[:, None, None] + ct_effect[:, None, :] + donor_effect[..., None] + specific
 
     n_cells = np.maximum(rng.poisson(cells_per_donor, N), 2)
@@ -131,11 +135,13 @@ def simulate_cells(
         lam = library[:, None] / 1e4 * np.exp(log_mu[j : j + 256, donor, cell_type].T)
         blocks.append(sparse.csr_matrix(rng.poisson(lam)))
     counts = sparse.hstack(blocks, format="csr")
+    own = np.asarray(counts.sum(axis=1)).ravel()
+    n_counts = own + rng.poisson(library)  # plus the rest of the transcriptome
     cells = pd.DataFrame(
         {
             "donor": [f"ind{i}" for i in donor],
             "cell_type": [f"ct{c}" for c in cell_type],
-            "n_counts": np.asarray(counts.sum(axis=1)).ravel(),
+            "n_counts": n_counts,
         },
         index=pd.Index([f"cell{j}" for j in range(len(donor))], name="cell"),
     )
@@ -154,7 +160,7 @@ def simulate_anndata(*args, **kwargs):
 
     counts, cells, genes = simulate_cells(*args, **kwargs)
     adata = anndata.AnnData(
-        X=normalize_log1p(counts), obs=cells, var=pd.DataFrame(index=pd.Index(genes, name="gene"))
+        X=normalize_log1p(counts, total=cells["n_counts"].to_numpy()), obs=cells, var=pd.DataFrame(index=pd.Index(genes, name="gene"))
     )
     adata.layers["counts"] = counts
     return adata

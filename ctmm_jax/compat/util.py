@@ -38,7 +38,7 @@ def lrt(l: float, l0: float, k: int) -> float:  # noqa: E741 (the original's nam
     return float(p) if np.ndim(p) == 0 else p
 
 
-def estimate_keys(model: str, method: str) -> list[str]:
+def _estimate_keys(model: str, method: str) -> list[str]:
     """Keys of the estimates dict the original returns for (model, method), without `nu`."""
     keys = [] if model == "full" else ["hom2"]
     if model != "hom":
@@ -109,7 +109,7 @@ def _run(
 
 
 def _estimates(res, data, model: str, method: str, covars, random) -> dict:
-    """FitResult of one gene -> the original's estimates dict (keys: `estimate_keys`)."""
+    """FitResult of one gene -> the original's estimates dict (keys: `_estimate_keys`)."""
     G, N, C = data.shape
     k = models.n_var(model, C)
     phi, row = res.phi[0], res.table.iloc[0]
@@ -175,7 +175,7 @@ def _document(shape: str, model: str, method: str, jackknife: str | None):
         "free": "V = diag(v_1..v_C)",
         "full": "V any symmetric; hom2 absorbed",
     }[model]
-    keys = estimate_keys(model, method) + (["nu"] if shape == "op" else [])
+    keys = _estimate_keys(model, method) + (["nu"] if shape == "op" else [])
     if shape == "ctp" and model == "free" and method == "ml":
         keys[keys.index("ct_specific_random_var")] = "ct_specific_var"
     if model == "full":
