@@ -99,9 +99,10 @@ def simulate_cells(
 
     Gene g has a base rate r_g ~ LogNormal(log 5, 1) per 10,000 UMIs and cell-type effects
     b_gc ~ N(0, ct_sd^2); donor i adds a_gi ~ N(0, hom2_g) shared by its cell types and
-    g_gic ~ N(0, V_gc) specific to each (hom2: scalar or (G,); V: scalar, (C,) or (G, C)). Donor i has Poisson(cells_per_donor) cells (at least
-    2), of cell types drawn from its proportions p_i ~ Dirichlet(2, ..., 2); cell j has a
-    library size L_j ~ depth * LogNormal(0, 0.3) and counts
+    g_gic ~ N(0, V_gc) specific to each (hom2: scalar or (G,); V: scalar, (C,) or (G, C)).
+    Donor i has Poisson(cells_per_donor) cells (at least 2), of cell types drawn from its
+    proportions p_i ~ Dirichlet(2, ..., 2); cell j has a library size
+    L_j ~ depth * LogNormal(0, 0.3) and counts
     x_jg ~ Poisson(L_j / 1e4 * r_g * exp(b_gc + a_gi + g_gic)). The simulated genes are a
     small part of a transcriptome: the cell's total UMI count n_counts is theirs plus
     Poisson(L_j) from the other genes, so normalising by it does not mix the genes' donor
@@ -159,8 +160,7 @@ def simulate_anndata(*args, **kwargs):
     from .preprocess import normalize_log1p
 
     counts, cells, genes = simulate_cells(*args, **kwargs)
-    adata = anndata.AnnData(
-        X=normalize_log1p(counts, total=cells["n_counts"].to_numpy()), obs=cells, var=pd.DataFrame(index=pd.Index(genes, name="gene"))
-    )
+    X = normalize_log1p(counts, total=cells["n_counts"].to_numpy())
+    adata = anndata.AnnData(X=X, obs=cells, var=pd.DataFrame(index=pd.Index(genes, name="gene")))
     adata.layers["counts"] = counts
     return adata

@@ -14,6 +14,7 @@ from scipy import linalg, stats
 
 from .. import api, models
 from ..data import Covariates, CTPData, OPData, _loadtxt
+from ..results import fixed_effect_variances
 
 # what an estimates dict holds, beyond hom2 (all but full) and V (all but hom), by method;
 # ct_random_var / ct_specific_random_var come with V
@@ -117,14 +118,7 @@ def _estimates(res, data, model: str, method: str, covars, random) -> dict:
     if model != "full":
         est["hom2"] = float(phi[0])
     if model != "hom":
-        if model == "iid":
-            V = phi[1] * np.eye(C)
-        elif model == "free":
-            V = np.diag(phi[1:k])
-        else:
-            V = np.zeros((C, C))
-            V[np.triu_indices(C)] = phi[:k]
-            V = V + np.triu(V, 1).T
+        V = np.asarray(models.unpack(phi[:k], model, C).V)
         P = data.P
         est["V"] = V
         est["ct_random_var"] = float(np.trace(V @ P.T @ P) / N)  # tr(V P^T P) / N
@@ -134,7 +128,10 @@ def _estimates(res, data, model: str, method: str, covars, random) -> dict:
         beta[name] = res.beta[0, start : start + F.shape[1]].copy()
         start += F.shape[1]
     est["beta"] = beta
-    est["fixedeffect_vars"] = _fixed_vars(beta, data.P, covars)
+    explained = fixed_effect_variances(res.beta, data.P, covars)  # fixedvar_<name>: (1,)
+    est["fixedeffect_vars"] = {
+        k.removeprefix("fixedvar_"): float(v[0]) for k, v in explained.items()
+    }
     est["r2"] = {name: float(phi[k + j]) for j, name in enumerate(random.values)}
     est["randomeffect_vars"] = {name: float(row[f"randomvar_{name}"]) for name in random.values}
     if method != "he":
@@ -151,18 +148,6 @@ def _estimates(res, data, model: str, method: str, covars, random) -> dict:
             "nit": int(res.n_iter[0]),
         }
     return est
-
-
-def _fixed_vars(beta: dict, P: np.ndarray, covars) -> dict:
-    """Variance explained by each group of fixed effects, b^T cov(Z) b (np.cov, N - 1), with
-    Z = P for the cell-type means and Z = F for a covariate (the original's definition)."""
-
-    def explained(b, Z):
-        return float(b @ np.atleast_2d(np.cov(Z, rowvar=False)) @ b)
-
-    out = {"ct_beta": explained(beta["ct_beta"], P)}
-    out.update({name: explained(beta[name], F) for name, F in covars.values.items()})
-    return out
 
 
 def _document(shape: str, model: str, method: str, jackknife: str | None):
