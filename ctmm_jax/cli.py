@@ -283,15 +283,12 @@ def _parse_chunk(value: str | None) -> tuple[int, int] | None:
 # ---------------------------------------------------------------------------------- writing
 
 
-def _write_table(table: pd.DataFrame, path: str, settings: dict) -> Path:
-    """Write the table (by extension) and its sidecar <path>.json."""
-    from . import __version__
-
+def _check_output(path: str) -> Path:
+    """The output table's path, checked before any work: a known extension, and pyarrow
+    installed for .parquet."""
     out = Path(path)
     if not _is(out, ".tsv", ".csv", ".parquet", ".txt", ".tsv.gz", ".csv.gz"):
         raise UserError(f"-o {path}: use a .tsv, .csv or .parquet file name.")
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
     if _is(out, ".parquet"):
         try:
             import pyarrow  # noqa: F401
@@ -299,6 +296,16 @@ def _write_table(table: pd.DataFrame, path: str, settings: dict) -> Path:
             raise ImportError(
                 'writing .parquet needs pyarrow: pip install "ctmm_jax[parquet]", or use .tsv.'
             ) from None
+    return out
+
+
+def _write_table(table: pd.DataFrame, path: str, settings: dict) -> Path:
+    """Write the table (by extension) and its sidecar <path>.json."""
+    from . import __version__
+
+    out = _check_output(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if _is(out, ".parquet"):
         table.to_parquet(out)
     else:
         table.to_csv(out, sep="," if _is(out, ".csv", ".csv.gz") else "\t")
@@ -395,6 +402,7 @@ def run_fit(args) -> None:
 
     from .api import fit
 
+    _check_output(args.output)
     data, extra = _load_data(args)
     fixed = dict(_read_covariate(s, "--fixed") for s in args.fixed)
     random = dict(_read_covariate(s, "--random") for s in args.random)
@@ -431,6 +439,7 @@ PER_CHUNK = ("output", "chunk", "n_genes", "n_converged", "seconds")
 
 
 def run_merge(args) -> None:
+    _check_output(args.output)
     parts = []
     for path in args.inputs:
         table_path = _existing(path, "merge input")
@@ -515,6 +524,7 @@ def _read_numbers(path: str | None, what: str, ndim: int) -> np.ndarray | None:
 def run_gxemm(args) -> None:
     from .gxemm import fit
 
+    _check_output(args.output)
     y = _read_numbers(args.y, "--y", 1)
     y = y.T if y.ndim == 2 else y[None]  # traits as rows
     K, Z = _read_numbers(args.K, "--K", 2), _read_numbers(args.Z, "--Z", 2)

@@ -91,6 +91,7 @@ def test_sidecars_carry_settings_and_version(run_dir):
          "1 of 2 genes are not in pb.npz (e.g. 'NOTAGENE')"),
         (("fit", "cells.h5ad", "-o", "x.tsv"), "not a ctmm_jax pseudobulk dataset"),
         (("merge", "chunks/iid.1.tsv", "-o", "x.tsv"), "missing chunks [2] of 2"),
+        (("fit", "pb.npz", "-o", "x.xlsx"), "use a .tsv, .csv or .parquet file name"),
     ],
 )  # fmt: skip
 def test_mistakes_get_one_line_and_exit_code_1(run_dir, args, message):

@@ -9,6 +9,7 @@ from scipy import sparse
 
 from ctmm_jax.data import CTPData, OPData
 from ctmm_jax.preprocess import Pseudobulk, from_anndata, normalize_log1p, pseudobulk, std
+from ctmm_jax.simulate import simulate_anndata, simulate_cells
 
 # Cells per (donor, cell type): a single-cell pair (d2, NK), a two-cell pair (d3, NK), an empty
 # pair (d4, NK) and a small donor d5 (4 cells). Cell types are listed unsorted on purpose.
@@ -265,6 +266,24 @@ def test_normalize_log1p(data, fmt):
     got = normalize_log1p(X if fmt == "dense" else sparse.csr_matrix(X))
     assert sparse.issparse(got) == (fmt == "csr")
     np.testing.assert_allclose(got.toarray() if fmt == "csr" else got, expected, rtol=1e-14)
+
+
+def test_simulate_cells_is_seeded_and_structured():
+    V = np.zeros((6, 3))
+    V[3:] = 0.2
+    counts, cells, genes = simulate_cells(6, 5, 3, V=V, seed=1)
+    again = simulate_cells(6, 5, 3, V=V, seed=1)
+    assert (counts != again[0]).nnz == 0 and cells.equals(again[1]) and genes == again[2]
+    assert counts.shape == (len(cells), 6) and genes == [f"gene{g}" for g in range(6)]
+    assert set(cells.donor) == {f"ind{i}" for i in range(5)}
+    assert set(cells.cell_type) <= {"ct0", "ct1", "ct2"}
+    assert (cells.n_counts >= np.asarray(counts.sum(axis=1)).ravel()).all()
+    adata = simulate_anndata(6, 5, 3, V=V, seed=1)
+    expected = normalize_log1p(counts, total=cells.n_counts.to_numpy())
+    np.testing.assert_allclose(adata.X.toarray(), expected.toarray(), rtol=1e-15)
+    assert (adata.layers["counts"] != counts).nnz == 0 and list(adata.var_names) == genes
+    with pytest.raises(ValueError, match="variances must be >= 0"):
+        simulate_cells(6, 5, 3, V=-0.1)
 
 
 def test_select_genes(data):
