@@ -37,6 +37,13 @@ class UserError(Exception):
     """A mistake in the command line or the inputs, reported as one line."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ctmm-jax` console script; returns the exit code."""
     parser = build_parser()
@@ -52,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ctmm-jax",
         description="Cell type-specific linear mixed models (CTMM) for single-cell pseudobulk, "
         "and GxEMM, fitted for many genes at once with JAX.",

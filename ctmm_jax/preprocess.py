@@ -260,7 +260,8 @@ def pseudobulk(
 
     Args:
         X: (cells, G) expression: a NumPy array, any scipy.sparse matrix or array (converted to
-            CSC once, never densified) or a 2-D sliceable array-like (read by column chunks).
+            CSC once, never densified), a pandas DataFrame (genes = its columns; all-sparse
+            columns stay sparse) or a 2-D sliceable array-like (read by column chunks).
         cells: one row per row of X, with the `donor` and `cell_type` columns (labels are used
             as str and sorted as str).
         genes: (G,) gene names; default "gene0", "gene1", ...
@@ -268,6 +269,10 @@ def pseudobulk(
     Returns:
         Pseudobulk with ctp, ctnu: (G, N, C); counts, P, mask: (N, C); op, nu: (G, N).
     """
+    if isinstance(X, pd.DataFrame):  # cells x genes table: genes from its columns
+        genes = list(X.columns) if genes is None else genes
+        X = X.sparse.to_coo() if all(isinstance(t, pd.SparseDtype) for t in X.dtypes) else (
+            X.to_numpy(np.float64))  # fmt: skip
     X = _as_matrix(X)
     n_cells, G = X.shape
     if not isinstance(cells, pd.DataFrame):

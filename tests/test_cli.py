@@ -110,6 +110,15 @@ def test_help_has_examples(capsys):
     assert "--chunk I/N" in out and "examples:" in out and "ctmm-jax merge" in out
 
 
+@pytest.mark.parametrize("argv", [["fit", "--model", "fre", "-o", "x.tsv"], ["fitt"], []])
+def test_usage_mistakes_get_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ": error: " in err[0] and "--help" in err[0]
+
+
 def test_console_script_is_declared():
     scripts = importlib.metadata.entry_points(group="console_scripts")
     assert {s.name: s.value for s in scripts}.get("ctmm-jax") == "ctmm_jax.cli:main"

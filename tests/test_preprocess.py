@@ -80,6 +80,15 @@ def test_dense_sparse_and_chunks_agree(data, fmt, chunk_size):
     assert_same(pseudobulk(fmt(X), cells, chunk_size=chunk_size), pseudobulk(X, cells))
 
 
+@pytest.mark.parametrize("sparse_columns", [False, True])
+def test_pandas_table_input(data, sparse_columns):
+    X, cells = data
+    table = pd.DataFrame(X, columns=[f"g{j}" for j in range(G)])
+    if sparse_columns:
+        table = table.astype(pd.SparseDtype(np.float64, 0.0))
+    assert_same(pseudobulk(table, cells), pseudobulk(X, cells, genes=list(table.columns)))
+
+
 def test_duplicate_and_unsorted_sparse_entries(data):
     """Duplicate entries add up (scipy's convention), also in the squares; order is irrelevant."""
     X, cells = data
