@@ -112,3 +112,35 @@ def test_missing_at_random_reml_unbiased():
     for c in range(C):
         _within_mc_error(t[f"V_ct{c}"], V[c, c])
         _within_mc_error(t[f"beta_ct{c}"], beta[c])
+
+
+def test_estimated_ctnu_inflates_the_test_of_v():
+    """Cells from a Gaussian model with no cell type-specific variance (200 genes, 60 donors,
+    about 25 cells per pair): with the true noise variances 1 / n_ic the REML LRT of free vs
+    hom is calibrated, with ctnu estimated from the cells (pseudobulk) it is not (about 0.04 vs
+    0.22 at 0.05): the model treats the noisy ctnu as known (README, "Pseudobulk from cells")."""
+    from ctmm_jax import preprocess
+    from ctmm_jax.simulate import simulate_cells
+
+    genes, donors, types = 200, 60, 4
+    _, cells, names = simulate_cells(genes, donors, types, seed=7)  # donors, cell types only
+    rng = np.random.default_rng(0)
+    d = cells.donor.str[3:].astype(int).to_numpy()
+    c = cells.cell_type.str[2:].astype(int).to_numpy()
+    mean = (
+        rng.normal(0, np.sqrt(0.05), (genes, donors))[:, d]
+        + rng.normal(0, 0.5, (genes, types))[:, c]
+    )
+    pb = preprocess.pseudobulk(
+        mean.T + rng.standard_normal(mean.T.shape), cells, genes=names, ct_cut=5
+    )
+    true_ctnu = np.where(pb.mask, 1.0 / np.maximum(pb.counts, 1), np.nan)
+    rejected = {}
+    for name, ctnu in (("estimated", pb.ctnu), ("true", np.broadcast_to(true_ctnu, pb.ctnu.shape))):
+        data = cj.CTPData.from_arrays(
+            np.nan_to_num(pb.ctp), np.nan_to_num(ctnu, nan=1.0), pb.P, mask=pb.mask
+        )
+        free, hom = cj.fit(data, "free", "reml").table, cj.fit(data, "hom", "reml").table
+        rejected[name] = np.mean(cj.lrt(free.loglik, hom.loglik, types) < 0.05)
+    assert 0.01 < rejected["true"] < 0.09, rejected
+    assert rejected["estimated"] > 0.12, rejected
