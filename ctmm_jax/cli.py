@@ -516,16 +516,13 @@ def run_simulate(args) -> None:
 
 
 def _read_numbers(path: str | None, what: str, ndim: int) -> np.ndarray | None:
+    """A .npy array or a whitespace-separated number table (data._loadtxt)."""
+    from .data import _loadtxt
+
     if path is None:
         return None
     p = _existing(path, what)
-    try:
-        a = np.load(p) if _is(p, ".npy") else np.loadtxt(p, ndmin=ndim)
-    except ValueError as err:
-        raise UserError(
-            f"{what}: {path} is not a whitespace-separated number table ({err})."
-        ) from err
-    return a
+    return np.load(p) if _is(p, ".npy") else _loadtxt(p, what, ndim)
 
 
 def run_gxemm(args) -> None:
