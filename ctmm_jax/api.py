@@ -1,4 +1,4 @@
-"""`fit`: validate -> block form -> batched fits (engine.py) -> per-gene table."""
+"""`fit`: validate -> block form -> estimator (and jackknife) -> per-gene table. No math."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import jax
 import numpy as np
 
 from . import models
+from .blocks import to_blocks
 from .data import Covariates, CTPData, OPData
-from .engine import BOUNDARY_COND, GeneFit, Problems, finish, run_fits
-from .he import run_he, run_he_jackknife
-from .optimize import Status
-from .results import FitResult, Jackknife
-from .structure import to_blocks
+from .estimators import Problems
+from .estimators.he import MethodOfMoments
+from .estimators.mlreml import MaximumLikelihood
+from .jackknife import jackknife as run_jackknife
+from .results import FitResult
 
 METHODS = ("ml", "reml", "he")
 INFORMATION = ("expected", "observed")
@@ -57,7 +58,7 @@ def fit(
 
     Args:
         data: CTPData (CTP fit) or OPData (OP fit).
-        model: "hom", "iid", "free" or "full" (models.py).
+        model: a name in models.MODELS: "hom", "iid", "free", "full", ... (models.py).
         method: "ml" or "reml" (fixed effects profiled out by GLS), or "he" (Haseman-Elston
             method of moments, he.py).
         jackknife: also refit with each donor left out and add jackknife standard errors and
@@ -85,7 +86,7 @@ def fit(
     """
     if not isinstance(data, CTPData | OPData):
         raise ValueError(f"data: expected CTPData or OPData, got {type(data).__name__}.")
-    models.check_model(model)
+    models.get(model)
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
     if information not in INFORMATION:
@@ -99,6 +100,11 @@ def fit(
             "jax_enable_x64 is off; ctmm_jax needs float64 (importing it turns it on)."
         )
     G, N, C = data.shape
+    if method == "he" and not models.get(model).linear:
+        raise ValueError(
+            f"method='he' needs a model linear in its parameters; {model!r} is not: use "
+            "method='ml' or 'reml'."
+        )
     covars = Covariates.build(fixed_covars, data.donors)
     random = Covariates.build(random_covars, data.donors, kind="random")
     blocks = to_blocks(data, model, covars.matrix, random.matrix, random.groups)
@@ -114,34 +120,28 @@ def fit(
             f"jackknife: leaving a donor out leaves N - 1 = {N - 1} donors for n_par = {n_par} "
             "parameters; the jackknife needs N - 1 > n_par: use more donors or a smaller model."
         )
-    # nonneg constrains the optimizer; HE is a closed form and GLS at HE takes it as it is
-    keys = dict(model=model, C=C, reml=method != "ml", nonneg=bool(nonneg) and method != "he")
-    size = int(chunk_size)
-    everything = Problems(np.arange(G))
-    unidentified = _unidentified(blocks)
-    if method == "he":
-        he_fit = run_he(blocks, chunk_size=size)
-        fits, status = _he_estimates(blocks, everything, he_fit, he_beta, keys, size)
-        loglik, n_iter = np.full(G, np.nan), np.zeros(G, int)
-    else:
-        fits, state = run_fits(
-            blocks, everything, **keys, observed=information == "observed",
-            max_iter=int(max_iter), tol=float(tol), chunk_size=size,
-        )  # fmt: skip
-        # a fit that did not converge and ended close to singular is reported as on the boundary
-        status = np.where(
-            (state.status != Status.OK) & (fits.cond > BOUNDARY_COND), Status.BOUNDARY, state.status
-        )
-        loglik, n_iter = -state.nll, state.n_iter
-    status = np.where(unidentified, Status.NOT_IDENTIFIED, status)
+    estimator = _estimator(
+        method, model, C, information=information, nonneg=nonneg, he_beta=he_beta,
+        chunk_size=int(chunk_size), max_iter=int(max_iter), tol=float(tol),
+    )  # fmt: skip
+    est = estimator.fit(blocks, Problems(np.arange(G)))
     jk = None
     if jackknife:
-        jk = _jackknife(
-            blocks, data.observed_donors, method, fits, keys, he_beta, max_iter, tol, size
-        )
+        jk = run_jackknife(estimator, blocks, data.observed_donors, est, C)
     return FitResult.build(
-        data, model, method, information, fits, loglik, n_iter, status, n_par, jackknife=jk,
+        data, model, method, information, est, _unidentified(blocks), n_par, jackknife=jk,
         covariates=covars, random=random,
+    )  # fmt: skip
+
+
+def _estimator(method, model, C, *, information, nonneg, he_beta, chunk_size, max_iter, tol):
+    """The estimator of `method` (estimators.Estimator); nonneg constrains the optimizer only
+    (HE is a closed form)."""
+    if method == "he":
+        return MethodOfMoments(model, C, he_beta, chunk_size)
+    return MaximumLikelihood(
+        model, C, reml=method == "reml", nonneg=bool(nonneg),
+        observed=information == "observed", max_iter=max_iter, tol=tol, chunk_size=chunk_size,
     )  # fmt: skip
 
 
@@ -157,49 +157,3 @@ def _unidentified(blocks) -> np.ndarray:
         X = X * blocks.mask[..., None]
     X = np.broadcast_to(X, (G,) + X.shape[1:]).reshape(G, N * b, -1)
     return np.linalg.matrix_rank(X) < X.shape[-1]
-
-
-def _he_estimates(blocks, problems, he_fit, he_beta, keys, size):
-    """GeneFit of HE estimates: variances from HE, beta OLS (or GLS at the HE variances),
-    no information-based covariance (NaN). Status OK when the estimates are finite."""
-    P, k = he_fit.phi.shape
-    nan = np.full((P, k, k), np.nan)
-    if he_beta == "gls":
-        gls = finish(blocks, problems, he_fit.phi, **keys, observed=False, chunk_size=size)
-        fits = GeneFit(he_fit.phi, nan, gls.beta, np.full_like(gls.beta_cov, np.nan), gls.cond)
-    else:
-        p = he_fit.beta.shape[1]
-        fits = GeneFit(he_fit.phi, nan, he_fit.beta, np.full((P, p, p), np.nan), np.full(P, np.nan))
-    finite = np.all(np.isfinite(fits.phi), axis=1) & np.all(np.isfinite(fits.beta), axis=1)
-    return fits, np.where(finite, Status.OK, Status.NOT_FINITE)
-
-
-def _jackknife(blocks, present, method, fits, keys, he_beta, max_iter, tol, size) -> Jackknife:
-    """Leave-one-donor-out refits of every gene over its present donors (G, N): HE in closed
-    form (he.py), ML/REML by the optimizer from the full-data estimates, as one more batched
-    axis (gene x donor). Replicates of absent donors are NaN and do not count."""
-    G, N = blocks.y.shape[:2]
-    C = keys["C"]
-    gene, drop = np.nonzero(present)
-    problems = Problems(gene, drop)
-    if method == "he":
-        reps = run_he_jackknife(blocks, chunk_size=size)  # (G, N, k), (G, N, p)
-        phi, beta = reps.phi[gene, drop], reps.beta[gene, drop]
-        if he_beta == "gls":
-            beta = finish(blocks, problems, phi, **keys, observed=False, chunk_size=size).beta
-        failed = ~np.all(np.isfinite(phi), axis=1)
-    else:
-        theta0 = np.asarray(models.from_natural_batch(fits.phi, keys["model"], C, keys["nonneg"]))
-        reps, state = run_fits(
-            blocks, problems._replace(theta0=theta0[gene]), **keys, observed=False,
-            max_iter=int(max_iter), tol=float(tol), chunk_size=size,
-        )  # fmt: skip
-        phi, beta, failed = reps.phi, reps.beta, state.status != Status.OK
-
-    def per_donor(x):  # (P, ...) over present pairs -> (G, N, ...), NaN for absent donors
-        out = np.full((G, N) + x.shape[1:], np.nan)
-        out[gene, drop] = x
-        return out
-
-    n_failed = np.bincount(gene, weights=failed, minlength=G).astype(int)
-    return Jackknife(per_donor(phi), per_donor(beta[:, :C]), n_failed, present)

@@ -2,8 +2,10 @@
 
 Every subcommand reads files, calls the library and writes files; a mistake in the input ends
 the run with one line on stderr (`ctmm-jax <command>: error: ...`) and exit code 1, never a
-traceback. Each output table gets a sidecar `<output>.json` with the run's settings and the
-package version; `merge` uses them to check that chunk outputs belong together.
+traceback (`--debug` shows it). Each output table gets a sidecar `<output>.json` with the run's
+settings, the package version and (fit, gxemm) the JAX setup, and `<output>.columns.tsv`, a
+dictionary of its columns; `merge` uses the settings to check that chunk outputs belong together.
+JAX is imported only by the commands that compute, so `--help` and most mistakes are quick.
 """
 
 from __future__ import annotations
@@ -30,11 +32,31 @@ examples:
   ctmm-jax gxemm --y y.txt --K K.txt --Z Z.txt --gtype free -o gxemm.tsv
 """
 
-MODELS = ("hom", "iid", "free", "full")
-
 
 class UserError(Exception):
     """A mistake in the command line or the inputs, reported as one line."""
+
+
+# what input validation raises: UserError, the library's ValueError naming the input, file
+# problems, and ImportError for a missing optional extra (anndata, pyarrow)
+USER_ERRORS = (UserError, ValueError, OSError, ImportError)
+
+
+class _ModelNames:
+    """The names in `models.MODELS`, as `--model` choices, looked up when argparse first needs
+    them (to check a `--model` value, for `fit --help`): importing `ctmm_jax.models` imports
+    JAX, which `ctmm-jax --help` and most mistakes do without."""
+
+    def _names(self) -> tuple[str, ...]:
+        from .models import MODELS
+
+        return tuple(MODELS)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,16 +67,32 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `ctmm-jax` console script; returns the exit code."""
+    """Run `ctmm-jax` with the arguments `argv` (default: sys.argv[1:]); returns the exit code:
+    0, 1 for a mistake in the inputs, 130 when interrupted (a usage mistake exits 2 in argparse).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (UserError, ValueError, OSError, ImportError, KeyError) as err:
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"ctmm-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        # a failed import of our own modules is a bug, not a missing extra
+        own = isinstance(err, ImportError) and (err.name or "").startswith("ctmm_jax")
+        if args.debug or own:
+            raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"ctmm-jax {args.command}: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def run() -> None:
+    """The console script and `python -m ctmm_jax`."""
+    sys.exit(main())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,12 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"ctmm_jax {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, run, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES,
                            formatter_class=formatter)  # fmt: skip
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+        # SUPPRESS: when not given here, keep the value of `ctmm-jax --debug COMMAND`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the traceback")  # fmt: skip
         p.set_defaults(run=run)
         return p
 
@@ -120,9 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="ctp",
         help="CTP (donor x cell type) or OP (one value per donor); default ctp",
     )
-    p.add_argument("--model", choices=MODELS, default="free", help="default free")
+    # metavar: argparse would list the choices (import JAX) when the option is added
+    p.add_argument("--model", choices=_ModelNames(), default="free", metavar="MODEL",
+                   help="%(choices)s; default free")  # fmt: skip
     p.add_argument("--method", choices=("ml", "reml", "he"), default="reml", help="default reml")
     p.add_argument("--jackknife", action="store_true", help="leave-one-donor-out Wald tests too")
+    p.add_argument(
+        "--information",
+        choices=("expected", "observed"),
+        default="expected",
+        help="information matrix of the Wald tests (ml/reml): expected (Fisher, as the "
+        "original) or observed (Hessian); default expected",
+    )
+    p.add_argument("--nonneg", action="store_true", help="constrain variances to be >= 0")
+    p.add_argument("--max-iter", type=int, default=200, help="optimizer iterations (default 200)")
+    p.add_argument("--tol", type=float, default=1e-10, help="convergence tolerance (default 1e-10)")
     p.add_argument(
         "--fixed",
         action="append",
@@ -156,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2048,
         help="genes per fit call (progress bar step; default 2048)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=256,
+        help="genes per compiled batch in a fit call (default 256; lower it if memory runs out)",
     )
     p.add_argument("-o", "--output", required=True, help="table to write (.tsv, .csv, .parquet)")
 
@@ -266,6 +326,8 @@ def _read_covariate(spec: str, option: str):
     except ValueError:
         pass
     table = _read_table(p, f"{option} {name}", index_col=0)
+    if table.shape[1] == 0:
+        raise UserError(f"{option} {name}: {p} has one column; give the donor id, then values.")
     if (
         option == "--random"
         and table.shape[1] == 1
@@ -307,8 +369,10 @@ def _check_output(path: str) -> Path:
 
 
 def _write_table(table: pd.DataFrame, path: str, settings: dict) -> Path:
-    """Write the table (by extension) and its sidecar <path>.json."""
+    """Write the table (by extension), its sidecar <path>.json and its column dictionary
+    <path>.columns.tsv (results.column_dictionary)."""
     from . import __version__
+    from .results import column_dictionary
 
     out = _check_output(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +382,20 @@ def _write_table(table: pd.DataFrame, path: str, settings: dict) -> Path:
         table.to_csv(out, sep="," if _is(out, ".csv", ".csv.gz") else "\t")
     sidecar = {"ctmm_jax_version": __version__, "output": out.name, **settings}
     Path(f"{out}.json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    columns = column_dictionary(table.columns)
+    columns.to_csv(f"{out}.columns.tsv", sep="\t", index=False)
     return out
+
+
+def _jax_setup() -> dict:
+    """JAX and jaxlib versions, default device and float64 setting, for the sidecar of a
+    command that computes (importing JAX takes a second)."""
+    import jax
+    import jaxlib
+
+    device = jax.devices()[0]
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "device": str(device),
+            "platform": device.platform, "x64": bool(jax.config.jax_enable_x64)}  # fmt: skip
 
 
 def _say(args, message: str) -> None:
@@ -407,14 +484,19 @@ def _load_data(args):
 def run_fit(args) -> None:
     from tqdm import tqdm
 
-    from .api import fit
-
     _check_output(args.output)
+    for flag in ("batch_genes", "chunk_size", "max_iter"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')}: must be >= 1.")
+    if not args.tol > 0:
+        raise UserError("--tol: must be > 0.")
     data, extra = _load_data(args)
     fixed = dict(_read_covariate(s, "--fixed") for s in args.fixed)
     random = dict(_read_covariate(s, "--random") for s in args.random)
-    if args.batch_genes < 1:
-        raise UserError("--batch-genes: must be >= 1.")
+    from .api import fit  # imports JAX: after the quick checks of the inputs
+
+    options = dict(jackknife=args.jackknife, information=args.information, nonneg=args.nonneg,
+                   chunk_size=args.chunk_size, max_iter=args.max_iter, tol=args.tol)  # fmt: skip
     G = data.shape[0]
     start = time.perf_counter()
     tables = []
@@ -422,7 +504,7 @@ def run_fit(args) -> None:
               desc=f"{args.shape} {args.model} {args.method}") as bar:  # fmt: skip
         for lo in range(0, G, args.batch_genes):
             part = data.select_genes(slice(lo, lo + args.batch_genes))
-            result = fit(part, args.model, args.method, jackknife=args.jackknife,
+            result = fit(part, args.model, args.method, **options,
                          fixed_covars=fixed or None, random_covars=random or None)  # fmt: skip
             tables.append(result.table)
             bar.update(part.shape[0])
@@ -431,18 +513,17 @@ def run_fit(args) -> None:
     settings = {
         "command": "fit",
         "input": args.dataset or {"y": args.y, "P": args.P, "ctnu": args.ctnu, "nu": args.nu},
-        "shape": args.shape, "model": args.model, "method": args.method,
-        "jackknife": args.jackknife, "std": args.std, "fixed": args.fixed, "random": args.random,
-        "genes": args.genes, **extra,
+        "shape": args.shape, "model": args.model, "method": args.method, **options,
+        "std": args.std, "fixed": args.fixed, "random": args.random, "genes": args.genes, **extra,
         "n_genes": int(G), "n_converged": int(table["converged"].sum()),
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds, 3), "environment": _jax_setup(),
     }  # fmt: skip
     out = _write_table(table, args.output, settings)
     _say(args, f"wrote {out}: {G} genes ({settings['n_converged']} converged) in {seconds:.1f} s.")
 
 
 # settings that differ between the chunks of one run
-PER_CHUNK = ("output", "chunk", "n_genes", "n_converged", "seconds")
+PER_CHUNK = ("output", "chunk", "n_genes", "n_converged", "seconds", "environment")
 
 
 def run_merge(args) -> None:
@@ -454,7 +535,7 @@ def run_merge(args) -> None:
         if not sidecar.is_file():
             raise UserError(f"{path}: no sidecar {sidecar.name}; merge takes outputs of `fit`.")
         meta = json.loads(sidecar.read_text())
-        if meta.get("command") != "fit":
+        if not isinstance(meta, dict) or meta.get("command") != "fit":
             raise UserError(f"{path}: not an output of `ctmm-jax fit`.")
         parts.append((meta, table_path))
     settings = [{k: v for k, v in m.items() if k not in PER_CHUNK} for m, _ in parts]
@@ -466,7 +547,7 @@ def run_merge(args) -> None:
     if any(c is not None for c in chunks):
         if any(c is None for c in chunks):
             raise UserError("mix of chunked and unchunked outputs; merge the chunks of one run.")
-        index = [tuple(int(x) for x in c.split("/")) for c in chunks]
+        index = [_parse_chunk(str(c)) for c in chunks]
         n = {k for _, k in index}
         if len(n) > 1:
             raise UserError(f"chunks of different runs (N = {sorted(n)}).")
@@ -479,6 +560,9 @@ def run_merge(args) -> None:
             raise UserError(f"missing chunks {missing} of {n}: run `fit --chunk I/{n}` for them.")
         parts = [p for _, p in sorted(zip(index, parts, strict=True))]
     tables = [_read_table(p, "merge input", index_col=0) for _, p in parts]
+    for (_, path), t in zip(parts, tables, strict=True):
+        if "converged" not in t or list(t.columns) != list(tables[0].columns):
+            raise UserError(f"{path}: not the columns of a `fit` table like {parts[0][1]}.")
     table = pd.concat(tables)
     if table.index.duplicated().any():
         raise UserError(f"gene {table.index[table.index.duplicated()][0]!r} is in two inputs.")
@@ -526,22 +610,23 @@ def _read_numbers(path: str | None, what: str, ndim: int) -> np.ndarray | None:
 
 
 def run_gxemm(args) -> None:
-    from .gxemm import fit
-
     _check_output(args.output)
     y = _read_numbers(args.y, "--y", 1)
     y = y.T if y.ndim == 2 else y[None]  # traits as rows
     K, Z = _read_numbers(args.K, "--K", 2), _read_numbers(args.Z, "--Z", 2)
     X = _read_numbers(args.X, "--X", 2)
+    from .gxemm import fit  # imports JAX: after reading the inputs
+
     start = time.perf_counter()
     result = fit(y, X, K, Z, gtype=args.gtype, etype=args.etype, method=args.method)
     table = result.table.set_axis(pd.Index([f"trait{t}" for t in range(y.shape[0])], name="trait"))
     settings = {"command": "gxemm", "y": args.y, "K": args.K, "Z": args.Z, "X": args.X,
                 "gtype": args.gtype, "etype": args.etype, "method": args.method,
-                "df": int(result.df), "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+                "df": int(result.df), "seconds": round(time.perf_counter() - start, 3),
+                "environment": _jax_setup()}  # fmt: skip
     out = _write_table(table, args.output, settings)
     _say(args, f"wrote {out}: {len(table)} traits ({int(table['converged'].sum())} converged).")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

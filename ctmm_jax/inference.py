@@ -1,17 +1,32 @@
-"""Wald tests and the LRT, with the conventions of the original CTMM (design.md section 5).
+"""Statistical inference from fitted quantities: Wald tests and the LRT (with the conventions of
+the original CTMM, design.md section 5), jackknife covariances, and the summaries drawn by
+`ctmm_jax.plot` (genomic inflation, QQ coordinates, variance partition, confidence intervals).
 
-All functions are vectorised over genes (leading axis) and run on the host with SciPy's
-distributions. df = N - n_par, n_par = number of variance parameters + number of fixed effects.
+All functions are vectorised over genes (leading axis) and run on the host with NumPy/SciPy;
+nothing here draws. df = N - n_par, n_par = number of variance parameters + number of fixed
+effects.
 
 - hom2 = 0: one-sided t,  p = t.sf(hom2 / se, df)
 - V = 0: iid, one-sided t on v; free, F = v^T Var(v)^-1 v / C, p = f.sf(F, C, df)
 - equal cell-type means: T = [I_{C-1}, -1], F = (T b)^T (T Var(b) T^T)^-1 (T b) / (C-1)
+- nested models: LRT, p = chi2.sf(2 (l1 - l0), k)
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from scipy import stats
+
+from . import models
+from .data import CTPData, OPData
+
+if TYPE_CHECKING:  # results.py imports this module
+    from .results import FitResult
 
 
 def _quad_form(v: np.ndarray, cov: np.ndarray) -> np.ndarray:
@@ -47,6 +62,20 @@ def wald_ct_beta(beta: np.ndarray, cov: np.ndarray, df) -> np.ndarray:
     return wald_f(beta @ T.T, T @ cov @ T.T, df)
 
 
+def wald_pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df) -> dict[str, np.ndarray]:
+    """The model's Wald tests (models.ModelSpec.tests: p_hom2, p_V, ...; one parameter:
+    one-sided t, several: F) and p_ct_beta, as the original CTMM (design.md section 5).
+    phi: (G, k), var_cov: (G, k, k), ct_beta: (G, C), ct_beta_cov: (G, C, C), df: (G,)."""
+    out = {}
+    for name, idx in models.get(model).tests(ct_beta.shape[1]).items():
+        if len(idx) == 1:
+            out[name] = wald_t(phi[:, idx[0]], var_cov[:, idx[0], idx[0]], df)
+        else:
+            out[name] = wald_f(phi[:, idx], var_cov[:, idx[:, None], idx], df)
+    out["ct_beta"] = wald_ct_beta(ct_beta, ct_beta_cov, df)
+    return out
+
+
 def jackknife_cov(reps: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
     """(n-1)/n sum_i (x_(-i) - mean)(x_(-i) - mean)^T over the replicate axis, counting only
     the replicates where `present` (G, N) is True (default all; n = their number).
@@ -61,6 +90,236 @@ def jackknife_cov(reps: np.ndarray, present: np.ndarray | None = None) -> np.nda
 
 
 def lrt(l1, l0, k):
-    """Likelihood-ratio test: chi2.sf(2 (l1 - l0), k), l1 and l0 the log-likelihoods of the
-    larger and the nested model, k the difference in number of parameters."""
-    return stats.chi2.sf(2.0 * (np.asarray(l1) - np.asarray(l0)), k)
+    """Likelihood-ratio test: p = chi2.sf(2 (l1 - l0), k).
+
+    Args:
+        l1, l0: (G,) or scalar log-likelihoods of the larger and of the nested model, e.g.
+            `free.table["loglik"]` and `hom.table["loglik"]`.
+        k: difference in number of parameters (scalar or (G,)).
+    Returns:
+        (G,) p values: a pandas Series named "p_lrt" with the index of l1 (or l0) when either is
+        a Series, else a NumPy array. Two Series must share their index (no silent alignment).
+    """
+    series = [x for x in (l1, l0) if isinstance(x, pd.Series)]
+    if len(series) == 2 and not l1.index.equals(l0.index):
+        raise ValueError("l0: its index differs from l1's; pass both from fits of the same genes.")
+    diff = np.asarray(l1, dtype=np.float64) - np.asarray(l0, dtype=np.float64)
+    p = stats.chi2.sf(2.0 * diff, k)
+    return pd.Series(p, index=series[0].index, name="p_lrt") if series else p
+
+
+def _pvalues(p, name: str = "p") -> np.ndarray:
+    """p as a flat float array without NaNs; ValueError when empty or outside [0, 1]."""
+    p = np.asarray(p, dtype=np.float64).ravel()
+    p = p[~np.isnan(p)]
+    if p.size == 0:
+        raise ValueError(f"{name}: no p values (empty, or all NaN).")
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError(f"{name}: p values must lie in [0, 1] (min {p.min():g}, max {p.max():g}).")
+    return p
+
+
+def genomic_inflation(p) -> float:
+    """Genomic inflation factor lambda_GC = median_g chi2_1.isf(p_g) / chi2_1.ppf(0.5).
+
+    Under the null (p ~ U(0, 1)) lambda_GC ~ 1; > 1 means inflated test statistics. NaNs are
+    ignored; p = 0 (an underflowed p value) counts as an infinite statistic.
+
+    Args:
+        p: (G,) p values in [0, 1].
+    Returns:
+        lambda_GC. Raises ValueError when no p value is left or one lies outside [0, 1].
+    """
+    p = _pvalues(p)
+    return float(np.median(stats.chi2.isf(p, 1)) / stats.chi2.ppf(0.5, 1))
+
+
+class QQPoints(NamedTuple):
+    """QQ plot coordinates (-log10 scale), ordered from the smallest p value.
+
+    expected: (n,) -log10(i / (n + 1)); observed: (n,) -log10 p_(i); lower, upper: (n,)
+    pointwise band, or None when not requested.
+    """
+
+    expected: np.ndarray
+    observed: np.ndarray
+    lower: np.ndarray | None
+    upper: np.ndarray | None
+
+
+def qq_points(p, band: bool = True, level: float = 0.95) -> QQPoints:
+    """Expected and observed -log10 p for a QQ plot against U(0, 1).
+
+    The i-th smallest of n uniform p values is U_(i) ~ Beta(i, n - i + 1), with mean
+    i / (n + 1): the expected value is -log10(i / (n + 1)) and the pointwise band at `level`
+    is -log10 of the Beta(i, n - i + 1) quantiles (1 + level) / 2 (lower) and (1 - level) / 2
+    (upper). NaNs are dropped; p = 0 gives an infinite observed value.
+
+    Args:
+        p: (G,) p values in [0, 1].
+        band: also compute the band.
+        level: coverage of the band, in (0, 1).
+    Returns:
+        QQPoints with arrays of the n non-NaN p values, sorted from the smallest p.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level}: must lie in (0, 1).")
+    p = np.sort(_pvalues(p))
+    n = p.size
+    i = np.arange(1, n + 1)
+    with np.errstate(divide="ignore"):  # p = 0 -> inf, kept on purpose
+        observed = -np.log10(p)
+    expected = -np.log10(i / (n + 1))
+    lower = upper = None
+    if band:
+        alpha = 1.0 - level
+        lower = -np.log10(stats.beta.ppf(1.0 - alpha / 2, i, n - i + 1))
+        upper = -np.log10(stats.beta.ppf(alpha / 2, i, n - i + 1))
+    return QQPoints(expected, observed, lower, upper)
+
+
+def _natural_vc(result: FitResult) -> tuple[np.ndarray, np.ndarray]:
+    """(hom2 (G,), V (G, C, C)) from result.phi through models.unpack (full: hom2 = 0)."""
+    C = len(result.celltypes)
+    k = models.n_var(result.model, C)
+    vc = jax.vmap(lambda phi: models.unpack(phi, result.model, C))(jnp.asarray(result.phi[:, :k]))
+    return np.asarray(vc.hom2), np.asarray(vc.V)
+
+
+def _check_pair(result: FitResult, data) -> None:
+    if not isinstance(data, CTPData | OPData):
+        raise ValueError(f"data: expected CTPData or OPData, got {type(data).__name__}.")
+    if tuple(data.genes) != tuple(result.genes) or tuple(data.celltypes) != tuple(result.celltypes):
+        raise ValueError(
+            "data: its genes or cell types differ from the result's; pass the data the result "
+            "was fitted on."
+        )
+
+
+def _observed_mean(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Mean over all axes but the first, of the entries where mask is True (all when None)."""
+    axes = tuple(range(1, x.ndim))
+    if mask is None:
+        return x.mean(axis=axes)
+    with np.errstate(invalid="ignore", divide="ignore"):  # nothing observed -> NaN
+        return np.where(mask, x, 0.0).sum(axis=axes) / mask.sum(axis=axes)
+
+
+def variance_partition(result: FitResult, data: CTPData | OPData) -> pd.DataFrame:
+    """Average variance of one observed pseudobulk value, split into its parts.
+
+    CTP, per observed (donor i, cell type c): var y_ic = hom2 + V_cc + ctnu_ic, so
+
+        shared = hom2,  specific = mean_(i,c) V_cc,  noise = mean_(i,c) ctnu_ic;
+
+    OP, per observed donor i: var y_i = hom2 + P_i^T V P_i + nu_i (P_i sums to 1), so
+
+        shared = hom2,  specific = mean_i P_i^T V P_i,  noise = mean_i nu_i,
+
+    with P_i the gene's renormalised proportions (`data.P_gene`) when there are missing values.
+    Means run over the observed entries (`data.mask`); without a mask the CTP specific part is
+    mean_c V_cc. V comes from the fitted parameters (models.unpack): 0 (hom), v I (iid),
+    diag(V) (free), or the full V with hom2 = 0 (full absorbs hom2 into V, so its `specific`
+    holds the whole between-donor variance). A fit with random covariates adds `random`, the
+    sum of the table's `randomvar_*` (r2 tr(R^T R) / N each).
+
+    Negative estimates (allowed unless fitted with nonneg=True) are kept as they are in the
+    variance columns; the fractions use the estimates clipped at 0,
+    frac_x = max(x, 0) / sum_y max(y, 0), so they lie in [0, 1] and sum to 1. Genes without
+    estimates (NaN) get NaN fractions.
+
+    Args:
+        result: a fit of `data`.
+        data: the CTPData or OPData it was fitted on.
+    Returns:
+        DataFrame indexed by gene: shared, specific[, random], noise, total (their sum) and
+        frac_shared, frac_specific[, frac_random], frac_noise.
+    """
+    _check_pair(result, data)
+    hom2, V = _natural_vc(result)
+    if isinstance(data, CTPData):
+        diag = np.diagonal(V, axis1=1, axis2=2)  # (G, C)
+        specific = _observed_mean(np.broadcast_to(diag[:, None, :], data.shape), data.mask)
+        noise = _observed_mean(data.ctnu, data.mask)
+    else:
+        P = data.P_gene if data.P_gene is not None else np.broadcast_to(data.P, data.shape)
+        specific = _observed_mean(np.einsum("gnc,gcd,gnd->gn", P, V, P), data.mask)
+        noise = _observed_mean(data.nu, data.mask)
+    parts = {"shared": hom2, "specific": specific}
+    random = [c for c in result.table.columns if c.startswith("randomvar_")]
+    if random:
+        parts["random"] = result.table[random].to_numpy(np.float64).sum(axis=1)
+    parts["noise"] = noise
+    out = pd.DataFrame(parts, index=pd.Index(result.genes, name="gene"))
+    out["total"] = out.sum(axis=1, skipna=False)
+    clipped = out[list(parts)].clip(lower=0.0)
+    frac = clipped.div(clipped.sum(axis=1, skipna=False), axis=0)
+    return out.join(frac.add_prefix("frac_"))
+
+
+def _default_params(result: FitResult) -> list[str]:
+    names = models.param_names(result.model, list(result.celltypes))
+    rand = [c for c in result.table.columns if c.startswith("r2_")]
+    return names + rand
+
+
+def _column(result: FitResult, param: str) -> str:
+    """Table column of `param`; iid's single "V" is the table's (repeated) V_<first ct>."""
+    if param == "V" and result.model == "iid":
+        return f"V_{result.celltypes[0]}"
+    return param
+
+
+def confidence_intervals(
+    result: FitResult, params: list[str] | None = None, level: float = 0.95,
+    jackknife: bool = False,
+) -> pd.DataFrame:  # fmt: skip
+    """Wald confidence intervals estimate +- z se, z = Phi^-1((1 + level) / 2).
+
+    The normal quantile is used (large-sample; the table's p values use t with N - n_par
+    degrees of freedom). se is the table's `se_<param>` (inverse information; NaN for HE) or,
+    with jackknife=True, `se_<param>_jk` (fit with jackknife=True).
+
+    Args:
+        result: a fit.
+        params: table parameter names, e.g. ["hom2", "V_ct0", "beta_ct0"]; "V" is iid's v.
+            Default: the model's variance parameters (models.param_names; iid: hom2, V) and
+            any random-covariate variances r2_*.
+        level: coverage in (0, 1).
+        jackknife: use the jackknife standard errors.
+    Returns:
+        Long DataFrame, one row per (gene, param), gene-major: gene, param, estimate, se,
+        lower, upper.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level}: must lie in (0, 1).")
+    params = _default_params(result) if params is None else list(params)
+    if not params:
+        raise ValueError("params: give at least one parameter.")
+    table, suffix = result.table, "_jk" if jackknife else ""
+    est, se = [], []
+    for param in params:
+        col = _column(result, param)
+        if col not in table.columns:
+            raise ValueError(
+                f"params: {param!r} is not a column of the {result.model} fit's table; "
+                f"use e.g. {', '.join(_default_params(result))}."
+            )
+        if f"se_{col}{suffix}" not in table.columns:
+            fix = "fit with jackknife=True" if jackknife else "it has no standard error"
+            raise ValueError(f"params: no se_{col}{suffix} column for {param!r} ({fix}).")
+        est.append(table[col].to_numpy(np.float64))
+        se.append(table[f"se_{col}{suffix}"].to_numpy(np.float64))
+    est, se = np.stack(est, axis=1), np.stack(se, axis=1)  # (G, n_params)
+    z = stats.norm.ppf((1.0 + level) / 2.0)
+    G, k = est.shape
+    return pd.DataFrame(
+        {
+            "gene": np.repeat(np.asarray(result.genes, dtype=object), k),
+            "param": np.tile(np.asarray(params, dtype=object), G),
+            "estimate": est.ravel(),
+            "se": se.ravel(),
+            "lower": (est - z * se).ravel(),
+            "upper": (est + z * se).ravel(),
+        }
+    )

@@ -2,18 +2,19 @@
 
 Written for N donors, each a block of b values (b = C for CTP, b = 1 for OP),
 
-    Sigma = blockdiag(D_i) + U G U^T,   D_i = sum_k phi_k E_ki + diag(noise_i),   y = X beta + e,
+    Sigma = blockdiag(Sigma_i) + U R2 U^T,   Sigma_i = sum_k w_k E_ki + diag(noise_i),
+    y = X beta + e,
 
-with kernels E_ki (b x b) linear in the natural parameters phi (models.py; CTP uses the model
+with kernels E_ki (b x b) and their weights w (models.kernel_weights; CTP uses the model
 kernels for every donor, OP the scalars P_i^T E_k P_i, design.md 2-3) and optional random
-covariates U (N blocks 1_b u_i^T; G = diag of each column's r2, one r2 per covariate). The
+covariates U (N blocks 1_b u_i^T; R2 = diag of each column's r2, one r2 per covariate). The
 fixed design is X_i (columns that vary within a block) plus donor-level columns 1_b f_i^T.
 Donor-level columns are never expanded to b rows: sums over donors that involve them are
 contractions with the (N x k) matrix of donor values (see `_sym_block` and below).
 
-With W_i = D_i^-1 and Z = [X, U], the Woodbury identity (see `_low_rank`) gives
+With W_i = Sigma_i^-1 and Z = [X, U], the Woodbury identity (see `_low_rank`) gives
 Sigma^-1 = W - W U M U^T W and the REML projection Pi = W - W Z N Z^T W (N the inverse of
-Henderson's mixed-model equations, written without G^-1). With u = Pi y:
+Henderson's mixed-model equations, written without R2^-1). With u = Pi y:
 
     ML   : 2 nll = log|Sigma| + y^T u + n log(2 pi)
     REML : 2 nll = log|Sigma| + log|X^T Sigma^-1 X| + y^T u + (n - p) log(2 pi)
@@ -66,7 +67,7 @@ class GeneData(NamedTuple):
 
     @property
     def donor_columns(self) -> jax.Array:
-        """D = [F, U] (N, k + m): the donor-level columns of the full design Z = [X, 1 D^T]."""
+        """FU = [F, U] (N, k + m): the donor-level columns of the full design Z = [X, 1 FU^T]."""
         N = self.y.shape[0]
         cols = [c for c in (self.F, self.U) if c is not None]
         return jnp.concatenate(cols, axis=1) if cols else jnp.zeros((N, 0), self.y.dtype)
@@ -76,9 +77,9 @@ class GeneData(NamedTuple):
         return self.X.shape[-1] + (0 if self.F is None else self.F.shape[-1])
 
 
-def lift(D: jax.Array, b: int) -> jax.Array:
-    """Donor-level columns D (N, k) as blocks 1_b d_i^T: (N, b, k)."""
-    return jnp.broadcast_to(D[:, None, :], (D.shape[0], b, D.shape[1]))
+def lift(cols: jax.Array, b: int) -> jax.Array:
+    """Donor-level columns (N, k) as blocks 1_b d_i^T: (N, b, k)."""
+    return jnp.broadcast_to(cols[:, None, :], (cols.shape[0], b, cols.shape[1]))
 
 
 def fixed_design(X: jax.Array, F: jax.Array | None) -> jax.Array:
@@ -125,20 +126,20 @@ class Factor(NamedTuple):
     """Sigma^-1 = W - W U M U^T W and the REML projection Pi = W - W Z N Z^T W, Z = [X, U]."""
 
     W: jax.Array  # (N, b, b) block inverses
-    V: jax.Array  # (N, b, p_b + 1) [W_i X_i, w_i], w_i = W_i 1_b: W_i Z_i = [W_i X_i, w_i d_i^T]
+    WX1: jax.Array  # (N, b, p_b + 1) [W_i X_i, w_i], w_i = W_i 1_b: W_i Z_i = [W_i X_i, w_i d_i^T]
     S: jax.Array  # (q, q) Z^T W Z, q = p + m
-    N: jax.Array  # (q, q) see module doc; its (p, p) block is A = (X^T Sigma^-1 X)^-1
-    M: jax.Array | None  # (m, m) (G^-1 + U^T W U)^-1 (None without random covariates)
+    mme_inv: jax.Array  # (q, q) N of the module doc; its (p, p) block is (X^T Sigma^-1 X)^-1
+    M: jax.Array | None  # (m, m) (R2^-1 + U^T W U)^-1 (None without random covariates)
     u: jax.Array  # (N, b) Pi y = Sigma^-1 (y - X beta)
     beta: jax.Array  # (p,)
     nll: jax.Array  # ()
     cond: jax.Array  # ()
 
 
-# Donor-level columns. With Z_i = [X_i, 1_b d_i^T] (D = [F, U]) and W_i Z_i = [W_i X_i, w_i d_i^T]
+# Donor-level columns. With Z_i = [X_i, 1_b d_i^T] (FU = [F, U]) and W_i Z_i = [W_i X_i, w_i d_i^T]
 # (w_i = W_i 1_b), every sum over donors of products of such blocks splits into a block-level
-# part over the p_b columns of X and donor-level parts that are contractions with D, e.g.
-#     Z^T W Z = [[sum_i X_i^T W_i X_i, sum_i X_i^T w_i d_i^T], [., D^T diag(1_b^T w_i) D]],
+# part over the p_b columns of X and donor-level parts that are contractions with FU, e.g.
+#     Z^T W Z = [[sum_i X_i^T W_i X_i, sum_i X_i^T w_i d_i^T], [., FU^T diag(1_b^T w_i) FU]],
 # so a gene costs O(N b^2 p_b + N k^2) instead of O(N b q^2) (q = p_b + k; CTP: p_b = C).
 
 
@@ -148,13 +149,13 @@ def _sym_block(A: jax.Array, B: jax.Array, C: jax.Array) -> jax.Array:
     return jnp.concatenate([top, jnp.concatenate([jnp.swapaxes(B, -1, -2), C], -1)], -2)
 
 
-def _donor_gram(s: jax.Array, D: jax.Array) -> jax.Array:
-    """D^T diag(s_k) D for every row s_k of s (k, N): (k, m, m); for small m as one product
+def _donor_gram(s: jax.Array, FU: jax.Array) -> jax.Array:
+    """FU^T diag(s_k) FU for every row s_k of s (k, N): (k, m, m); for small m as one product
     with the rows d_i d_i^T (N x m^2, which vectorises best), else column-scaled products."""
-    N, m = D.shape
+    N, m = FU.shape
     if m > 32:  # static
-        return jnp.einsum("kni,nj->kij", s[:, :, None] * D, D)
-    return (s @ (D[:, :, None] * D[:, None, :]).reshape(N, m * m)).reshape(s.shape[0], m, m)
+        return jnp.einsum("kni,nj->kij", s[:, :, None] * FU, FU)
+    return (s @ (FU[:, :, None] * FU[:, None, :]).reshape(N, m * m)).reshape(s.shape[0], m, m)
 
 
 def _frobenius_cond(A: jax.Array, Ainv: jax.Array) -> jax.Array:
@@ -165,13 +166,14 @@ def _frobenius_cond(A: jax.Array, Ainv: jax.Array) -> jax.Array:
 
 
 def _low_rank(phi_r, S_uu, groups):
-    """Woodbury pieces of Sigma = D + U G U^T, G = diag(groups^T r2): with S_uu = U^T W U =
-    L L^T (a 1e-12 ridge keeps L finite when U^T W U is singular, e.g. an empty batch level;
-    the ridge acts only on directions that U maps to 0), C = I + L^T G L and
+    """Woodbury pieces of Sigma = B + U R2 U^T (B = blockdiag(Sigma_i)), R2 = diag(groups^T r2):
+    with S_uu = U^T W U = L L^T (a 1e-12 ridge keeps L finite when U^T W U is singular, e.g.
+    an empty batch level; the ridge acts only on directions that U maps to 0), C = I + L^T R2 L
+    and
 
-        M = (G^-1 + S_uu)^-1 = G - G L C^-1 L^T G,    log|Sigma| = log|D| + log|C|.
+        M = (R2^-1 + S_uu)^-1 = R2 - R2 L C^-1 L^T R2,    log|Sigma| = log|B| + log|C|.
 
-    Sigma is positive definite exactly when D and C are, so negative r2 are allowed as long as
+    Sigma is positive definite exactly when B and C are, so negative r2 are allowed as long as
     C is PD. Returns (M, logdet C, cond of C)."""
     m = S_uu.shape[0]
     g = groups.T @ phi_r
@@ -186,15 +188,15 @@ def _low_rank(phi_r, S_uu, groups):
 
 
 def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
-    """Cholesky of every block D_i, the Woodbury correction for random covariates, GLS and the
-    NLL. Missing values (mask 0) get an identity row and column in D_i (so they add log 1 = 0),
+    """Cholesky of every block Sigma_i, the Woodbury correction for random covariates, GLS and the
+    NLL. Missing values (mask 0) get an identity row and column in Sigma_i (so they add log 1 = 0),
     and W_i is then zeroed on them: W is the inverse of the observed part embedded in zeros, and
     every sum over W below (GLS, quadratic form, score, information) runs over the observed
     values only, with y, X, U and the kernels left as they are."""
     N, b = d.y.shape
     p = d.n_fixed
     n_var = d.E.shape[0]
-    D = d.donor_columns
+    FU = d.donor_columns
     Sigma = jnp.einsum("k,knij->nij", phi[:n_var], d.E) + d.noise[..., None] * jnp.eye(b)
     if d.mask is not None:
         mm = d.mask[:, :, None] * d.mask[:, None, :]
@@ -205,13 +207,13 @@ def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
         W, Sigma = W * mm, Sigma * mm
     pb = d.X.shape[-1]
     X1 = jnp.concatenate([d.X, jnp.ones((N, b, 1), d.X.dtype)], axis=2)  # [X_i, 1_b]
-    V = linalg.small_matmul(W, X1)  # [W_i X_i, w_i]
-    WX, w = V[..., :pb], V[..., pb]
-    S_bd = jnp.einsum("nap,na->pn", d.X, w) @ D
-    S = _sym_block(jnp.einsum("nap,naq->pq", d.X, WX), S_bd, _donor_gram(w.sum(1)[None], D)[0])
+    WX1 = linalg.small_matmul(W, X1)  # [W_i X_i, w_i]
+    WX, w = WX1[..., :pb], WX1[..., pb]
+    S_bd = jnp.einsum("nap,na->pn", d.X, w) @ FU
+    S = _sym_block(jnp.einsum("nap,naq->pq", d.X, WX), S_bd, _donor_gram(w.sum(1)[None], FU)[0])
     logdet = linalg.logdet_from_cholesky(L).sum()
     # max_i |Sigma_i|_F * max_i |W_i|_F (observed entries) is between the eigenvalue ratio of
-    # the D_i and b times it (exact for OP). Past COND_MAX the fit counts as outside the
+    # the Sigma_i and b times it (exact for OP). Past COND_MAX the fit counts as outside the
     # positive-definite region: the likelihood grows without bound as one donor's covariance
     # becomes singular (GLS then fits that donor exactly, design.md 9), so the region must stop
     # short of the boundary. With random covariates the conditioning of C counts too.
@@ -225,19 +227,20 @@ def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
     Lx = linalg.cholesky(XtVX)
     A = linalg.inv_from_cholesky(Lx)
     if d.U is None:
-        Nmat = A
-    else:  # inverse of Henderson's [[X'WX, X'WU], [U'WX, U'WU + G^-1]], written without G^-1
+        mme_inv = A
+    else:  # inverse of Henderson's [[X'WX, X'WU], [U'WX, U'WU + R2^-1]], written without R2^-1
         AXU_M = A @ S[:p, p:] @ M
-        Nmat = jnp.block([[A, -AXU_M], [-AXU_M.T, M + AXU_M.T @ S[:p, p:] @ M]])
-    ZtWy = jnp.concatenate([jnp.einsum("nap,na->p", WX, d.y), (w * d.y).sum(1) @ D])
-    gamma = Nmat @ ZtWy
-    fitted = jnp.einsum("nbp,p->nb", d.X, gamma[:pb]) + (D @ gamma[pb:])[:, None]
+        mme_inv = jnp.block([[A, -AXU_M], [-AXU_M.T, M + AXU_M.T @ S[:p, p:] @ M]])
+    ZtWy = jnp.concatenate([jnp.einsum("nap,na->p", WX, d.y), (w * d.y).sum(1) @ FU])
+    gamma = mme_inv @ ZtWy
+    fitted = jnp.einsum("nbp,p->nb", d.X, gamma[:pb]) + (FU @ gamma[pb:])[:, None]
     u = (W * (d.y - fitted)[:, None, :]).sum(-1)
     nll2 = logdet + jnp.sum(d.y * u) + n_observed(d) * LOG_2PI
     if reml:  # static: two compiled variants, no runtime branch
         nll2 = nll2 + linalg.logdet_from_cholesky(Lx) - p * LOG_2PI
     feasible = jnp.isfinite(nll2) & (cond <= COND_MAX)
-    return Factor(W, V, S, Nmat, M, u, gamma[:p], jnp.where(feasible, 0.5 * nll2, jnp.inf), cond)
+    nll = jnp.where(feasible, 0.5 * nll2, jnp.inf)
+    return Factor(W, WX1, S, mme_inv, M, u, gamma[:p], nll, cond)
 
 
 def nll(phi: jax.Array, d: GeneData, reml: bool) -> jax.Array:
@@ -283,37 +286,37 @@ def _traces_shared(E0, W, u, H) -> _Traces:
     )
 
 
-def _design_terms_shared(E0, WX, w, u, D):
+def _design_terms_shared(E0, WX, w, u, FU):
     """Kernels shared by every donor (CTP): the block-level parts of `_design_terms` summed over
     donors first, then contracted with the kernels."""
     F_bb = jnp.einsum("kab,apbq->kpq", E0, jnp.einsum("nap,nbq->apbq", WX, WX))
-    F_bd = jnp.einsum("kab,apbj->kpj", E0, jnp.einsum("nap,nb,nj->apbj", WX, w, D))
+    F_bd = jnp.einsum("kab,apbj->kpj", E0, jnp.einsum("nap,nb,nj->apbj", WX, w, FU))
     ZtWKu_b = jnp.einsum("kab,apb->kp", E0, jnp.einsum("nap,nb->apb", WX, u))
     s = jnp.einsum("kab,na,nb->kn", E0, w, w)  # w_i^T E_k w_i
     t = jnp.einsum("kab,na,nb->kn", E0, w, u)  # w_i^T E_k u_i
     return F_bb, F_bd, s, ZtWKu_b, t
 
 
-def _design_terms_per_donor(E, WX, w, u, D):
+def _design_terms_per_donor(E, WX, w, u, FU):
     """Kernels that differ by donor (OP): block by block."""
     KWX, Kw, Ku = E @ WX[None], (E @ w[None, ..., None])[..., 0], (E @ u[None, ..., None])[..., 0]
     F_bb = jnp.einsum("nap,knaq->kpq", WX, KWX)
-    F_bd = jnp.einsum("nap,kna,nj->kpj", WX, Kw, D)
+    F_bd = jnp.einsum("nap,kna,nj->kpj", WX, Kw, FU)
     ZtWKu_b = jnp.einsum("nap,kna->kp", WX, Ku)
     return F_bb, F_bd, jnp.einsum("na,kna->kn", w, Kw), ZtWKu_b, jnp.einsum("na,kna->kn", w, Ku)
 
 
-def _design_terms(E, V, u, D) -> tuple[jax.Array, jax.Array]:
+def _design_terms(E, WX1, u, FU) -> tuple[jax.Array, jax.Array]:
     """F_k = Z^T W K_k W Z (k, q, q) and Z^T W K_k u (k, q) with W_i Z_i = [W_i X_i, w_i d_i^T]
-    (V = [W X, w]): the donor-level parts are [F_k]_dd = D^T diag(w_i^T E_ki w_i) D,
-    [F_k]_bd = sum_i (W_i X_i)^T E_ki w_i d_i^T and [Z^T W K_k u]_d = D^T (w_i^T E_ki u_i)."""
-    pb = V.shape[-1] - 1
-    WX, w = V[..., :pb], V[..., pb]
+    (WX1 = [W X, w]): the donor-level parts are [F_k]_dd = FU^T diag(w_i^T E_ki w_i) FU,
+    [F_k]_bd = sum_i (W_i X_i)^T E_ki w_i d_i^T and [Z^T W K_k u]_d = FU^T (w_i^T E_ki u_i)."""
+    pb = WX1.shape[-1] - 1
+    WX, w = WX1[..., :pb], WX1[..., pb]
     if E.shape[1] == 1:  # static
-        F_bb, F_bd, s, ZtWKu_b, t = _design_terms_shared(E[:, 0], WX, w, u, D)
+        F_bb, F_bd, s, ZtWKu_b, t = _design_terms_shared(E[:, 0], WX, w, u, FU)
     else:
-        F_bb, F_bd, s, ZtWKu_b, t = _design_terms_per_donor(E, WX, w, u, D)
-    return _sym_block(F_bb, F_bd, _donor_gram(s, D)), jnp.concatenate([ZtWKu_b, t @ D], -1)
+        F_bb, F_bd, s, ZtWKu_b, t = _design_terms_per_donor(E, WX, w, u, FU)
+    return _sym_block(F_bb, F_bd, _donor_gram(s, FU)), jnp.concatenate([ZtWKu_b, t @ FU], -1)
 
 
 def moments(phi: jax.Array, d: GeneData, reml: bool) -> Moments:
@@ -324,34 +327,34 @@ def moments(phi: jax.Array, d: GeneData, reml: bool) -> Moments:
     uses Pi (beta profiled out)."""
     f = factor(phi, d, reml)
     p, q = d.n_fixed, f.S.shape[0]
-    D = d.donor_columns
+    FU = d.donor_columns
     if reml:
-        Nj = f.N
+        Nj = f.mme_inv
     else:
         Nj = jnp.zeros((q, q)) if f.M is None else jnp.zeros((q, q)).at[p:, p:].set(f.M)
-    H = _projected_blocks(f.V, Nj, D)
+    H = _projected_blocks(f.WX1, Nj, FU)
     if d.E.shape[1] == 1:  # static
         t = _traces_shared(d.E[:, 0], f.W, f.u, H)
     else:
         t = _traces_per_donor(d.E, f.W, f.u, H)
-    F, ZtWKu = _design_terms(d.E, f.V, f.u, D)
+    F, ZtWKu = _design_terms(d.E, f.WX1, f.u, FU)
     Njk = jnp.broadcast_to(Nj, F.shape)  # batched products vectorise, broadcast ones do not
     NFN = Njk @ F @ Njk  # tr(Nj F_k Nj F_l) = <Nj F_k Nj, F_l> (all symmetric)
     score = 0.5 * (t.trWK - (Nj * F).sum((1, 2)) - t.quad)
     info = 0.5 * (t.T1 - t.T2 - t.T2.T + (NFN[:, None] * F[None]).sum((2, 3)))
-    Q = t.uKWKu - ZtWKu @ f.N @ ZtWKu.T  # y'Pi K_k Pi K_l Pi y
+    Q = t.uKWKu - ZtWKu @ f.mme_inv @ ZtWKu.T  # y'Pi K_k Pi K_l Pi y
     if d.U is not None:
         score, info, Q = _add_random(d, f, F, ZtWKu, Nj, reml, score, info, Q)
-    return Moments(f.nll, f.cond, score, info, Q - info, f.beta, f.N[:p, :p])
+    return Moments(f.nll, f.cond, score, info, Q - info, f.beta, f.mme_inv[:p, :p])
 
 
-def _projected_blocks(V, Nj, D):
+def _projected_blocks(WX1, Nj, FU):
     """H_i = (W Z Nj Z^T W)_ii = (W X)_i A (W X)_i^T + v_i w_i^T + w_i v_i^T + h_i w_i w_i^T with
     A the (p_b, p_b) block of Nj, v_i = (W X)_i Nj_bd d_i and h_i = d_i^T Nj_dd d_i."""
-    pb = V.shape[-1] - 1
-    WX, w = V[..., :pb], V[..., pb]
-    v = jnp.einsum("nap,np->na", WX, D @ Nj[pb:, :pb])
-    h = jnp.einsum("ni,ij,nj->n", D, Nj[pb:, pb:], D)
+    pb = WX1.shape[-1] - 1
+    WX, w = WX1[..., :pb], WX1[..., pb]
+    v = jnp.einsum("nap,np->na", WX, FU @ Nj[pb:, :pb])
+    h = jnp.einsum("ni,ij,nj->n", FU, Nj[pb:, pb:], FU)
     wv = w[:, :, None] * v[:, None, :]
     H = linalg.small_matmul(linalg.small_matmul(WX, Nj[:pb, :pb]), jnp.swapaxes(WX, 1, 2))
     return H + wv + jnp.swapaxes(wv, 1, 2) + h[:, None, None] * w[:, :, None] * w[:, None, :]
@@ -368,7 +371,7 @@ def _add_random(d, f, F, ZtWKu, Nj, reml, score, info, Q):
     and for the Hessian (always Pi) u^T K_k Pi K_r u = (Z^T W K_k u)^T c_r U_r^T u and
     u^T K_r Pi K_s u = (U_r^T u)^T (U^T Pi U)_rs (U_s^T u)."""
     p = d.n_fixed
-    G = d.groups
+    groups = d.groups
     Uu = d.U.T @ f.u.sum(-1)  # U^T u, U's rows repeated over each block
 
     def projected(N):  # c (q x m) and U^T Pj U (m x m)
@@ -376,12 +379,12 @@ def _add_random(d, f, F, ZtWKu, Nj, reml, score, info, Q):
         return jnp.eye(f.S.shape[0])[:, p:] - N @ SU, SU[p:] - SU.T @ N @ SU
 
     c, PjU = projected(Nj)
-    cP, PiU = (c, PjU) if reml else projected(f.N)
-    score_r = 0.5 * G @ (jnp.diagonal(PjU) - Uu**2)
-    info_kr = 0.5 * ((F @ jnp.broadcast_to(c, F.shape[:1] + c.shape)) * c).sum(1) @ G.T
-    info_rr = 0.5 * G @ PjU**2 @ G.T
-    Q_kr = (ZtWKu @ cP * Uu) @ G.T
-    Q_rr = G @ (PiU * jnp.outer(Uu, Uu)) @ G.T
+    cP, PiU = (c, PjU) if reml else projected(f.mme_inv)
+    score_r = 0.5 * groups @ (jnp.diagonal(PjU) - Uu**2)
+    info_kr = 0.5 * ((F @ jnp.broadcast_to(c, F.shape[:1] + c.shape)) * c).sum(1) @ groups.T
+    info_rr = 0.5 * groups @ PjU**2 @ groups.T
+    Q_kr = (ZtWKu @ cP * Uu) @ groups.T
+    Q_rr = groups @ (PiU * jnp.outer(Uu, Uu)) @ groups.T
     return (
         jnp.concatenate([score, score_r]),
         jnp.block([[info, info_kr], [info_kr.T, info_rr]]),

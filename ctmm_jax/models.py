@@ -1,31 +1,32 @@
-"""The four CTMM variance models: kernels, parameter names and the theta <-> natural maps.
+"""The variance models: one registry entry per model (`MODELS`), read by every other module.
 
-Every model writes the shared (between-donor) covariance of one donor's C cell types as a
-linear combination of fixed C x C kernels,
+A model writes the shared (between-donor) covariance of one donor's C cell types as a
+combination of fixed C x C kernels with weights that are a map of the model's parameters phi:
 
-    A(phi) = sum_k phi_k E_k,        phi = natural parameters,
+    A = hom2 J_C + V = sum_k w_k(phi) E_k
 
-| model | phi                      | A                     |
-|-------|--------------------------|-----------------------|
-| hom   | hom2                     | hom2 J_C              |
-| iid   | hom2, v                  | hom2 J_C + v I_C      |
-| free  | hom2, v_1..v_C           | hom2 J_C + diag(v)    |
-| full  | vech(V) (upper triangle) | V (hom2 absorbed)     |
+| model   | phi (reported)           | A                       | w(phi)                    |
+|---------|--------------------------|-------------------------|---------------------------|
+| hom     | hom2                     | hom2 J_C                | phi                       |
+| iid     | hom2, v                  | hom2 J_C + v I_C        | phi                       |
+| free    | hom2, v_1..v_C           | hom2 J_C + diag(v)      | phi                       |
+| full    | vech(V) (upper triangle) | V (hom2 absorbed)       | phi                       |
 
-The optimizer sees an unconstrained `theta`. By default `phi = theta` (as the original CTMM:
-any value is allowed as long as every donor's covariance is positive definite). With
-`nonneg=True` variances go through softplus and the full V is `L L^T` with a softplus diagonal.
+The likelihood takes the kernel weights w; the optimizer sees an unconstrained theta. By
+default phi = theta (any value while every donor's covariance is positive definite, as the
+original CTMM); `nonneg=True` maps theta through softplus for the variances (`positive`) and
+gives the full V as L L^T with a softplus diagonal. Adding a model is one `ModelSpec` here;
+the likelihood, optimizer, start values, table columns and Wald tests read it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-MODELS = ("hom", "iid", "free", "full")
 
 
 class VarComp(NamedTuple):
@@ -35,25 +36,43 @@ class VarComp(NamedTuple):
     V: jax.Array
 
 
-def check_model(model: str) -> None:
-    if model not in MODELS:
-        raise ValueError(f"model={model!r} is unknown; use one of {', '.join(MODELS)}.")
+class ModelSpec(NamedTuple):
+    """One covariance model. C is the number of cell types; phi the model's parameters.
+
+    n_var: C -> number of parameters; kernels: C -> (n_kernels, C, C) the E_k;
+    names: cell types -> parameter names (table columns); unpack: (phi, C) -> VarComp;
+    start: (s, C) -> start phi, with s the share of the residual variance each of the
+    model's `n_parts` parts gets (the original CTMM's start values); tests: C -> {name:
+    parameter indices} of its Wald tests (one index: one-sided t, several: F; design.md 5);
+    weights: (phi, C) -> kernel weights w, None when w = phi (linear models; only those have
+    HE); positive: C -> which parameters nonneg=True keeps positive (softplus);
+    constrain/unconstrain: (theta, C) <-> phi under nonneg, when softplus on `positive` is not
+    the map; columns: cell types -> the table columns of each parameter (default: its name)."""
+
+    n_var: Callable[[int], int]
+    kernels: Callable[[int], np.ndarray]
+    names: Callable[[Sequence[str]], list[str]]
+    unpack: Callable[[jax.Array, int], VarComp]
+    start: Callable[[jax.Array, int], jax.Array]
+    n_parts: int
+    tests: Callable[[int], dict[str, np.ndarray]]
+    weights: Callable[[jax.Array, int], jax.Array] | None = None
+    positive: Callable[[int], np.ndarray] | None = None
+    constrain: Callable[[jax.Array, int], jax.Array] | None = None
+    unconstrain: Callable[[jax.Array, int], jax.Array] | None = None
+    columns: Callable[[Sequence[str]], list[list[str]]] | None = None
+
+    @property
+    def linear(self) -> bool:
+        return self.weights is None
 
 
-def n_var(model: str, C: int) -> int:
-    """Number of variance parameters of `model` with C cell types."""
-    return {"hom": 1, "iid": 2, "free": 1 + C, "full": C * (C + 1) // 2}[model]
+def _softplus_inv(x):
+    return x + jnp.log(-jnp.expm1(-x))
 
 
-def kernels(model: str, C: int) -> np.ndarray:
-    """Kernels E_k with A(phi) = sum_k phi_k E_k.  Returns (n_var, C, C) float64."""
-    J, eye = np.ones((C, C)), np.eye(C)
-    if model == "hom":
-        return J[None]
-    if model == "iid":
-        return np.stack([J, eye])
-    if model == "free":
-        return np.concatenate([J[None], eye[:, :, None] * eye[:, None, :]])
+def _vech_kernels(C: int) -> np.ndarray:
+    """E_k = e_i e_j^T + e_j e_i^T (i < j) or e_i e_i^T, over the upper triangle (i <= j)."""
     rows, cols = np.triu_indices(C)
     E = np.zeros((len(rows), C, C))
     E[np.arange(len(rows)), rows, cols] = 1.0
@@ -61,47 +80,145 @@ def kernels(model: str, C: int) -> np.ndarray:
     return E
 
 
-def param_names(model: str, celltypes: list[str]) -> list[str]:
-    """Names of the natural parameters, in the order of `kernels`."""
-    if model == "hom":
-        return ["hom2"]
-    if model == "iid":
-        return ["hom2", "V"]
-    if model == "free":
-        return ["hom2"] + [f"V_{c}" for c in celltypes]
-    rows, cols = np.triu_indices(len(celltypes))
-    return [f"V_{celltypes[i]}_{celltypes[j]}" for i, j in zip(rows, cols, strict=True)]
+def _vech_to_matrix(v: jax.Array, C: int) -> jax.Array:
+    V = jnp.zeros((C, C)).at[np.triu_indices(C)].set(v)
+    return V + jnp.triu(V, 1).T
+
+
+def _full_constrain(theta, C):
+    """V = L L^T, L lower triangular with a softplus diagonal; returns vech(V)."""
+    L = jnp.zeros((C, C)).at[np.tril_indices(C)].set(theta)
+    L = L - jnp.diag(jnp.diag(L)) + jnp.diag(jax.nn.softplus(jnp.diag(L)))
+    return (L @ L.T)[np.triu_indices(C)]
+
+
+def _full_unconstrain(phi, C):
+    L = jnp.linalg.cholesky(_vech_to_matrix(phi, C))
+    L = L - jnp.diag(jnp.diag(L)) + jnp.diag(_softplus_inv(jnp.diag(L)))
+    return L[np.tril_indices(C)]
+
+
+def _pairs(cts: Sequence[str]) -> list[str]:
+    rows, cols = np.triu_indices(len(cts))
+    return [f"V_{cts[i]}_{cts[j]}" for i, j in zip(rows, cols, strict=True)]
+
+
+_J = lambda C: np.ones((1, C, C))  # noqa: E731
+_hom2_test = lambda C: {"hom2": np.array([0])}  # noqa: E731
+
+MODELS: dict[str, ModelSpec] = {
+    "hom": ModelSpec(
+        n_var=lambda C: 1,
+        kernels=_J,
+        names=lambda cts: ["hom2"],
+        unpack=lambda phi, C: VarComp(phi[0], jnp.zeros((C, C))),
+        start=lambda s, C: s[None],
+        n_parts=1,
+        tests=_hom2_test,
+    ),
+    "iid": ModelSpec(
+        n_var=lambda C: 2,
+        kernels=lambda C: np.concatenate([_J(C), np.eye(C)[None]]),
+        names=lambda cts: ["hom2", "V"],
+        unpack=lambda phi, C: VarComp(phi[0], phi[1] * jnp.eye(C)),
+        start=lambda s, C: jnp.full(2, s),
+        n_parts=2,
+        tests=lambda C: {"hom2": np.array([0]), "V": np.array([1])},
+        columns=lambda cts: [["hom2"], [f"V_{c}" for c in cts]],  # one V, shown per cell type
+    ),
+    "free": ModelSpec(
+        n_var=lambda C: 1 + C,
+        kernels=lambda C: np.concatenate([_J(C), np.eye(C)[:, :, None] * np.eye(C)[:, None]]),
+        names=lambda cts: ["hom2"] + [f"V_{c}" for c in cts],
+        unpack=lambda phi, C: VarComp(phi[0], jnp.diag(phi[1:])),
+        start=lambda s, C: jnp.full(1 + C, s),
+        n_parts=2,
+        tests=lambda C: {"hom2": np.array([0]), "V": np.arange(1, 1 + C)},
+    ),
+    "full": ModelSpec(
+        n_var=lambda C: C * (C + 1) // 2,
+        kernels=_vech_kernels,
+        names=_pairs,
+        unpack=lambda phi, C: VarComp(jnp.zeros(()), _vech_to_matrix(phi, C)),
+        start=lambda s, C: s * jnp.eye(C)[np.triu_indices(C)],
+        n_parts=1,
+        tests=lambda C: {},  # the original has no test on a full V
+        constrain=_full_constrain,
+        unconstrain=_full_unconstrain,
+    ),
+}
+
+
+def get(model: str) -> ModelSpec:
+    """The registry entry of `model`; ValueError naming the known models otherwise."""
+    if model not in MODELS:
+        raise ValueError(f"model={model!r} is unknown; use one of {', '.join(MODELS)}.")
+    return MODELS[model]
+
+
+def check_model(model: str) -> None:
+    get(model)
+
+
+def n_var(model: str, C: int) -> int:
+    """Number of parameters of `model` with C cell types."""
+    return get(model).n_var(C)
+
+
+def kernels(model: str, C: int) -> np.ndarray:
+    """Kernels E_k with A = sum_k w_k E_k.  Returns (n_kernels, C, C) float64."""
+    return get(model).kernels(C)
+
+
+def param_names(model: str, celltypes: Sequence[str]) -> list[str]:
+    """Names of the parameters phi, in order."""
+    return get(model).names(list(celltypes))
 
 
 def unpack(phi: jax.Array, model: str, C: int) -> VarComp:
-    """Natural parameters (n_var,) -> VarComp(hom2, V)."""
-    if model == "hom":
-        return VarComp(phi[0], jnp.zeros((C, C)))
-    if model == "iid":
-        return VarComp(phi[0], phi[1] * jnp.eye(C))
-    if model == "free":
-        return VarComp(phi[0], jnp.diag(phi[1:]))
-    V = jnp.zeros((C, C)).at[np.triu_indices(C)].set(phi)
-    return VarComp(jnp.zeros(()), V + jnp.triu(V, 1).T)
+    """Parameters phi (n_var,) -> VarComp(hom2, V)."""
+    return get(model).unpack(phi, C)
 
 
-def _softplus_inv(x):
-    return x + jnp.log(-jnp.expm1(-x))
+def kernel_weights(phi: jax.Array, model: str, C: int) -> jax.Array:
+    """phi (n_var + n_rand,) -> the likelihood's kernel weights (n_kernels + n_rand,); the
+    random-covariate variances r2 at the end pass through."""
+    spec = get(model)
+    if spec.linear:
+        return phi
+    k = spec.n_var(C)
+    return jnp.concatenate([spec.weights(phi[:k], C), phi[k:]])
+
+
+def _positive(spec: ModelSpec, C: int) -> np.ndarray:
+    return np.ones(spec.n_var(C), bool) if spec.positive is None else spec.positive(C)
 
 
 def to_natural(theta: jax.Array, model: str, C: int, nonneg: bool) -> jax.Array:
-    """Unconstrained theta (n_var + n_rand,) -> natural phi: the model's parameters, then the
+    """Unconstrained theta (n_var + n_rand,) -> phi: the model's parameters, then the
     random-covariate variances r2 (softplus too when nonneg)."""
     if not nonneg:
         return theta
-    k = n_var(model, C)
+    spec = get(model)
+    k = spec.n_var(C)
     r2 = jax.nn.softplus(theta[k:])
-    if model != "full":
-        return jnp.concatenate([jax.nn.softplus(theta[:k]), r2])
-    rows, cols = np.tril_indices(C)
-    L = jnp.zeros((C, C)).at[rows, cols].set(theta[:k])
-    L = L - jnp.diag(jnp.diag(L)) + jnp.diag(jax.nn.softplus(jnp.diag(L)))
-    return jnp.concatenate([(L @ L.T)[np.triu_indices(C)], r2])
+    if spec.constrain is not None:
+        return jnp.concatenate([spec.constrain(theta[:k], C), r2])
+    phi = jnp.where(_positive(spec, C), jax.nn.softplus(theta[:k]), theta[:k])
+    return jnp.concatenate([phi, r2])
+
+
+def from_natural(phi: jax.Array, model: str, C: int, nonneg: bool) -> jax.Array:
+    """Inverse of `to_natural`; phi must be strictly inside the constrained set when nonneg."""
+    if not nonneg:
+        return phi
+    spec = get(model)
+    k = spec.n_var(C)
+    r2 = _softplus_inv(phi[k:])
+    if spec.unconstrain is not None:
+        return jnp.concatenate([spec.unconstrain(phi[:k], C), r2])
+    theta = jnp.where(_positive(spec, C), _softplus_inv(phi[:k]), phi[:k])
+    return jnp.concatenate([theta, r2])
 
 
 def from_natural_batch(phi, model: str, C: int, nonneg: bool) -> jax.Array:
@@ -109,14 +226,16 @@ def from_natural_batch(phi, model: str, C: int, nonneg: bool) -> jax.Array:
     return jax.vmap(lambda p: from_natural(p, model, C, nonneg))(jnp.asarray(phi))
 
 
-def from_natural(phi: jax.Array, model: str, C: int, nonneg: bool) -> jax.Array:
-    """Inverse of `to_natural`; phi must be strictly inside the constrained set when nonneg."""
-    if not nonneg:
-        return phi
-    k = n_var(model, C)
-    r2 = _softplus_inv(phi[k:])
-    if model != "full":
-        return jnp.concatenate([_softplus_inv(phi[:k]), r2])
-    L = jnp.linalg.cholesky(unpack(phi[:k], model, C).V)
-    L = L - jnp.diag(jnp.diag(L)) + jnp.diag(_softplus_inv(jnp.diag(L)))
-    return jnp.concatenate([L[np.tril_indices(C)], r2])
+def start_values(s: jax.Array, model: str, C: int, n_rand: int) -> jax.Array:
+    """Start phi (n_var + n_rand,) from the residual variance s, as the original CTMM: s split
+    equally over the model's parts and the random covariates."""
+    spec = get(model)
+    share = s / (n_rand + spec.n_parts)
+    return jnp.concatenate([spec.start(share, C), jnp.full(n_rand, share)])
+
+
+def table_columns(model: str, celltypes: Sequence[str]) -> list[list[str]]:
+    """The table columns of each parameter (iid's single V appears as V_<ct> for each ct)."""
+    spec = get(model)
+    cts = list(celltypes)
+    return spec.columns(cts) if spec.columns is not None else [[n] for n in spec.names(cts)]

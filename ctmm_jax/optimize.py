@@ -7,14 +7,14 @@ starts at a = 1 and is halved until the NLL decreases; +inf (covariance not posi
 or past the conditioning bound) counts as no decrease. A gene is converged when dec < tol.
 Under `vmap` the while loops run until every gene of the batch is done (finished genes are
 frozen by the batched predicate, so each gene converges on its own), so the caller runs a few
-iterations at a time and regroups the genes still running into smaller batches (api.py): the
-cost follows the total number of gene-iterations, not the slowest gene.
+iterations at a time and regroups the genes still running into smaller batches
+(estimators/mlreml.py): the cost follows the total number of gene-iterations, not the slowest
+gene. The outcome is a status.Status code; status.decide makes it the gene's final status.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import IntEnum
 from typing import NamedTuple
 
 import jax
@@ -22,37 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import linalg
-
-
-class Status(IntEnum):
-    """Per-gene outcome codes; results.py maps them to messages."""
-
-    STALLED = -2  # no decrease within the halving budget of this round: retry with the full one
-    RUNNING = -1
-    OK = 0
-    MAX_ITER = 1
-    NO_DESCENT = 2
-    BOUNDARY = 3
-    INFEASIBLE_START = 4
-    SINGULAR_INFO = 5
-    NO_VARIATION = 6
-    NOT_FINITE = 7
-    NOT_IDENTIFIED = 8
-
-
-MESSAGES = {
-    Status.OK: "ok",
-    Status.MAX_ITER: "reached max_iter before the score test statistic fell below tol",
-    Status.NO_DESCENT: "step halving found no decrease of the negative log-likelihood",
-    Status.BOUNDARY: "stopped at the positive-definite boundary (covariance nearly singular)",
-    Status.INFEASIBLE_START: "start values give a covariance that is not positive definite",
-    Status.SINGULAR_INFO: "information matrix is singular (parameters not identified)",
-    Status.NO_VARIATION: "no variation left after the fixed effects (constant gene); not fitted",
-    Status.NOT_FINITE: "estimates not finite (HE normal equations singular, or GLS at HE "
-    "variances that are not positive definite)",
-    Status.NOT_IDENTIFIED: "fixed effects not identified from the observed values (e.g. a cell "
-    "type with no observed value); not fitted",
-}
+from .status import Status
 
 
 class OptState(NamedTuple):

@@ -50,6 +50,15 @@ class Pseudobulk:
     nu: np.ndarray
     mask: np.ndarray
 
+    def __repr__(self) -> str:
+        """Shape and counts only; the arrays are too large to print."""
+        G, N, C = len(self.genes), len(self.donors), len(self.cell_types)
+        return (
+            f"Pseudobulk({G} genes x {N} donors x {C} cell types, "
+            f"{int(np.sum(self.counts))} cells, {int(np.sum(self.mask))}/{N * C} "
+            "(donor, cell type) pairs observed)"
+        )
+
     def select_genes(self, idx) -> Pseudobulk:
         """The genes at positions `idx` (an int array, slice or boolean mask)."""
         i = np.arange(len(self.genes))[idx]

@@ -1,51 +1,87 @@
-"""Per-gene results: arrays from the fit -> Wald tests -> one pandas row per gene."""
+"""Per-gene results: estimates -> final status -> Wald tests -> one pandas row per gene, and
+the declared table columns (`column_dictionary`: name, dtype, meaning, units)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from . import inference, models
-from .optimize import MESSAGES, Status
+from . import inference, models, status
+from .estimators import Estimates
+from .jackknife import Jackknife
+from .status import Status
+
+# The table's columns: exact names, then patterns (<x> is a cell type, parameter or covariate
+# name) in the order they are matched. dtype, meaning, units ("y" = the expression's unit).
+COLUMNS: list[tuple[str, str, str, str]] = [
+    ("hom2", "float64", "variance of the donor effect shared by all cell types", "y^2"),
+    ("loglik", "float64", "log-likelihood at the estimates (ML or REML, with the 2 pi "
+     "constants; NaN for HE)", "nats"),  # fmt: skip
+    ("n_donors", "int64", "donors with an observed value", "count"),
+    ("converged", "bool", "status == 'ok'", ""),
+    ("n_iter", "int64", "optimizer iterations (0 for HE)", "count"),
+    ("status", "object", "outcome: ok, max_iter, no_descent, boundary, infeasible_start, "
+     "singular_info, constant, not_finite, not_identified (ctmm_jax.status)", ""),  # fmt: skip
+    ("message", "object", "the status in words", ""),
+    ("n_jk_failed", "int64", "jackknife replicates that did not end ok", "count"),
+    ("<x>_jk", "", "<x> from the leave-one-donor-out jackknife", "as <x>"),
+    ("ll", "float64", "GxEMM REML log-likelihood of the standardised trait", "nats"),
+    ("p_ct_beta", "float64", "Wald F test of equal cell-type means", "p value"),
+    ("p_hom2", "float64", "one-sided Wald t test of hom2 = 0", "p value"),
+    ("p_V", "float64", "Wald test of V = 0 (iid: one-sided t; free: F)", "p value"),
+    ("se_<x>", "float64", "standard error of <x>", "as <x>"),
+    ("p_<x>", "float64", "Wald test of <x>", "p value"),
+    ("beta_<x>", "float64", "fixed effect: mean of cell type <x>, or the coefficient of "
+     "covariate column <x>", "y"),  # fmt: skip
+    ("V_<x>", "float64", "cell type-specific variance (V entry) of <x>", "y^2"),
+    ("r2_<x>", "float64", "variance of random covariate <x>", "y^2"),
+    ("randomvar_<x>", "float64", "variance explained by random covariate <x>: r2 tr(R R^T) / N",
+     "y^2"),  # fmt: skip
+    ("fixedvar_<x>", "float64", "variance explained by fixed effects <x>: b^T cov(X) b", "y^2"),
+    ("sig2s_<x>", "float64", "GxEMM variance component <x> (genetic kernels, then noise)", "y^2"),
+    ("h2_<x>", "float64", "GxEMM heritability <x>", "fraction"),
+    ("<x>", "float64", "model parameter <x> (ctmm_jax.models)", "y or y^2"),
+]
 
 
-@dataclass(frozen=True)
-class Jackknife:
-    """Leave-one-donor-out replicates of every gene.
+def _describe(column: str) -> tuple[str, str, str]:
+    """(dtype, meaning, units) of one column, from the first entry of COLUMNS it matches."""
+    for pattern, dtype, meaning, units in COLUMNS:
+        regex = "^" + re.escape(pattern).replace("<x>", "(.+)") + "$"
+        match = re.match(regex, column)
+        if not match:
+            continue
+        if "<x>" not in pattern:
+            return dtype, meaning, units
+        x = match.group(1)
+        if pattern == "<x>_jk":  # the jackknife version of another column
+            inner = _describe(x)
+            return inner[0], f"{inner[1]}, from the leave-one-donor-out jackknife", inner[2]
+        if units == "as <x>":
+            units = _describe(x)[2]
+        return dtype, meaning.replace("<x>", x), units.replace("<x>", x)
+    raise AssertionError("the last pattern matches every name")
 
-    phi: (G, N, n_var) and ct_beta: (G, N, C) replicate estimates; present: (G, N) the donors
-    observed for each gene (only their replicates count; the others are NaN); var_cov
-    (G, n_var, n_var) and ct_beta_cov (G, C, C): (n-1)/n sum_i (x_(-i) - mean)(x_(-i) - mean)^T
-    over the n present donors; n_failed: (G,) replicates that did not converge (ML/REML; their
-    estimates are still used, as the original).
-    """
 
-    phi: np.ndarray
-    ct_beta: np.ndarray
-    n_failed: np.ndarray
-    present: np.ndarray
-
-    @property
-    def var_cov(self) -> np.ndarray:
-        return inference.jackknife_cov(self.phi, self.present)
-
-    @property
-    def ct_beta_cov(self) -> np.ndarray:
-        return inference.jackknife_cov(self.ct_beta, self.present)
+def column_dictionary(columns) -> pd.DataFrame:
+    """One row per column of a results table: column, dtype, meaning, units."""
+    rows = [(c, *_describe(str(c))) for c in columns]
+    return pd.DataFrame(rows, columns=["column", "dtype", "meaning", "units"])
 
 
 @dataclass(frozen=True)
 class FitResult:
     """Fit of every gene. Arrays carry a leading gene axis (G).
 
-    phi: (G, n_var + n_rand) natural variance parameters (models.py order, then r2 of each
-    random covariate); var_cov: their covariance (inverse information; NaN for HE); beta:
-    (G, p); beta_cov: (G, p, p); loglik: (G,) with the constants of design.md section 4 (NaN
-    for HE); status: (G,) optimize.Status codes; df: (G,) N_g - n_par with N_g the donors with
-    an observed value; pvalues: name -> (G,) Wald p values (information); jackknife and
-    pvalues_jk when fitted with jackknife=True; table: one row per gene.
+    phi: (G, n_var + n_rand) the model's parameters (models.py order, then r2 of each random
+    covariate); var_cov: their covariance (inverse information; NaN for HE); beta: (G, p);
+    beta_cov: (G, p, p) (NaN for HE); loglik: (G,) with the constants of design.md section 4
+    (NaN for HE); status: (G,) status.Status codes; df: (G,) N_g - n_par with N_g the donors
+    with an observed value; pvalues: name -> (G,) Wald p values (information); jackknife and
+    pvalues_jk when fitted with jackknife=True; table: one row per gene (`column_dictionary`).
     """
 
     model: str
@@ -70,71 +106,90 @@ class FitResult:
     def converged(self) -> np.ndarray:
         return self.status == Status.OK
 
+    def __repr__(self) -> str:
+        counts = pd.Series(status.short_names(self.status)).value_counts()
+        summary = ", ".join(f"{n} {name}" for name, n in counts.items())
+        jk = ", jackknife" if self.jackknife is not None else ""
+        return (
+            f"FitResult({self.model} {self.method}{jk}: {len(self.genes)} genes x "
+            f"{len(self.celltypes)} cell types; status: {summary}; .table has "
+            f"{self.table.shape[1]} columns)"
+        )
+
     @classmethod
     def build(
-        cls, data, model, method, information, fits, loglik, n_iter, status, n_par: int,
+        cls, data, model, method, information, est: Estimates, unidentified, n_par: int,
         jackknife: Jackknife | None = None, covariates=None, random=None,
     ) -> FitResult:  # fmt: skip
         G, N, C = data.shape
         cts = list(data.celltypes)
-        not_fitted = np.isin(status, (Status.NO_VARIATION, Status.NOT_IDENTIFIED))
+        k, p = est.phi.shape[1], est.beta.shape[1]
+        or_nan = lambda a, shape: np.full(shape, np.nan) if a is None else a  # noqa: E731
+        var_cov = or_nan(est.var_cov, (G, k, k))
+        beta_cov, loglik = or_nan(est.beta_cov, (G, p, p)), or_nan(est.loglik, G)
+        se_defined = True
+        if est.var_cov is not None:  # a singular information leaves standard errors undefined
+            se_defined = np.all(np.diagonal(var_cov, axis1=1, axis2=2) > 0, axis=1)
+        codes = status.decide(est.outcome, unidentified=unidentified, cond=est.cond,
+                              se_defined=se_defined)  # fmt: skip
+        not_fitted = np.isin(codes, status.NOT_FITTED)
         if not_fitted.any():  # no estimates for genes that were not fitted: NaN, with a status
-            fits = type(fits)(*(np.where(_expand(not_fitted, a), np.nan, a) for a in fits))
+            blank = lambda a: np.where(_expand(not_fitted, a), np.nan, a)  # noqa: E731
+            phi, var_cov, beta, beta_cov = map(blank, (est.phi, var_cov, est.beta, beta_cov))
             loglik = np.where(not_fitted, np.nan, loglik)
+        else:
+            phi, beta = est.phi, est.beta
         n_donors = data.observed_donors.sum(axis=1)  # a donor with nothing observed is dropped
         df = n_donors - n_par
         rand_names = list(random.values) if random is not None else []
-        names = models.param_names(model, cts) + [f"r2_{name}" for name in rand_names]
-        status = status.astype(int)
-        if method != "he":  # a singular information leaves standard errors undefined
-            bad = ~np.all(np.diagonal(fits.var_cov, axis1=1, axis2=2) > 0, axis=1)
-            status = np.where((status == Status.OK) & bad, Status.SINGULAR_INFO, status)
-        ct_beta, ct_beta_cov = fits.beta[:, :C], fits.beta_cov[:, :C, :C]
-        pvalues = wald_pvalues(model, fits.phi, fits.var_cov, ct_beta, ct_beta_cov, df)
+        columns = models.table_columns(model, cts) + [[f"r2_{n}"] for n in rand_names]
+        ct_beta, ct_beta_cov = beta[:, :C], beta_cov[:, :C, :C]
+        pvalues = inference.wald_pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df)
 
         cols: dict[str, np.ndarray] = {}
-        cols.update(_by_name(names, cts, fits.phi))
-        cols.update({f"beta_{ct}": fits.beta[:, c] for c, ct in enumerate(cts)})
+        cols.update(_by_name(columns, phi))
+        cols.update({f"beta_{ct}": beta[:, c] for c, ct in enumerate(cts)})
         labels = covariates.labels() if covariates is not None else []
-        cols.update({f"beta_{lab}": fits.beta[:, C + j] for j, lab in enumerate(labels)})
+        cols.update({f"beta_{lab}": beta[:, C + j] for j, lab in enumerate(labels)})
         if labels:
-            cols.update(fixed_effect_variances(fits.beta, data.P, covariates))
+            cols.update(fixed_effect_variances(beta, data.P, covariates))
+        n_model = phi.shape[1] - len(rand_names)
         for j, name in enumerate(rand_names):  # r2 tr(R^T R) / N, as the original
-            R = random.values[name]
-            cols[f"randomvar_{name}"] = (
-                fits.phi[:, len(names) - len(rand_names) + j] * np.sum(R**2) / N
-            )
+            cols[f"randomvar_{name}"] = phi[:, n_model + j] * np.sum(random.values[name] ** 2) / N
         cols["loglik"] = loglik
         cols["n_donors"] = n_donors
-        cols["converged"] = status == Status.OK
-        cols["n_iter"] = n_iter.astype(int)
-        cols["status"] = np.array([MESSAGES[Status(s)] for s in status], dtype=object)
-        cols.update(_se_columns(names, cts, fits.var_cov, ct_beta_cov, ""))
-        beta_se = _sqrt_diag(fits.beta_cov)
+        cols["converged"] = codes == Status.OK
+        cols["n_iter"] = est.n_iter
+        cols["status"] = status.short_names(codes)
+        cols["message"] = status.messages(codes)
+        cols.update(_se_columns(columns, cts, var_cov, ct_beta_cov, ""))
+        beta_se = _sqrt_diag(beta_cov)
         cols.update({f"se_beta_{lab}": beta_se[:, C + j] for j, lab in enumerate(labels)})
         cols.update({f"p_{k}": v for k, v in pvalues.items()})
         pvalues_jk = None
         if jackknife is not None:
             jk_var, jk_beta = jackknife.var_cov, jackknife.ct_beta_cov
-            pvalues_jk = wald_pvalues(model, fits.phi, jk_var, ct_beta, jk_beta, df)
-            cols.update(_se_columns(names, cts, jk_var, jk_beta, "_jk"))
+            pvalues_jk = inference.wald_pvalues(model, phi, jk_var, ct_beta, jk_beta, df)
+            cols.update(_se_columns(columns, cts, jk_var, jk_beta, "_jk"))
             cols.update({f"p_{k}_jk": v for k, v in pvalues_jk.items()})
-            cols["n_jk_failed"] = jackknife.n_failed.astype(int)
-        table = pd.DataFrame(cols, index=pd.Index(data.genes, name="gene"))
+            cols["n_jk_failed"] = jackknife.n_failed
+        table = _typed(pd.DataFrame(cols, index=pd.Index(data.genes, name="gene")))
         return cls(
-            model, method, information, tuple(data.genes), tuple(cts), fits.phi, fits.var_cov,
-            fits.beta, fits.beta_cov, loglik, n_iter.astype(int), status, df, pvalues,
-            jackknife, pvalues_jk, table,
+            model, method, information, tuple(data.genes), tuple(cts), phi, var_cov, beta,
+            beta_cov, loglik, np.asarray(est.n_iter, int), codes, df, pvalues, jackknife,
+            pvalues_jk, table,
         )  # fmt: skip
 
 
-def _by_name(names: list[str], cts: list[str], values: np.ndarray) -> dict[str, np.ndarray]:
-    """Columns of per-parameter values; iid's single V is repeated as V_<ct> for every ct."""
-    cols = {}
-    for j, name in enumerate(names):
-        for col in [f"V_{c}" for c in cts] if name == "V" else [name]:
-            cols[col] = values[:, j]
-    return cols
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with the declared dtype of each column (column_dictionary)."""
+    dtypes = column_dictionary(table.columns).set_index("column")["dtype"]
+    return table.astype({c: t for c, t in dtypes.items() if t and t != "object"})
+
+
+def _by_name(columns: list[list[str]], values: np.ndarray) -> dict[str, np.ndarray]:
+    """Columns of per-parameter values: parameter j fills every column in columns[j]."""
+    return {col: values[:, j] for j, cols in enumerate(columns) for col in cols}
 
 
 def _sqrt_diag(cov: np.ndarray) -> np.ndarray:
@@ -142,8 +197,8 @@ def _sqrt_diag(cov: np.ndarray) -> np.ndarray:
     return np.sqrt(np.where(d > 0, d, np.nan))
 
 
-def _se_columns(names, cts, var_cov, ct_beta_cov, suffix: str) -> dict[str, np.ndarray]:
-    se = _by_name(names, cts, _sqrt_diag(var_cov))
+def _se_columns(columns, cts, var_cov, ct_beta_cov, suffix: str) -> dict[str, np.ndarray]:
+    se = _by_name(columns, _sqrt_diag(var_cov))
     cols = {f"se_{k}{suffix}": v for k, v in se.items()}
     beta_se = _sqrt_diag(ct_beta_cov)
     cols.update({f"se_beta_{ct}{suffix}": beta_se[:, c] for c, ct in enumerate(cts)})
@@ -169,19 +224,3 @@ def fixed_effect_variances(beta: np.ndarray, P: np.ndarray, covariates) -> dict[
 
 def _expand(mask: np.ndarray, a: np.ndarray) -> np.ndarray:
     return mask.reshape(mask.shape + (1,) * (a.ndim - 1))
-
-
-def wald_pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df) -> dict[str, np.ndarray]:
-    """p_hom2, p_V and p_ct_beta as the original CTMM (design.md section 5).
-
-    The full model gets only p_ct_beta: the original has no test on a full V."""
-    out = {}
-    if model != "full":
-        out["hom2"] = inference.wald_t(phi[:, 0], var_cov[:, 0, 0], df)
-    if model == "iid":
-        out["V"] = inference.wald_t(phi[:, 1], var_cov[:, 1, 1], df)
-    elif model == "free":
-        C = ct_beta.shape[1]
-        out["V"] = inference.wald_f(phi[:, 1 : 1 + C], var_cov[:, 1 : 1 + C, 1 : 1 + C], df)
-    out["ct_beta"] = inference.wald_ct_beta(ct_beta, ct_beta_cov, df)
-    return out

@@ -1,12 +1,33 @@
+"""Test session setup: float64, JAX's persistent compilation cache, and shared fixtures.
+
+The suite is mostly XLA compilation. Compiled programs are written to an on-disk cache
+(`CTMM_JAX_TEST_CACHE`, default `<repo>/.cache/jax-tests`), so a program compiled once is
+loaded, not recompiled, by later modules (whose in-memory caches are cleared), by the CLI's
+subprocesses and by later runs.
+"""
+
+import os
+from pathlib import Path
+
 import jax
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("CTMM_JAX_TEST_CACHE", REPO / ".cache" / "jax-tests"))
+
 jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_compilation_cache_dir", str(CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(CACHE)  # the CLI's subprocesses
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Free each module's compiled programs when it is done: hundreds of XLA CPU executables in
-    one process otherwise exhaust the kernel's memory-map limit (vm.max_map_count) and abort."""
+    one process otherwise exhaust the kernel's memory-map limit (vm.max_map_count) and abort.
+    The persistent cache makes a later module's reuse a load, not a compile."""
     yield
     jax.clear_caches()
+

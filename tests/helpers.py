@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import ctmm_jax as cj
-from ctmm_jax import likelihood, structure
+from ctmm_jax import blocks, likelihood
 
 CLOSED_FORM = dict(rtol=1e-8, atol=1e-8)  # likelihoods, closed forms
 OPTIMIZER = dict(rtol=1e-5, atol=1e-5)  # fitted values
@@ -39,4 +39,4 @@ def random_phi(model: str, C: int, seed=0) -> np.ndarray:
 
 
 def gene_data(data, model: str, g: int) -> likelihood.GeneData:
-    return structure.to_blocks(data, model).gene(g)
+    return blocks.to_blocks(data, model).gene(g)

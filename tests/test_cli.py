@@ -1,5 +1,8 @@
 """The `ctmm-jax` command line: round trip in subprocesses, chunked = unchunked, the outputs
-equal the library's, and common mistakes end in one line on stderr (never a traceback)."""
+equal the library's, and common mistakes end in one line on stderr (never a traceback).
+
+Only the round trip and one mistake run in real processes (each compiles its JAX programs
+again); the other mistakes go through `main(argv)` in this process."""
 
 from __future__ import annotations
 
@@ -8,24 +11,37 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
 
 import ctmm_jax as cj
+from ctmm_jax import cli as cli_module
 from ctmm_jax import gxemm, preprocess
-from ctmm_jax.cli import main
+from ctmm_jax.cli import UserError, main
+from ctmm_jax.models import MODELS
 from ctmm_jax.simulate import simulate_cells
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ctmm_example"
 TIGHT = dict(rtol=1e-8, atol=1e-10)  # the same fit, in another batch shape
+DICTIONARY = ["column", "dtype", "meaning", "units"]  # columns of <output>.columns.tsv
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "ctmm_jax.cli", *args], cwd=cwd, capture_output=True, text=True
+        [sys.executable, "-m", "ctmm_jax", *args], cwd=cwd, capture_output=True, text=True
     )
+
+
+def one_error_line(err: str, command: str) -> str:
+    """The only line of stderr, checked to be `ctmm-jax <command>: error: ...`."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"ctmm-jax {command}: error: ")
+    return lines[0]
 
 
 def numeric(table: pd.DataFrame) -> np.ndarray:
@@ -68,6 +84,10 @@ def test_round_trip_equals_the_library(run_dir):
     assert list(merged.columns) == list(expected.columns)
     np.testing.assert_allclose(numeric(merged), numeric(expected), **TIGHT)
     assert merged["converged"].all()
+    for table in ("chunks/iid.1.tsv", "iid.tsv"):
+        columns = pd.read_csv(run_dir / f"{table}.columns.tsv", sep="\t")
+        assert list(columns.columns) == DICTIONARY
+        assert list(columns["column"]) == list(merged.columns)
 
 
 def test_sidecars_carry_settings_and_version(run_dir):
@@ -76,9 +96,21 @@ def test_sidecars_carry_settings_and_version(run_dir):
     assert (chunk["model"], chunk["method"], chunk["shape"], chunk["chunk"]) == (
         "iid", "reml", "ctp", "1/2",
     )  # fmt: skip
+    assert (chunk["information"], chunk["nonneg"], chunk["max_iter"]) == ("expected", False, 200)
+    env, device = chunk["environment"], jax.devices()[0]
+    assert (env["jax"], env["device"], env["platform"], env["x64"]) == (
+        jax.__version__, str(device), device.platform, True,
+    )  # fmt: skip
+    assert env["jaxlib"]
     merged = json.loads((run_dir / "iid.tsv.json").read_text())
     assert merged["chunk"] is None and merged["n_genes"] == 24
     assert merged["merged"] == ["chunks/iid.1.tsv", "chunks/iid.2.tsv"]
+
+
+def test_a_mistake_in_a_real_process_is_one_line_and_exit_code_1(run_dir):
+    done = cli("fit", "missing.npz", "-o", "x.tsv", cwd=run_dir)
+    assert done.returncode == 1
+    assert "no such file 'missing.npz'" in one_error_line(done.stderr, "fit")
 
 
 @pytest.mark.parametrize(
@@ -86,20 +118,108 @@ def test_sidecars_carry_settings_and_version(run_dir):
     [
         (("pseudobulk", "cells.h5ad", "--donor", "individual", "-o", "x.npz"),
          "no column 'individual'"),
-        (("fit", "missing.npz", "-o", "x.tsv"), "no such file 'missing.npz'"),
         (("fit", "pb.npz", "--genes", "gene1,NOTAGENE", "-o", "x.tsv"),
          "1 of 2 genes are not in pb.npz (e.g. 'NOTAGENE')"),
         (("fit", "cells.h5ad", "-o", "x.tsv"), "not a ctmm_jax pseudobulk dataset"),
         (("merge", "chunks/iid.1.tsv", "-o", "x.tsv"), "missing chunks [2] of 2"),
         (("fit", "pb.npz", "-o", "x.xlsx"), "use a .tsv, .csv or .parquet file name"),
+        (("fit", "pb.npz", "--max-iter", "0", "-o", "x.tsv"), "--max-iter: must be >= 1"),
+        (("fit", "pb.npz", "--tol", "0", "-o", "x.tsv"), "--tol: must be > 0"),
     ],
 )  # fmt: skip
-def test_mistakes_get_one_line_and_exit_code_1(run_dir, args, message):
-    done = cli(*args, cwd=run_dir)
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in done.stderr
-    assert lines[0].startswith(f"ctmm-jax {args[0]}: error: ") and message in lines[0]
+def test_mistakes_get_one_line_and_exit_code_1(run_dir, args, message, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    assert main(list(args)) == 1
+    assert message in one_error_line(capsys.readouterr().err, args[0])
+
+
+def test_tables_without_the_expected_columns_are_user_errors(run_dir, tmp_path, monkeypatch,
+                                                             capsys):  # fmt: skip
+    """A merge input without `converged`, a --random table without values: one line, not a
+    KeyError or IndexError."""
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"hom2": [0.1]}, index=pd.Index(["g1"], name="gene")).to_csv("t.tsv", sep="\t")
+    Path("t.tsv.json").write_text(json.dumps({"command": "fit", "chunk": None}))
+    assert main(["merge", "t.tsv", "-o", "m.tsv"]) == 1
+    assert "not the columns of a `fit` table" in one_error_line(capsys.readouterr().err, "merge")
+    Path("batch.tsv").write_text("donor\nd1\nd2\n")
+    assert main(["fit", str(run_dir / "pb.npz"), "--random", "b=batch.tsv", "-o", "x.tsv"]) == 1
+    assert "--random b: batch.tsv has one column" in one_error_line(capsys.readouterr().err, "fit")
+
+
+@pytest.mark.parametrize("argv", [["--debug", "fit"], ["fit", "--debug"]])
+def test_debug_shows_the_traceback(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no such file 'missing.npz'"):
+        main([*argv, "missing.npz", "-o", "x.tsv"])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [KeyError("hom2"), ImportError("no name x in ctmm_jax.results", name="ctmm_jax.results")],
+)
+def test_internal_errors_are_not_user_errors(error, monkeypatch):
+    """An error that input validation does not raise is a bug: it propagates (traceback)."""
+
+    def broken(args):
+        raise error
+
+    monkeypatch.setattr(cli_module, "run_simulate", broken)
+    with pytest.raises(type(error)):
+        main(["simulate", "-o", "x.npz"])
+
+
+def test_interrupt_is_one_line_and_exit_code_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "run_simulate", interrupted)
+    assert main(["simulate", "-o", "x.npz"]) == 130
+    assert capsys.readouterr().err == "ctmm-jax simulate: interrupted\n"
+
+
+def test_fit_options_reach_the_library_and_the_sidecar(run_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_fit(data, model, method, **options):  # records the options, fits nothing
+        calls.append((model, method, options))
+        genes = pd.Index(data.genes, name="gene")
+        return SimpleNamespace(table=pd.DataFrame({"converged": True}, index=genes))
+
+    monkeypatch.setattr("ctmm_jax.api.fit", fake_fit)
+    out = tmp_path / "x.tsv"
+    options = ["--information", "observed", "--nonneg", "--max-iter", "7", "--tol", "1e-6",
+               "--chunk-size", "16"]  # fmt: skip
+    assert main(["fit", "-q", str(run_dir / "pb.npz"), "--model", "hom", *options,
+                 "-o", str(out)]) == 0  # fmt: skip
+    expected = dict(information="observed", nonneg=True, max_iter=7, tol=1e-6, chunk_size=16)
+    model, method, passed = calls[0]
+    assert (model, method) == ("hom", "reml") and passed.items() >= expected.items()
+    assert json.loads(Path(f"{out}.json").read_text()).items() >= expected.items()
+
+
+def test_python_m_ctmm_jax_help():
+    done = subprocess.run([sys.executable, "-m", "ctmm_jax", "--help"], capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0 and "examples:" in done.stdout and "--debug" in done.stdout
+
+
+def test_help_and_quick_mistakes_do_not_import_jax(tmp_path):
+    code = (
+        "import sys, ctmm_jax\n"
+        "eager = 'jax' in sys.modules\n"
+        "from ctmm_jax.cli import build_parser, main\n"
+        "build_parser().format_help()\n"
+        "code = main(['fit', 'missing.npz', '-o', 'x.tsv'])\n"
+        "print(eager, 'jax' in sys.modules, code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    eager, imported, code = done.stdout.split()
+    if eager == "True":
+        pytest.skip("ctmm_jax/__init__.py imports jax eagerly; this test runs once it is lazy")
+    assert (imported, code) == ("False", "1")
 
 
 def test_help_has_examples(capsys):
@@ -108,6 +228,7 @@ def test_help_has_examples(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--chunk I/N" in out and "examples:" in out and "ctmm-jax merge" in out
+    assert ", ".join(MODELS) in out  # the model registry's names
 
 
 @pytest.mark.parametrize("argv", [["fit", "--model", "fre", "-o", "x.tsv"], ["fitt"], []])
@@ -121,7 +242,8 @@ def test_usage_mistakes_get_one_line(argv, capsys):
 
 def test_console_script_is_declared():
     scripts = importlib.metadata.entry_points(group="console_scripts")
-    assert {s.name: s.value for s in scripts}.get("ctmm-jax") == "ctmm_jax.cli:main"
+    assert {s.name: s.value for s in scripts}.get("ctmm-jax") in ("ctmm_jax.cli:main",
+                                                                  "ctmm_jax.cli:run")  # fmt: skip
 
 
 def test_counts_and_cell_table_input(tmp_path):
@@ -139,6 +261,9 @@ def test_counts_and_cell_table_input(tmp_path):
     np.testing.assert_allclose(got.ctnu, expected.ctnu, rtol=1e-14)
 
 
+@pytest.mark.skipif(
+    not EXAMPLE.is_dir(), reason=f"needs the original CTMM example files in {EXAMPLE}"
+)
 def test_original_files_fit_equals_library(tmp_path):
     files = dict(y=EXAMPLE / "CTP.gz", P=EXAMPLE / "P.gz", ctnu=EXAMPLE / "ctnu.gz")
     out = tmp_path / "he.tsv"
@@ -206,3 +331,6 @@ def test_gxemm_command_equals_library(tmp_path):
                  "--gtype", "iid", "-o", str(out)]) == 0  # fmt: skip
     expected = gxemm.fit(y, X, K, Z, gtype="iid").table
     np.testing.assert_allclose(numeric(read(out)), numeric(expected), rtol=1e-10)
+    columns = pd.read_csv(f"{out}.columns.tsv", sep="\t")
+    assert list(columns["column"]) == list(expected.columns)
+    assert json.loads(Path(f"{out}.json").read_text())["environment"]["x64"] is True

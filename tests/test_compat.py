@@ -18,8 +18,9 @@ import ctmm_jax as cj
 from ctmm_jax import api, models
 from ctmm_jax.compat import ctp, op, util
 from ctmm_jax.data import Covariates
-from ctmm_jax.engine import GeneFit
-from ctmm_jax.results import FitResult, Jackknife
+from ctmm_jax.estimators import Estimates
+from ctmm_jax.jackknife import Jackknife
+from ctmm_jax.results import FitResult
 
 EXACT = dict(rtol=1e-10, atol=1e-12)
 N, C = 50, 4
@@ -190,16 +191,16 @@ def _fake_fit(data, model="free", method="reml", *, jackknife=False, fixed_covar
     k, p = models.n_var(model, c) + len(random.values), c + covars.matrix.shape[1]
     rng = np.random.default_rng(0)
     cov = lambda m: np.tile(0.01 * np.eye(m), (G, 1, 1))
-    fits = GeneFit(rng.uniform(0.1, 0.2, (G, k)), cov(k), rng.normal(size=(G, p)), cov(p),
-                   np.ones(G))  # fmt: skip
+    loglik = np.full(G, np.nan if method == "he" else -1.0)
+    est = Estimates(rng.uniform(0.1, 0.2, (G, k)), cov(k), rng.normal(size=(G, p)), cov(p),
+                    loglik, np.ones(G, int), np.zeros(G, int), np.ones(G))  # fmt: skip
     jk = None
     if jackknife:
         phi, beta = rng.uniform(0.1, 0.2, (G, n, k)), rng.normal(size=(G, n, c))
         jk = Jackknife(phi, beta, np.zeros(G, int), np.ones((G, n), bool))
-    loglik = np.full(G, np.nan if method == "he" else -1.0)
     return FitResult.build(
-        data, model, method, "expected", fits, loglik, np.ones(G, int), np.zeros(G, int), k + p,
-        jackknife=jk, covariates=covars, random=random,
+        data, model, method, "expected", est, np.zeros(G, bool), k + p, jackknife=jk,
+        covariates=covars, random=random,
     )  # fmt: skip
 
 

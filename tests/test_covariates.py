@@ -9,7 +9,7 @@ from helpers import CLOSED_FORM, METHODS, MODELS, SHAPES, random_phi, small_data
 from numpy.testing import assert_allclose
 
 import ctmm_jax as cj
-from ctmm_jax import likelihood, structure
+from ctmm_jax import blocks, likelihood
 
 
 def _covariates(N, seed=0):
@@ -36,7 +36,7 @@ def test_loglik_with_covariates_equals_dense(shape, model, method):
     data = small_data(shape, G=1, N=15, C=3, seed=31)
     covars = _covariates(15)
     F = _F(covars)
-    b = structure.to_blocks(data, model, F)
+    b = blocks.to_blocks(data, model, F)
     d = b.gene(0)
     phi = random_phi(model, 3, seed=32)
     hom2, V = reference.natural(model, phi, 3)

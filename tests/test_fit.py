@@ -9,7 +9,7 @@ from numpy.testing import assert_allclose
 from scipy import optimize, stats
 
 import ctmm_jax as cj
-from ctmm_jax import likelihood, models, structure
+from ctmm_jax import blocks, likelihood, models
 
 
 def _dense_scipy_fit(data, g, model, method, phi0):
@@ -35,11 +35,11 @@ def test_optimum_beats_dense_scipy(shape, model, method):
     res = cj.fit(data, model, method)
     for g in range(2):
         assert res.table.converged.iloc[g], res.table.status.iloc[g]
-        d = structure.to_blocks(data, model)
+        d = blocks.to_blocks(data, model)
         gd = d.gene(g)
         m = likelihood.moments(jnp.asarray(res.phi[g]), gd, method == "reml")
         assert float(m.score @ np.linalg.solve(m.info, m.score)) < 1e-8  # gradient ~ 0
-        phi0 = np.asarray(structure.start_values(gd, model, 3))
+        phi0 = np.asarray(blocks.start_values(gd, model, 3))
         phi_sp, ll_sp = _dense_scipy_fit(data, g, model, method, phi0)
         assert res.loglik[g] >= ll_sp - 1e-8
         hom2, V = reference.natural(model, res.phi[g], 3)
@@ -77,7 +77,7 @@ def test_table_columns_and_wald_pvalues(method):
     cts = data.celltypes
     expected = (
         ["hom2", *(f"V_{c}" for c in cts), *(f"beta_{c}" for c in cts)]
-        + ["loglik", "n_donors", "converged", "n_iter", "status", "se_hom2"]
+        + ["loglik", "n_donors", "converged", "n_iter", "status", "message", "se_hom2"]
         + [f"se_V_{c}" for c in cts]
         + [*(f"se_beta_{c}" for c in cts), "p_hom2", "p_V", "p_ct_beta"]
     )
@@ -115,7 +115,7 @@ def test_observed_information():
         phi = res.phi[g]
         import jax
 
-        d = structure.to_blocks(data, "free")
+        d = blocks.to_blocks(data, "free")
         gd = d.gene(g)
         H = jax.hessian(likelihood.nll)(jnp.asarray(phi), gd, True)
         assert_allclose(res.var_cov[g], np.linalg.inv(H), rtol=1e-8)

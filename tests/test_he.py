@@ -69,7 +69,7 @@ def test_he_gls_not_positive_definite_is_flagged():
     res = cj.fit(cj.OPData.from_arrays(y, nu, P), "hom", "he", he_beta="gls")
     assert res.phi[0, 0] < -0.01
     assert not res.table.converged.iloc[0]
-    assert "not positive definite" in res.table.status.iloc[0]
+    assert "not positive definite" in res.table.message.iloc[0]
     assert np.isnan(res.beta[0]).all()
     ols = cj.fit(cj.OPData.from_arrays(y, nu, P), "hom", "he")
     assert ols.table.converged.iloc[0] and np.isfinite(ols.beta[0]).all()

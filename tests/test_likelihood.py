@@ -71,9 +71,9 @@ def test_not_positive_definite_is_inf(shape):
 def test_vmap_equals_single_gene():
     data = small_data("ctp", G=4)
     phis = jnp.asarray(np.stack([random_phi("free", 3, seed=s) for s in range(4)]))
-    from ctmm_jax import structure
+    from ctmm_jax import blocks
 
-    b = structure.to_blocks(data, "free")
+    b = blocks.to_blocks(data, "free")
     batched = jax.vmap(
         lambda p, y, nu: likelihood.nll(p, likelihood.GeneData(y, nu, b.X, b.E), True)
     )(phis, jnp.asarray(b.y), jnp.asarray(b.noise))

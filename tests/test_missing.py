@@ -10,7 +10,7 @@ from helpers import CLOSED_FORM, OPTIMIZER, random_phi, small_data
 from numpy.testing import assert_allclose
 
 import ctmm_jax as cj
-from ctmm_jax import likelihood, structure
+from ctmm_jax import blocks, likelihood
 from ctmm_jax.data import Covariates
 
 N, C = 24, 3
@@ -36,7 +36,7 @@ def test_masked_likelihood_with_covariates_equals_dense_observed(method):
     data, mask = _masked()
     fixed, rand = _covars()
     Fc, Rc = Covariates.build(fixed, data.donors), Covariates.build(rand, data.donors, "random")
-    b = structure.to_blocks(data, "free", Fc.matrix, Rc.matrix, Rc.groups)
+    b = blocks.to_blocks(data, "free", Fc.matrix, Rc.matrix, Rc.groups)
     phi = np.concatenate([random_phi("free", C, seed=2), [0.15]])
     for g in range(3):
         d = b.gene(g)
@@ -106,7 +106,7 @@ def test_op_from_masked_ctp_renormalises_proportions():
     assert_allclose(op.nu[1], (P**2 * data.ctnu[1]).sum(1), rtol=1e-14)
     assert not op.mask[0, 2] and op.mask[0].sum() == N - 1
     # the OP likelihood uses each gene's own proportions: dense check
-    b = structure.to_blocks(op, "free")
+    b = blocks.to_blocks(op, "free")
     phi = random_phi("free", C, seed=5)
     d = b.gene(1)
     hom2, V = reference.natural("free", phi, C)

@@ -369,3 +369,14 @@ def test_bad_input(data, change, match):
 def test_bad_options(data, kw, match):
     with pytest.raises(ValueError, match=match):
         pseudobulk(*data, **kw)
+
+
+def test_repr_is_short_and_names_the_shape(data):
+    X, cells = data
+    text = repr(pseudobulk(X, cells))
+    assert len(text) < 300
+    n_pairs = int((COUNTS > 1).sum())  # pairs of one cell have no variance: missing
+    assert text == (
+        f"Pseudobulk({G} genes x 6 donors x 3 cell types, {COUNTS.sum()} cells, "
+        f"{n_pairs}/18 (donor, cell type) pairs observed)"
+    )

@@ -11,7 +11,7 @@ from numpy.testing import assert_allclose
 from scipy import optimize
 
 import ctmm_jax as cj
-from ctmm_jax import likelihood, structure
+from ctmm_jax import blocks, likelihood
 from ctmm_jax.data import Covariates
 
 
@@ -32,7 +32,7 @@ def _dense_kernels(data, covars):
 
 def _gene(data, model, covars, g=0):
     rc = Covariates.build(covars, data.donors, kind="random")
-    b = structure.to_blocks(data, model, None, rc.matrix, rc.groups)
+    b = blocks.to_blocks(data, model, None, rc.matrix, rc.groups)
     return b.gene(g)
 
 

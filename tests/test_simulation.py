@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ctmm_jax as cj
-from ctmm_jax import inference, likelihood, structure
+from ctmm_jax import blocks, inference, likelihood
 
 G, N, C = 1000, 200, 4
 
@@ -50,7 +50,7 @@ def test_null_wald_calibration():
     assert 0.03 < np.mean(free.table.p_ct_beta < 0.05) < 0.07
     iid = cj.fit(data, "iid", "reml").table
     assert 0.02 < np.mean(iid.p_V < 0.05) < 0.07
-    b = structure.to_blocks(data, "free")
+    b = blocks.to_blocks(data, "free")
     truth = jnp.array([0.3, 0.0, 0.0, 0.0, 0.0])
     info = jax.vmap(
         lambda y, nu: likelihood.moments(truth, likelihood.GeneData(y, nu, b.X, b.E), True).info

@@ -10,9 +10,9 @@ from __future__ import annotations
 import textwrap
 
 import numpy as np
-from scipy import linalg, stats
+from scipy import linalg
 
-from .. import api, models
+from .. import api, inference, models
 from ..data import Covariates, CTPData, OPData, _loadtxt
 from ..results import fixed_effect_variances
 
@@ -33,9 +33,9 @@ def lrt(l: float, l0: float, k: int) -> float:  # noqa: E741 (the original's nam
             `free['l']` and `hom['l']`.
         k: number of parameters the null model fixes (e.g. C for free vs hom).
     Returns:
-        the p value (an array when l, l0 are arrays).
+        the p value (an array when l, l0 are arrays; a Series when one is a Series).
     """
-    p = stats.chi2.sf(2.0 * (np.asarray(l, dtype=np.float64) - np.asarray(l0, np.float64)), k)
+    p = inference.lrt(l, l0, k)
     return float(p) if np.ndim(p) == 0 else p
 
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ..optimize import MESSAGES, Status
+from .. import batching, status
+from ..status import Status
 from . import he, reml
 from .model import Inputs, check_inputs, standardize, variance_map
 
@@ -59,7 +60,8 @@ class GxEMMResult:
         cols["ll"] = np.atleast_1d(self.ll)
         cols["converged"] = np.atleast_1d(self.converged)
         cols["n_iter"] = np.atleast_1d(self.n_iter)
-        cols["status"] = [MESSAGES[Status(int(c))] for c in np.atleast_1d(self.status)]
+        cols["status"] = status.short_names(self.status)
+        cols["message"] = status.messages(self.status)
         return pd.DataFrame(cols)
 
     def trait(self, t: int) -> dict:
@@ -94,11 +96,11 @@ def fit(
     if method == "he":
         sig2s = he_fit.sig2s
         nan_k = np.full(sig2s.shape + sig2s.shape[-1:], np.nan)
-        ok = np.all(np.isfinite(sig2s), axis=1)
+        codes = status.decide(np.full(T, Status.OK), finite=np.all(np.isfinite(sig2s), axis=1))
         out = dict(
             sig2s=sig2s, sig2Var=nan_k, ll=np.full(T, np.nan), df=inputs.n_kernels,
-            betas=he_fit.betas, converged=ok, n_iter=np.zeros(T, int),
-            status=np.where(ok, Status.OK, Status.NOT_FINITE).astype(int),
+            betas=he_fit.betas, converged=codes == Status.OK, n_iter=np.zeros(T, int),
+            status=codes,
         )  # fmt: skip
     else:
         null = np.zeros((T, inputs.n_kernels))
@@ -109,9 +111,10 @@ def fit(
             lambda ys, st: reml.fit_chunk(ys, st, design, **keys),
             standardize(inputs.y), size, starts=starts,
         )  # fmt: skip
+        codes = status.decide(r.status)
         out = dict(
             sig2s=r.sig2s, sig2Var=r.sig2Var, ll=-r.nll, df=inputs.n_kernels - 1, betas=r.betas,
-            converged=r.status == Status.OK, n_iter=r.n_iter, status=r.status,
+            converged=codes == Status.OK, n_iter=r.n_iter, status=codes,
         )  # fmt: skip
     out.update(_heritability(out["sig2s"], out["sig2Var"], inputs))
     if one:
@@ -120,15 +123,14 @@ def fit(
 
 
 def _chunks(fn, y, size, starts=None):
-    """fn over batches of traits (padded to `size` so one compiled shape serves all)."""
+    """fn over batches of traits (batching.py: bucketed sizes, padded)."""
     T = y.shape[0]
-    size = min(size, T)
-    parts = []
-    for lo in range(0, T, size):
-        idx = np.minimum(np.arange(lo, lo + size), T - 1)
-        args = (jnp.asarray(y[idx]),) + (() if starts is None else (jnp.asarray(starts[:, idx]),))
-        parts.append(jax.tree.map(np.asarray, fn(*args)))
-    return jax.tree.map(lambda *a: np.concatenate(a)[:T], *parts)
+
+    def batch(i):
+        args = (jnp.asarray(y[i]),) + (() if starts is None else (jnp.asarray(starts[:, i]),))
+        return fn(*args)
+
+    return batching.map_batches(batch, np.arange(T), batching.bucket(T, size))
 
 
 def _heritability(sig2s, sig2Var, inputs: Inputs) -> dict:

@@ -29,12 +29,9 @@ import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 from .. import likelihood
-from ..likelihood import GeneData
-from ..optimize import Status, fisher_scoring, init_state
-
-LOG_2PI = np.log(2.0 * np.pi)
-COND_MAX = likelihood.COND_MAX
-BOUNDARY_COND = 1e6
+from ..likelihood import COND_MAX, LOG_2PI, GeneData
+from ..optimize import fisher_scoring, init_state
+from ..status import BOUNDARY_COND
 
 
 class Fit(NamedTuple):
@@ -47,7 +44,7 @@ class Fit(NamedTuple):
     nll: jax.Array  # (T,)
     score: jax.Array  # (T, k) at the estimate
     n_iter: jax.Array  # (T,)
-    status: jax.Array  # (T,) optimize.Status
+    status: jax.Array  # (T,) the optimizer's outcome (status.decide makes it final)
 
 
 # --- dense K ---------------------------------------------------------------------------------
@@ -160,10 +157,9 @@ def _fit_one(y, s_starts, design, *, lowrank: bool, max_iter: int, tol: float) -
     state = fisher_scoring(
         value_, score_info_, state, jnp.asarray(max_iter), tol=tol, boundary_cond=BOUNDARY_COND
     )
-    status = jnp.where(state.status == Status.RUNNING, Status.MAX_ITER, state.status)
     score, info, beta, beta_cov = final(state.theta, y=y, **design)
     return Fit(state.theta, jnp.linalg.inv(info), beta, beta_cov, state.nll, score,
-               state.n_iter, status)  # fmt: skip
+               state.n_iter, state.status)  # fmt: skip
 
 
 @partial(jax.jit, static_argnames=("lowrank", "max_iter", "tol", "batch"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from .. import inference
+
 EIG_TOL = 1e8  # MVWaldtest: NaN when the eigenvalue ratio of V exceeds this
 
 
@@ -29,8 +31,9 @@ def mvwald_test(z, V, eigtol: float = EIG_TOL) -> float:
 
 
 def lrt(ll1, ll0, df) -> np.ndarray:
-    """Likelihood-ratio test: P(chi2_df > 2 (ll1 - ll0)) (the original's LRtest)."""
-    return stats.chi2.sf(2.0 * (np.asarray(ll1) - np.asarray(ll0)), df=df)
+    """Likelihood-ratio test: P(chi2_df > 2 (ll1 - ll0)) (the original's LRtest), by
+    `ctmm_jax.inference.lrt` (a Series named "p_lrt" when ll1 or ll0 is a Series)."""
+    return inference.lrt(ll1, ll0, df)
 
 
 def h2_equal_test(h2, cov) -> float:

@@ -1,7 +1,8 @@
-"""Block form of a gene's data, and start values.
+"""The block form of a dataset, and start values.
 
 Every fit sees N blocks of b values (b = C for CTP, 1 for OP): y_i, noise_i, design X_i and
-kernels E_ki with Sigma_i = sum_k phi_k E_ki + diag(noise_i) (likelihood.GeneData).
+kernels E_ki with Sigma_i = sum_k w_k E_ki + diag(noise_i) (likelihood.GeneData), w the
+model's kernel weights (models.py).
 """
 
 from __future__ import annotations
@@ -124,13 +125,8 @@ def residual_variance(d: GeneData) -> jax.Array:
 
 
 def start_values(d: GeneData, model: str, C: int) -> jax.Array:
-    """Natural start values as the original CTMM: with s = residual_variance and R random
-    covariates, hom2, every V parameter and every r2 are s / (R + 2) (hom: s / (R + 1); full:
-    V = s I / (R + 1)). Positive definite whenever s > 0."""
+    """Start parameters phi of one gene (models.start_values): the mean squared OLS residual
+    shared by the model's parts and the random covariates, as the original CTMM. Positive
+    definite whenever that residual is > 0."""
     n_rand = 0 if d.groups is None else d.groups.shape[0]
-    s = residual_variance(d) / (n_rand + (1 if model in ("hom", "full") else 2))
-    if model == "full":
-        phi = s * jnp.eye(C)[np.triu_indices(C)]
-    else:
-        phi = jnp.full(models.n_var(model, C), s)
-    return jnp.concatenate([phi, jnp.full(n_rand, s)])
+    return models.start_values(residual_variance(d), model, C, n_rand)

@@ -19,6 +19,7 @@ the same as deleting it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -26,21 +27,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .engine import batches, gather, over_genes
-from .structure import Design
+from .. import batching
+from ..blocks import Blocks, Design
+from ..status import Status
+from . import Estimates, Problems
+from .mlreml import gls, over_genes
 
 
 class Normal(NamedTuple):
-    """Design-only pieces of HE: QtQ (k, k), Z (k, N, b) = diag blocks of M K_k M, A0 (p, p);
-    k counts the model's kernels, then the random covariates'."""
+    """Design-only pieces of HE: QtQ (k, k), diag_MKM (k, N, b) = the diagonals of the blocks
+    of M K_k M, A0 (p, p); k counts the model's kernels, then the random covariates'."""
 
     QtQ: jax.Array
-    Z: jax.Array
+    diag_MKM: jax.Array
     A0: jax.Array
 
 
 def normal(design: Design, mask: jax.Array | None = None) -> Normal:
-    """Shared HE normal equations of a design (structure.Design); mask: (N, b) or None.
+    """Shared HE normal equations of a design (blocks.Design); mask: (N, b) or None.
 
     A random covariate r has K_r = U_r U_r^T (U_r its columns of U), so with MU = M U:
     tr(M K_k M K_r) = sum_{j in r} (MU_j)^T K_k (MU_j), tr(M K_r M K_s) = |U_r^T M U_s|_F^2 and
@@ -59,20 +63,21 @@ def normal(design: Design, mask: jax.Array | None = None) -> Normal:
     AB = A0 @ B
     T3 = jnp.einsum("kpq,lqp->kl", AB, AB)
     XABAX = jnp.einsum("nip,kpq,njq->knij", X, AB @ A0, X)
-    Z = (
+    diag_MKM = (
         jnp.diagonal(E, axis1=2, axis2=3)
         - 2.0 * jnp.diagonal(H0[None] @ E, axis1=2, axis2=3)
         + jnp.diagonal(XABAX, axis1=2, axis2=3)
     )
     QtQ = T1 - T2 - T2.T + T3
     if U is None:
-        return Normal(QtQ, Z, A0)
+        return Normal(QtQ, diag_MKM, A0)
     G = design.groups
     MU = U - X @ (A0 @ jnp.einsum("nbp,nbj->pj", X, U))  # (N, b, m)
     Q_kr = jnp.einsum("naj,knab,nbj->kj", MU, E, MU) @ G.T
     Q_rr = G @ jnp.einsum("nbj,nbl->jl", U, MU) ** 2 @ G.T
-    Z_r = jnp.einsum("nbj,rj->rnb", MU**2, G)
-    return Normal(jnp.block([[QtQ, Q_kr], [Q_kr.T, Q_rr]]), jnp.concatenate([Z, Z_r]), A0)
+    diag_r = jnp.einsum("nbj,rj->rnb", MU**2, G)
+    QtQ = jnp.block([[QtQ, Q_kr], [Q_kr.T, Q_rr]])
+    return Normal(QtQ, jnp.concatenate([diag_MKM, diag_r]), A0)
 
 
 class HEFit(NamedTuple):
@@ -84,7 +89,7 @@ class HEFit(NamedTuple):
 
 def he_genes(y, noise, design: Design, nm: Normal, mask: jax.Array | None = None) -> HEFit:
     """HE for many genes sharing the design. y, noise: (G, N, b); mask (N, b) as given to
-    `normal` or None (noise may be anything where missing, since Z is 0 there)."""
+    `normal` or None (noise may be anything where missing, since diag_MKM is 0 there)."""
     (X, U), E = design.full, design.E
     if mask is not None:
         y = y * mask
@@ -100,7 +105,7 @@ def he_genes(y, noise, design: Design, nm: Normal, mask: jax.Array | None = None
     if U is not None:  # r^T K_r r = |U_r^T r|^2
         quad_r = jnp.einsum("nbj,gnb->gj", U, r) ** 2 @ design.groups.T
         quad = jnp.concatenate([quad, quad_r], axis=1)
-    Qt = quad - jnp.einsum("gnb,knb->gk", noise, nm.Z)
+    Qt = quad - jnp.einsum("gnb,knb->gk", noise, nm.diag_MKM)
     return HEFit(jnp.linalg.solve(nm.QtQ, Qt.T).T, beta)
 
 
@@ -153,29 +158,59 @@ def he_jackknife_chunk_per_gene(y, noise, mask, design, *, N: int) -> HEFit:
     return HEFit(jnp.swapaxes(fits.phi, 0, 1), jnp.swapaxes(fits.beta, 0, 1))
 
 
-def run_he(blocks, *, chunk_size: int) -> HEFit:
-    """HE for every gene of `blocks` (structure.Blocks), in batches of genes."""
-    return _run(he_chunk, he_chunk_per_gene, blocks, chunk_size)
+def run_he(blocks: Blocks, genes: np.ndarray, *, chunk_size: int) -> HEFit:
+    """HE for genes of `blocks`: phi (P, k), beta (P, p)."""
+    return _run(he_chunk, he_chunk_per_gene, blocks, genes, chunk_size)
 
 
-def run_he_jackknife(blocks, *, chunk_size: int) -> HEFit:
-    """Leave-one-donor-out HE for every gene: phi (G, N, k), beta (G, N, p)."""
+def run_he_jackknife(blocks: Blocks, genes: np.ndarray, *, chunk_size: int) -> HEFit:
+    """Leave-one-donor-out HE for genes of `blocks`: phi (P, N, k), beta (P, N, p)."""
     N = blocks.y.shape[1]
     shared, per_gene = partial(he_jackknife_chunk, N=N), partial(he_jackknife_chunk_per_gene, N=N)
-    return _run(shared, per_gene, blocks, chunk_size)
+    return _run(shared, per_gene, blocks, genes, chunk_size)
 
 
-def _run(shared_fn, per_gene_fn, blocks, chunk_size: int) -> HEFit:
+def _run(shared_fn, per_gene_fn, blocks: Blocks, genes: np.ndarray, chunk_size: int) -> HEFit:
     """Batches of genes; the shared-normal path unless genes differ in mask or design."""
-    G = blocks.y.shape[0]
     per_gene = blocks.mask is not None or blocks.per_gene
-    parts = []
-    for part, pad in batches(np.arange(G), min(chunk_size, G)):
-        y, noise = jnp.asarray(blocks.y[pad]), jnp.asarray(blocks.noise[pad])
-        design = blocks.design(pad)
-        if per_gene:
-            mask = np.ones(blocks.y[pad].shape) if blocks.mask is None else blocks.mask[pad]
-            parts.append((part, per_gene_fn(y, noise, jnp.asarray(mask), design)))
+
+    def batch(g):
+        y, noise = jnp.asarray(blocks.y[g]), jnp.asarray(blocks.noise[g])
+        design = blocks.design(g)
+        if not per_gene:
+            return shared_fn(y, noise, design)
+        mask = np.ones(blocks.y[g].shape) if blocks.mask is None else blocks.mask[g]
+        return per_gene_fn(y, noise, jnp.asarray(mask), design)
+
+    return batching.map_batches(batch, genes, batching.bucket(len(genes), chunk_size))
+
+
+@dataclass(frozen=True)
+class MethodOfMoments:
+    """HE for linear models (models.ModelSpec.linear): variances in closed form, beta by OLS
+    (beta="ols") or GLS at the HE variances (beta="gls", as the original CTMM). A problem with
+    a donor left out takes the leave-one-out path: all replicates of a gene at once, sharing
+    the normal equations across genes."""
+
+    model: str
+    C: int
+    beta: str = "ols"
+    chunk_size: int = 256
+
+    def fit(self, blocks: Blocks, problems: Problems) -> Estimates:
+        if problems.drop is None:
+            he_fit = run_he(blocks, problems.gene, chunk_size=self.chunk_size)
+            phi, beta = he_fit.phi, he_fit.beta
         else:
-            parts.append((part, shared_fn(y, noise, design)))
-    return gather(parts, G)
+            genes, which = np.unique(problems.gene, return_inverse=True)
+            reps = run_he_jackknife(blocks, genes, chunk_size=self.chunk_size)
+            phi, beta = reps.phi[which, problems.drop], reps.beta[which, problems.drop]
+        cond = None
+        if self.beta == "gls":
+            beta, _, cond = gls(
+                blocks, problems, phi, model=self.model, C=self.C, chunk_size=self.chunk_size
+            )
+        finite = np.all(np.isfinite(phi), axis=1) & np.all(np.isfinite(beta), axis=1)
+        P = len(problems.gene)
+        outcome = np.where(finite, Status.OK, Status.NOT_FINITE)
+        return Estimates(phi, None, beta, None, None, np.zeros(P, int), outcome, cond)

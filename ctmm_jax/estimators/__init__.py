@@ -1,0 +1,62 @@
+"""Estimators: ML and REML (`mlreml`, maximum likelihood by Fisher scoring) and HE (`he`,
+Haseman-Elston method of moments), behind one interface.
+
+An estimator fits a set of `Problems` (a gene, optionally with one donor left out, optionally
+with start values) on a `blocks.Blocks` and returns `Estimates`: parameters, their covariance
+or None, fixed effects, the optimizer's outcome. `api.fit` and the jackknife (jackknife.py)
+see nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..blocks import Blocks
+
+
+class Problems(NamedTuple):
+    """Fits to run: gene `gene[j]` of the blocks with donor `drop[j]` left out (None: no donor
+    left out), starting from phi0[j] where that beats the moment start values (None: moment
+    start)."""
+
+    gene: np.ndarray  # (P,) int
+    drop: np.ndarray | None = None  # (P,) int
+    phi0: np.ndarray | None = None  # (P, n_var + n_rand)
+
+
+class Estimates(NamedTuple):
+    """Per-problem results (leading axis P). phi: (P, n_var + n_rand) parameters (models.py
+    order, then the random-covariate r2); var_cov (P, k, k) their inverse information, None
+    for HE; beta (P, p) and beta_cov (P, p, p) (None: no covariance); loglik (P,) or None;
+    n_iter (P,); outcome (P,) status.Status codes before status.decide; cond (P,) the
+    covariance's conditioning (likelihood.factor) or None."""
+
+    phi: np.ndarray
+    var_cov: np.ndarray | None
+    beta: np.ndarray
+    beta_cov: np.ndarray | None
+    loglik: np.ndarray | None
+    n_iter: np.ndarray
+    outcome: np.ndarray
+    cond: np.ndarray | None
+
+
+class Estimator(Protocol):
+    def fit(self, blocks: Blocks, problems: Problems) -> Estimates: ...
+
+
+def problem_data(blocks: Blocks, problems: Problems, i: np.ndarray):
+    """Device (y, noise, mask) of problems i: the genes' masks times the left-out donors' (mask
+    None when nothing is missing or left out)."""
+    g = problems.gene[i]
+    mask = None if blocks.mask is None else blocks.mask[g]
+    if problems.drop is not None:
+        N, b = blocks.y.shape[1:]
+        keep = (np.arange(N)[None, :] != problems.drop[i][:, None]).astype(np.float64)
+        keep = np.repeat(keep[..., None], b, axis=2)
+        mask = keep if mask is None else mask * keep
+    y, noise = jnp.asarray(blocks.y[g]), jnp.asarray(blocks.noise[g])
+    return y, noise, None if mask is None else jnp.asarray(mask)

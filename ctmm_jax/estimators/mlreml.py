@@ -1,0 +1,252 @@
+"""ML and REML: jit(vmap(per-gene Fisher scoring)) over batches of problems.
+
+Batches come from batching.py (bucketed sizes, padded). Under vmap a batch iterates until its
+slowest problem is done, so the fits run in rounds of ROUND_ITERS iterations, and the problems
+still running are regrouped into smaller batches after each round: the cost follows the total
+number of iterations, not the slowest gene. The optimizer works in unconstrained coordinates
+theta; models.py maps theta -> parameters phi -> kernel weights w, and the chain rule turns
+the likelihood's score and information in w into those in theta (`objective`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import batching, likelihood, models
+from ..blocks import Blocks, Design, residual_variance, start_values
+from ..likelihood import GeneData
+from ..optimize import MAX_HALVINGS, OptState, fisher_scoring, init_state
+from ..status import BOUNDARY_COND, Status
+from . import Estimates, Problems, problem_data
+
+
+class Objective(NamedTuple):
+    """One gene's objective in the optimizer's coordinates theta."""
+
+    value: Callable[[jax.Array], tuple[jax.Array, jax.Array]]  # theta -> (nll, cond)
+    score_info: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def objective(d: GeneData, *, model: str, C: int, reml: bool, nonneg: bool) -> Objective:
+    """NLL, score, expected information and Hessian in theta. With w(theta) the kernel weights
+    (models.to_natural, then models.kernel_weights) and J = dw/dtheta:
+    score = J^T s_w, info = J^T I_w J, hess = J^T H_w J + sum_k (s_w)_k d2 w_k / dtheta^2."""
+
+    def weights(theta):
+        return models.kernel_weights(models.to_natural(theta, model, C, nonneg), model, C)
+
+    def value(theta):
+        f = likelihood.factor(weights(theta), d, reml)
+        return f.nll, f.cond
+
+    def score_info(theta):
+        m = likelihood.moments(weights(theta), d, reml)
+        if not nonneg and models.get(model).linear:  # static: w = theta
+            return m.score, m.info, m.hess
+        J, curv = jax.jacfwd(weights)(theta), jax.hessian(weights)(theta)
+        hess = J.T @ m.hess @ J + jnp.einsum("k,kij->ij", m.score, curv)
+        return J.T @ m.score, J.T @ m.info @ J, hess
+
+    return Objective(value, score_info)
+
+
+class GeneFit(NamedTuple):
+    """Per-gene estimates at the optimum; `vmap` adds a leading gene axis to every field."""
+
+    phi: jax.Array  # (n_var,) parameters
+    var_cov: jax.Array  # (n_var, n_var) inverse information of phi
+    beta: jax.Array  # (p,)
+    beta_cov: jax.Array  # (p, p) (X^T Sigma^-1 X)^-1
+    cond: jax.Array  # () conditioning of Sigma (likelihood.factor)
+
+
+def _gene(y, noise, mask, design: Design) -> GeneData:
+    return GeneData(y, noise, design.X, design.E, mask, design.F, design.U, design.groups)
+
+
+def _init_gene(y, noise, mask, phi0, design, *, model, C, reml, nonneg) -> OptState:
+    """Start state: the moment start values (blocks.start_values), or phi0 when given and its
+    NLL is lower (an infeasible or NaN phi0 never wins). A constant gene is not iterated."""
+    d = _gene(y, noise, mask, design)
+    obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
+    to_theta = partial(models.from_natural, model=model, C=C, nonneg=nonneg)
+    start = to_theta(start_values(d, model, C))
+    if phi0 is None:
+        s = init_state(obj.value, start)
+    else:  # one after the other (lax.map): XLA's CPU runtime can deadlock when two large
+        # LAPACK factorisations (many random-covariate columns) are scheduled concurrently
+        both = jax.lax.map(partial(init_state, obj.value), jnp.stack([start, to_theta(phi0)]))
+        s = jax.tree.map(lambda a: jnp.where(both.nll[1] < both.nll[0], a[1], a[0]), both)
+    y_obs = likelihood.observed(d).y
+    constant = residual_variance(d) <= 1e-24 * jnp.sum(y_obs**2) / likelihood.n_observed(d)
+    return s._replace(status=jnp.where(constant, Status.NO_VARIATION, s.status))
+
+
+def _advance_gene(
+    state, until, y, noise, mask, design, *, model, C, reml, nonneg, tol, max_halvings
+) -> OptState:
+    obj = objective(_gene(y, noise, mask, design), model=model, C=C, reml=reml, nonneg=nonneg)
+    state = state._replace(
+        status=jnp.where(state.status == Status.STALLED, Status.RUNNING, state.status)
+    )
+    return fisher_scoring(
+        obj.value, obj.score_info, state, until,
+        tol=tol, boundary_cond=BOUNDARY_COND, max_halvings=max_halvings,
+    )  # fmt: skip
+
+
+def _finish_gene(theta, y, noise, mask, design, *, model, C, reml, nonneg, observed) -> GeneFit:
+    """Parameters, inverse information in phi (J^T I_w J, J = dw/dphi, for nonlinear models)
+    and GLS at theta."""
+    d = _gene(y, noise, mask, design)
+    phi = models.to_natural(theta, model, C, nonneg)
+    weights = partial(models.kernel_weights, model=model, C=C)
+    m = likelihood.moments(weights(phi), d, reml)
+    if observed:
+        info = jax.hessian(lambda p: likelihood.nll(weights(p), d, reml))(phi)
+    elif models.get(model).linear:  # static
+        info = m.info
+    else:
+        J = jax.jacfwd(weights)(phi)
+        info = J.T @ m.info @ J
+    return GeneFit(phi, jnp.linalg.inv(info), m.beta, m.beta_cov, m.cond)
+
+
+def _gls_gene(w, y, noise, mask, design):
+    """GLS beta, its covariance and cond at kernel weights w (ML factor: no REML term)."""
+    f = likelihood.factor(w, _gene(y, noise, mask, design), False)
+    p = f.beta.shape[0]
+    return f.beta, f.mme_inv[:p, :p], f.cond
+
+
+_KEYS = ("model", "C", "reml", "nonneg")
+
+
+def over_genes(fn, n_args: int, design: Design):
+    """vmap fn over its first n_args arguments and, when X and E carry a gene axis
+    (blocks.Blocks.per_gene), over those too; the rest of the design is shared."""
+    per_gene = design.X.ndim == 4  # static
+    axes = Design(0, 0, None, None, None) if per_gene else None
+    return jax.vmap(fn, in_axes=(0,) * n_args + (axes,))
+
+
+@partial(jax.jit, static_argnames=_KEYS)
+def init_chunk(y, noise, mask, phi0, design, **keys) -> OptState:
+    """Start states of a batch: y, noise, mask (G, N, b) (mask may be None); phi0 (G, n) or
+    None; design shared (or per gene)."""
+    return over_genes(partial(_init_gene, **keys), 4, design)(y, noise, mask, phi0, design)
+
+
+@partial(jax.jit, static_argnames=_KEYS + ("tol", "max_halvings"))
+def advance_chunk(state, until, y, noise, mask, design, **keys) -> OptState:
+    """Continue a batch of states until each is done or has n_iter == until (G,)."""
+    fn = over_genes(partial(_advance_gene, **keys), 5, design)
+    return fn(state, until, y, noise, mask, design)
+
+
+@partial(jax.jit, static_argnames=_KEYS + ("observed",))
+def finish_chunk(theta, y, noise, mask, design, **keys) -> GeneFit:
+    """Estimates, information and GLS at the final theta of a batch."""
+    return over_genes(partial(_finish_gene, **keys), 4, design)(theta, y, noise, mask, design)
+
+
+@jax.jit
+def gls_chunk(w, y, noise, mask, design):
+    """GLS of a batch at kernel weights w (G, n_kernels + n_rand)."""
+    return over_genes(_gls_gene, 4, design)(w, y, noise, mask, design)
+
+
+ROUND_ITERS = 8  # iterations per round before the problems still running are regrouped
+BIG_BATCH_HALVINGS = 1  # step halvings per iteration allowed in full-size batches
+
+
+def _data(blocks: Blocks, problems: Problems, i: np.ndarray):
+    """(y, noise, mask, design) of problems i."""
+    return *problem_data(blocks, problems, i), blocks.design(problems.gene[i])
+
+
+def gls(blocks: Blocks, problems: Problems, phi: np.ndarray, *, model: str, C: int, chunk_size):
+    """(beta, beta_cov, cond) by GLS at parameters phi (P, n_var + n_rand) of every problem."""
+    w = np.asarray(jax.vmap(partial(models.kernel_weights, model=model, C=C))(jnp.asarray(phi)))
+
+    def batch(i):
+        return gls_chunk(jnp.asarray(w[i]), *_data(blocks, problems, i))
+
+    idx = np.arange(len(problems.gene))
+    return batching.map_batches(batch, idx, batching.bucket(len(idx), chunk_size))
+
+
+@dataclass(frozen=True)
+class MaximumLikelihood:
+    """ML (reml=False) or REML by Fisher scoring (optimize.py), batched over problems."""
+
+    model: str
+    C: int
+    reml: bool
+    nonneg: bool = False
+    observed: bool = False  # covariance from the observed (Hessian) instead of the expected
+    max_iter: int = 200
+    tol: float = 1e-10
+    chunk_size: int = 256
+
+    def fit(self, blocks: Blocks, problems: Problems) -> Estimates:
+        state = self.optimize(blocks, problems)
+        keys = dict(model=self.model, C=self.C, reml=self.reml, nonneg=self.nonneg)
+        size = batching.bucket(len(problems.gene), self.chunk_size)
+
+        def finish(i):
+            theta = jnp.asarray(state.theta[i])
+            return finish_chunk(theta, *_data(blocks, problems, i), **keys, observed=self.observed)
+
+        fits = batching.map_batches(finish, np.arange(len(problems.gene)), size)
+        return Estimates(
+            fits.phi, fits.var_cov, fits.beta, fits.beta_cov, -state.nll, state.n_iter,
+            state.status, fits.cond,
+        )  # fmt: skip
+
+    def optimize(self, blocks: Blocks, problems: Problems) -> OptState:
+        """Every fit of `problems`: rounds of ROUND_ITERS iterations, each round on the fits
+        still running, regrouped into batches of the bucketed chunk size (or a sixteenth of it
+        once few are left: two compiled batch shapes). Full-size batches allow
+        BIG_BATCH_HALVINGS step halvings; fits that need more (STALLED) continue in small
+        batches with the full budget. Returns the final optimizer states (host arrays)."""
+        n_prob = len(problems.gene)
+        keys = dict(model=self.model, C=self.C, reml=self.reml, nonneg=self.nonneg)
+        size = batching.bucket(n_prob, self.chunk_size)
+        small = max(size // 16, 1)
+
+        def init(i):
+            phi0 = None if problems.phi0 is None else jnp.asarray(problems.phi0[i])
+            y, noise, mask, design = _data(blocks, problems, i)
+            return init_chunk(y, noise, mask, phi0, design, **keys)
+
+        state = batching.map_batches(init, np.arange(n_prob), size)
+        while True:
+            active = np.isin(state.status, (Status.RUNNING, Status.STALLED))
+            active &= state.n_iter < self.max_iter
+            stalled = np.flatnonzero(active & (state.status == Status.STALLED))
+            running = np.flatnonzero(active & (state.status == Status.RUNNING))
+            if len(running) + len(stalled) == 0:
+                return state
+            if len(running) > small:
+                groups = [(running, size, BIG_BATCH_HALVINGS), (stalled, small, MAX_HALVINGS)]
+            else:
+                groups = [(np.concatenate([running, stalled]), small, MAX_HALVINGS)]
+            parts = []
+            for idx, bsize, halvings in groups:
+                for part, pad in batching.batches(idx, bsize):
+                    s = jax.tree.map(lambda a, pad=pad: jnp.asarray(a[pad]), state)
+                    until = jnp.minimum(s.n_iter + ROUND_ITERS, self.max_iter)
+                    out = advance_chunk(
+                        s, until, *_data(blocks, problems, pad), **keys,
+                        tol=self.tol, max_halvings=halvings,
+                    )  # fmt: skip
+                    parts.append((part, out))
+            state = batching.scatter(state, parts)

@@ -1,0 +1,112 @@
+"""Per-gene status: the codes, their short names and messages, and the one function that
+decides a gene's final status.
+
+Codes are ints so they cross jit and vmap (the optimizer writes its outcome into them); the
+table shows the short name (`status`) and the message (`message`). `decide` combines the
+optimizer's outcome with the checks made around it, in an explicit order of precedence.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+BOUNDARY_COND = 1e6  # a fit that ends unconverged with cond above this is on the boundary
+
+
+class Status(IntEnum):
+    STALLED = -2  # optimizer: no decrease within this round's halving budget; continue
+    RUNNING = -1  # optimizer: not done
+    OK = 0
+    MAX_ITER = 1
+    NO_DESCENT = 2
+    BOUNDARY = 3
+    INFEASIBLE_START = 4
+    SINGULAR_INFO = 5
+    NO_VARIATION = 6
+    NOT_FINITE = 7
+    NOT_IDENTIFIED = 8
+
+
+SHORT = {
+    Status.OK: "ok",
+    Status.MAX_ITER: "max_iter",
+    Status.NO_DESCENT: "no_descent",
+    Status.BOUNDARY: "boundary",
+    Status.INFEASIBLE_START: "infeasible_start",
+    Status.SINGULAR_INFO: "singular_info",
+    Status.NO_VARIATION: "constant",
+    Status.NOT_FINITE: "not_finite",
+    Status.NOT_IDENTIFIED: "not_identified",
+}
+
+MESSAGES = {
+    Status.OK: "ok",
+    Status.MAX_ITER: "reached max_iter before the score test statistic fell below tol",
+    Status.NO_DESCENT: "step halving found no decrease of the negative log-likelihood",
+    Status.BOUNDARY: "stopped at the positive-definite boundary (covariance nearly singular)",
+    Status.INFEASIBLE_START: "start values give a covariance that is not positive definite",
+    Status.SINGULAR_INFO: "information matrix is singular (parameters not identified)",
+    Status.NO_VARIATION: "no variation left after the fixed effects (constant gene); not fitted",
+    Status.NOT_FINITE: "estimates not finite (HE normal equations singular, or GLS at HE "
+    "variances that are not positive definite)",
+    Status.NOT_IDENTIFIED: "fixed effects not identified from the observed values (e.g. a cell "
+    "type with no observed value); not fitted",
+}
+
+NOT_FITTED = (Status.NO_VARIATION, Status.NOT_IDENTIFIED)  # no estimates are reported
+
+
+def decide(
+    outcome: np.ndarray,
+    *,
+    unidentified: np.ndarray | bool = False,
+    cond: np.ndarray | None = None,
+    se_defined: np.ndarray | bool = True,
+    finite: np.ndarray | bool = True,
+) -> np.ndarray:
+    """Final status of each gene, the first that applies:
+
+    1. NOT_IDENTIFIED   `unidentified`: the fixed effects are not identified (not fitted)
+    2. NO_VARIATION     the optimizer's outcome (a constant gene is never iterated)
+    3. INFEASIBLE_START the optimizer's outcome
+    4. NOT_FINITE       not `finite`: estimates not finite (HE)
+    5. BOUNDARY         the optimizer did not end OK and cond > BOUNDARY_COND
+    6. MAX_ITER         the optimizer was still running (or stalled) when it ran out
+    7. the optimizer's other outcomes (NO_DESCENT, SINGULAR_INFO, BOUNDARY)
+    8. SINGULAR_INFO    an OK fit whose inverse information has a diagonal that is not > 0
+    9. OK
+
+    Args: outcome (G,) Status codes from the optimizer (OK for closed forms); the rest (G,)
+    or scalars; cond None when not measured.
+    Returns: (G,) int codes."""
+    outcome = np.asarray(outcome)
+    shape = outcome.shape
+    flag = lambda x: np.broadcast_to(np.asarray(x, bool), shape)  # noqa: E731
+    not_ok = outcome != Status.OK
+    near_wall = flag(False) if cond is None else not_ok & (np.asarray(cond) > BOUNDARY_COND)
+    rules = [
+        (flag(unidentified), Status.NOT_IDENTIFIED),
+        (outcome == Status.NO_VARIATION, Status.NO_VARIATION),
+        (outcome == Status.INFEASIBLE_START, Status.INFEASIBLE_START),
+        (~flag(finite), Status.NOT_FINITE),
+        (near_wall, Status.BOUNDARY),
+        (np.isin(outcome, (Status.RUNNING, Status.STALLED)), Status.MAX_ITER),
+        (not_ok, outcome),
+        (~flag(se_defined), Status.SINGULAR_INFO),
+    ]
+    conditions, choices = zip(*rules, strict=True)
+    return np.select(conditions, [np.broadcast_to(c, shape) for c in choices], Status.OK).astype(
+        int
+    )
+
+
+def short_names(codes) -> np.ndarray:
+    """(G,) codes -> short machine-readable names (object array)."""
+    return np.array([SHORT[Status(int(c))] for c in np.ravel(codes)], dtype=object)
+
+
+def messages(codes) -> np.ndarray:
+    """(G,) codes -> messages (object array)."""
+    return np.array([MESSAGES[Status(int(c))] for c in np.ravel(codes)], dtype=object)
