@@ -575,7 +575,7 @@ def run_merge(args) -> None:
 def run_simulate(args) -> None:
     from scipy import sparse
 
-    from .simulate import simulate_anndata, simulate_cells
+    from .simulation import simulate_anndata, simulate_cells
 
     out = Path(args.output)
     kw = dict(cells_per_donor=args.cells_per_donor, hom2=args.hom2, V=args.V, seed=args.seed)

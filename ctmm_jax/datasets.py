@@ -17,7 +17,7 @@ EXAMPLE = Path(__file__).with_name("example_ctp.npz")
 
 def make_example(path: Path = EXAMPLE) -> None:
     """Write the example dataset (deterministic)."""
-    from .simulate import simulate
+    from .simulation import simulate
 
     V = np.zeros((40, 4, 4))
     V[:20] = np.diag([0.3, 0.0, 0.0, 0.1])

@@ -59,7 +59,7 @@ def fisher_scoring(
     *,
     tol: float,
     boundary_cond: float,
-    max_halvings: int = MAX_HALVINGS,
+    max_halvings: jax.Array | int = MAX_HALVINGS,
 ) -> OptState:
     """Iterate from `state` while it is RUNNING and n_iter < until.
 
@@ -92,12 +92,12 @@ def fisher_scoring(
 
         def worse(c):
             a, f, _ = c
-            return ~(f <= s.nll) & (a > 2.0**-max_halvings)
+            return ~(f <= s.nll) & (a > 2.0 ** -jnp.asarray(max_halvings, a.dtype))
 
         a, f, cond = lax.while_loop(worse, halve, (jnp.ones(()), *value(s.theta - d)))
         accept = (f <= s.nll) & ~converged & ~singular
         walled = accept & (a <= 2.0**-8) & (cond > boundary_cond)
-        no_descent = Status.NO_DESCENT if max_halvings >= MAX_HALVINGS else Status.STALLED
+        no_descent = jnp.where(max_halvings >= MAX_HALVINGS, Status.NO_DESCENT, Status.STALLED)
         status = jnp.select(
             [converged, singular, ~accept, walled],
             [Status.OK, Status.SINGULAR_INFO, no_descent, Status.BOUNDARY],

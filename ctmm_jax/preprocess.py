@@ -41,7 +41,7 @@ class Pseudobulk:
 
     genes: tuple[str, ...]
     donors: tuple[str, ...]
-    cell_types: tuple[str, ...]
+    celltypes: tuple[str, ...]
     ctp: np.ndarray
     ctnu: np.ndarray
     counts: np.ndarray
@@ -52,7 +52,7 @@ class Pseudobulk:
 
     def __repr__(self) -> str:
         """Shape and counts only; the arrays are too large to print."""
-        G, N, C = len(self.genes), len(self.donors), len(self.cell_types)
+        G, N, C = len(self.genes), len(self.donors), len(self.celltypes)
         return (
             f"Pseudobulk({G} genes x {N} donors x {C} cell types, "
             f"{int(np.sum(self.counts))} cells, {int(np.sum(self.mask))}/{N * C} "
@@ -72,6 +72,11 @@ class Pseudobulk:
         )
 
     @property
+    def cell_types(self) -> tuple[str, ...]:
+        """Alias of `celltypes` (the name CTPData and OPData use)."""
+        return self.celltypes
+
+    @property
     def observed(self) -> np.ndarray:
         """(G, N, C) pairs used by `to_ctp`: observed (`mask`) and with ctnu > 0."""
         return self.mask & (np.nan_to_num(self.ctnu) > 0)
@@ -88,7 +93,7 @@ class Pseudobulk:
         observed = self.observed
         return CTPData.from_arrays(
             np.where(observed, self.ctp, 0.0), np.where(observed, self.ctnu, 1.0), self.P,
-            genes=self.genes, donors=self.donors, celltypes=self.cell_types, mask=observed,
+            genes=self.genes, donors=self.donors, celltypes=self.celltypes, mask=observed,
         )  # fmt: skip
 
     def to_op(self) -> OPData:
@@ -97,14 +102,14 @@ class Pseudobulk:
         present = self.nu > 0
         data = OPData.from_arrays(
             np.where(present, self.op, 0.0), np.where(present, self.nu, 1.0), self.P,
-            genes=self.genes, donors=self.donors, celltypes=self.cell_types,
+            genes=self.genes, donors=self.donors, celltypes=self.celltypes,
         )  # fmt: skip
         return data if present.all() else replace(data, mask=present)
 
     def save(self, path) -> None:
         """Write to a compressed .npz (arrays and names; loads without pickle)."""
         arrays = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("genes", "donors", "cell_types"):
+        for name in ("genes", "donors", "celltypes"):
             arrays[name] = np.array(arrays[name], dtype=str)
         np.savez_compressed(path, format=np.array(DATASET_FORMAT), **arrays)
 
@@ -119,10 +124,11 @@ class Pseudobulk:
             with np.load(path, allow_pickle=False) as f:
                 if "format" not in f.files or str(f["format"]) != DATASET_FORMAT:
                     raise wrong
-                kw = {fl.name: f[fl.name] for fl in fields(cls)}
+                names = {"celltypes": "celltypes" if "celltypes" in f.files else "cell_types"}
+                kw = {fl.name: f[names.get(fl.name, fl.name)] for fl in fields(cls)}
         except (ValueError, EOFError, KeyError) as err:
             raise wrong from err
-        for name in ("genes", "donors", "cell_types"):
+        for name in ("genes", "donors", "celltypes"):
             kw[name] = tuple(str(x) for x in kw[name])
         return cls(**kw)
 
@@ -322,7 +328,7 @@ def pseudobulk(
     return Pseudobulk(
         genes=gene_names,
         donors=tuple(str(x) for x in donors),
-        cell_types=tuple(str(x) for x in cell_types),
+        celltypes=tuple(str(x) for x in cell_types),
         ctp=np.where(mask, mean, np.nan),
         ctnu=np.where(mask, ctnu, np.nan),
         counts=counts,

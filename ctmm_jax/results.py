@@ -18,13 +18,22 @@ from .status import Status
 # name) in the order they are matched. dtype, meaning, units ("y" = the expression's unit).
 COLUMNS: list[tuple[str, str, str, str]] = [
     ("hom2", "float64", "variance of the donor effect shared by all cell types", "y^2"),
-    ("loglik", "float64", "log-likelihood at the estimates (ML or REML, with the 2 pi "
-     "constants; NaN for HE)", "nats"),  # fmt: skip
+    (
+        "loglik",
+        "float64",
+        "log-likelihood at the estimates (ML or REML, with the 2 pi constants; NaN for HE)",
+        "nats",
+    ),  # fmt: skip
     ("n_donors", "int64", "donors with an observed value", "count"),
     ("converged", "bool", "status == 'ok'", ""),
     ("n_iter", "int64", "optimizer iterations (0 for HE)", "count"),
-    ("status", "object", "outcome: ok, max_iter, no_descent, boundary, infeasible_start, "
-     "singular_info, constant, not_finite, not_identified (ctmm_jax.status)", ""),  # fmt: skip
+    (
+        "status",
+        "object",
+        "outcome: ok, max_iter, no_descent, boundary, infeasible_start, "
+        "singular_info, constant, not_finite, not_identified (ctmm_jax.status)",
+        "",
+    ),  # fmt: skip
     ("message", "object", "the status in words", ""),
     ("n_jk_failed", "int64", "jackknife replicates that did not end ok", "count"),
     ("<x>_jk", "", "<x> from the leave-one-donor-out jackknife", "as <x>"),
@@ -34,12 +43,20 @@ COLUMNS: list[tuple[str, str, str, str]] = [
     ("p_V", "float64", "Wald test of V = 0 (iid: one-sided t; free: F)", "p value"),
     ("se_<x>", "float64", "standard error of <x>", "as <x>"),
     ("p_<x>", "float64", "Wald test of <x>", "p value"),
-    ("beta_<x>", "float64", "fixed effect: mean of cell type <x>, or the coefficient of "
-     "covariate column <x>", "y"),  # fmt: skip
+    (
+        "beta_<x>",
+        "float64",
+        "fixed effect: mean of cell type <x>, or the coefficient of covariate column <x>",
+        "y",
+    ),  # fmt: skip
     ("V_<x>", "float64", "cell type-specific variance (V entry) of <x>", "y^2"),
     ("r2_<x>", "float64", "variance of random covariate <x>", "y^2"),
-    ("randomvar_<x>", "float64", "variance explained by random covariate <x>: r2 tr(R R^T) / N",
-     "y^2"),  # fmt: skip
+    (
+        "randomvar_<x>",
+        "float64",
+        "variance explained by random covariate <x>: r2 tr(R R^T) / N",
+        "y^2",
+    ),  # fmt: skip
     ("fixedvar_<x>", "float64", "variance explained by fixed effects <x>: b^T cov(X) b", "y^2"),
     ("sig2s_<x>", "float64", "GxEMM variance component <x> (genetic kernels, then noise)", "y^2"),
     ("h2_<x>", "float64", "GxEMM heritability <x>", "fraction"),

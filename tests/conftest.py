@@ -30,4 +30,3 @@ def _release_compiled_programs():
     The persistent cache makes a later module's reuse a load, not a compile."""
     yield
     jax.clear_caches()
-

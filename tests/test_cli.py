@@ -23,7 +23,7 @@ from ctmm_jax import cli as cli_module
 from ctmm_jax import gxemm, preprocess
 from ctmm_jax.cli import UserError, main
 from ctmm_jax.models import MODELS
-from ctmm_jax.simulate import simulate_cells
+from ctmm_jax.simulation import simulate_cells
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ctmm_example"
 TIGHT = dict(rtol=1e-8, atol=1e-10)  # the same fit, in another batch shape

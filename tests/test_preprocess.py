@@ -9,7 +9,7 @@ from scipy import sparse
 
 from ctmm_jax.data import CTPData, OPData
 from ctmm_jax.preprocess import Pseudobulk, from_anndata, normalize_log1p, pseudobulk, std
-from ctmm_jax.simulate import simulate_anndata, simulate_cells
+from ctmm_jax.simulation import simulate_anndata, simulate_cells
 
 # Cells per (donor, cell type): a single-cell pair (d2, NK), a two-cell pair (d3, NK), an empty
 # pair (d4, NK) and a small donor d5 (4 cells). Cell types are listed unsorted on purpose.

@@ -120,7 +120,7 @@ def test_estimated_ctnu_inflates_the_test_of_v():
     hom is calibrated, with ctnu estimated from the cells (pseudobulk) it is not (about 0.04 vs
     0.22 at 0.05): the model treats the noisy ctnu as known (README, "Pseudobulk from cells")."""
     from ctmm_jax import preprocess
-    from ctmm_jax.simulate import simulate_cells
+    from ctmm_jax.simulation import simulate_cells
 
     genes, donors, types = 200, 60, 4
     _, cells, names = simulate_cells(genes, donors, types, seed=7)  # donors, cell types only

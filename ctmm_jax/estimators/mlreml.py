@@ -144,10 +144,11 @@ def init_chunk(y, noise, mask, phi0, design, **keys) -> OptState:
     return over_genes(partial(_init_gene, **keys), 4, design)(y, noise, mask, phi0, design)
 
 
-@partial(jax.jit, static_argnames=_KEYS + ("tol", "max_halvings"))
-def advance_chunk(state, until, y, noise, mask, design, **keys) -> OptState:
-    """Continue a batch of states until each is done or has n_iter == until (G,)."""
-    fn = over_genes(partial(_advance_gene, **keys), 5, design)
+@partial(jax.jit, static_argnames=_KEYS + ("tol",))
+def advance_chunk(state, until, y, noise, mask, design, max_halvings, **keys) -> OptState:
+    """Continue a batch of states until each is done or has n_iter == until (G,); the step
+    halving budget max_halvings is traced (one program for every budget)."""
+    fn = over_genes(partial(_advance_gene, max_halvings=max_halvings, **keys), 5, design)
     return fn(state, until, y, noise, mask, design)
 
 
@@ -165,6 +166,7 @@ def gls_chunk(w, y, noise, mask, design):
 
 ROUND_ITERS = 8  # iterations per round before the problems still running are regrouped
 BIG_BATCH_HALVINGS = 1  # step halvings per iteration allowed in full-size batches
+SMALL_BATCH = 16  # batches up to this size are not split further
 
 
 def _data(blocks: Blocks, problems: Problems, i: np.ndarray):
@@ -220,7 +222,7 @@ class MaximumLikelihood:
         n_prob = len(problems.gene)
         keys = dict(model=self.model, C=self.C, reml=self.reml, nonneg=self.nonneg)
         size = batching.bucket(n_prob, self.chunk_size)
-        small = max(size // 16, 1)
+        small = size if size <= SMALL_BATCH else size // 16  # few problems: one batch shape
 
         def init(i):
             phi0 = None if problems.phi0 is None else jnp.asarray(problems.phi0[i])
@@ -245,8 +247,8 @@ class MaximumLikelihood:
                     s = jax.tree.map(lambda a, pad=pad: jnp.asarray(a[pad]), state)
                     until = jnp.minimum(s.n_iter + ROUND_ITERS, self.max_iter)
                     out = advance_chunk(
-                        s, until, *_data(blocks, problems, pad), **keys,
-                        tol=self.tol, max_halvings=halvings,
+                        s, until, *_data(blocks, problems, pad), jnp.asarray(halvings), **keys,
+                        tol=self.tol,
                     )  # fmt: skip
                     parts.append((part, out))
             state = batching.scatter(state, parts)

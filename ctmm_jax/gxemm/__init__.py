@@ -9,7 +9,7 @@ See model.py for the kernels, reml.py and he.py for the estimators, stats.py for
 
 from .api import GxEMMResult as GxEMMResult
 from .api import fit as fit
-from .simulate import simulate as simulate
+from .simulation import simulate as simulate
 from .stats import h2_equal_test as h2_equal_test
 from .stats import lrt as lrt
 from .stats import mvwald_test as mvwald_test
