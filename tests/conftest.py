@@ -1,9 +1,14 @@
-"""Test session setup: float64, JAX's persistent compilation cache, and shared fixtures.
+"""Test session setup: float64, fast compilation, JAX's persistent compilation cache.
 
-The suite is mostly XLA compilation. Compiled programs are written to an on-disk cache
-(`CTMM_JAX_TEST_CACHE`, default `<repo>/.cache/jax-tests`), so a program compiled once is
-loaded, not recompiled, by later modules (whose in-memory caches are cleared), by the CLI's
-subprocesses and by later runs.
+The suite is mostly XLA compilation (a CTMM program takes 2-5 s to compile and milliseconds to
+run on test-sized data), so the tests
+- compile with LLVM's optimisation level 0 (`--xla_backend_optimization_level=0`, unless
+  XLA_FLAGS is set): about 40% less compile time for a slower run of tiny problems; the
+  arithmetic is the same (no fast-math either way);
+- write compiled programs to an on-disk cache (`CTMM_JAX_TEST_CACHE`, default
+  `<repo>/.cache/jax-tests`), so a program compiled once is loaded, not recompiled, by later
+  modules (whose in-memory caches are cleared), by the CLI's subprocesses, the notebooks'
+  kernels and later runs.
 """
 
 import os
@@ -15,6 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("CTMM_JAX_TEST_CACHE", REPO / ".cache" / "jax-tests"))
 
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")  # before any compile
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_compilation_cache_dir", str(CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
