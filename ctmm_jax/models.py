@@ -11,7 +11,9 @@ combination of fixed C x C kernels with weights that are a map of the model's pa
 | iid     | hom2, v                  | hom2 J_C + v I_C        | phi                       |
 | free    | hom2, v_1..v_C           | hom2 J_C + diag(v)      | phi                       |
 | full    | vech(V) (upper triangle) | V (hom2 absorbed)       | phi                       |
+| lowrank | hom2, l_1..l_C           | hom2 J_C + l l^T        | [hom2, vech(l l^T)]       |
 
+`lowrank` is a shared donor effect with cell-type loadings l (V of rank 1) on top of hom2.
 The likelihood takes the kernel weights w; the optimizer sees an unconstrained theta. By
 default phi = theta (any value while every donor's covariance is positive definite, as the
 original CTMM); `nonneg=True` maps theta through softplus for the variances (`positive`) and
@@ -103,6 +105,12 @@ def _pairs(cts: Sequence[str]) -> list[str]:
     return [f"V_{cts[i]}_{cts[j]}" for i, j in zip(rows, cols, strict=True)]
 
 
+def _loadings_start(s, C):
+    """hom2 = s and loadings sqrt(s) (0.5 .. 1.5): not proportional to 1_C, where l l^T and
+    hom2 J_C would be collinear (a singular information)."""
+    return jnp.concatenate([s[None], jnp.sqrt(s) * jnp.linspace(0.5, 1.5, C)])
+
+
 _J = lambda C: np.ones((1, C, C))  # noqa: E731
 _hom2_test = lambda C: {"hom2": np.array([0])}  # noqa: E731
 
@@ -145,6 +153,19 @@ MODELS: dict[str, ModelSpec] = {
         tests=lambda C: {},  # the original has no test on a full V
         constrain=_full_constrain,
         unconstrain=_full_unconstrain,
+    ),
+    "lowrank": ModelSpec(
+        n_var=lambda C: 1 + C,
+        kernels=lambda C: np.concatenate([_J(C), _vech_kernels(C)]),
+        names=lambda cts: ["hom2"] + [f"L_{c}" for c in cts],
+        unpack=lambda phi, C: VarComp(phi[0], jnp.outer(phi[1:], phi[1:])),
+        start=_loadings_start,
+        n_parts=2,
+        tests=_hom2_test,  # l = 0 is not identified (sign, and a zero information): no test
+        weights=lambda phi, C: jnp.concatenate(
+            [phi[:1], jnp.outer(phi[1:], phi[1:])[np.triu_indices(C)]]
+        ),
+        positive=lambda C: np.arange(1 + C) == 0,  # hom2 only; loadings take any sign
     ),
 }
 
