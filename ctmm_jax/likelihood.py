@@ -187,7 +187,7 @@ def _low_rank(phi_r, S_uu, groups):
     return 0.5 * (M + M.T), linalg.logdet_from_cholesky(Lc), _frobenius_cond(Cm, Cinv)
 
 
-def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
+def factor(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Factor:
     """Cholesky of every block Sigma_i, the Woodbury correction for random covariates, GLS and the
     NLL. Missing values (mask 0) get an identity row and column in Sigma_i (so they add log 1 = 0),
     and W_i is then zeroed on them: W is the inverse of the observed part embedded in zeros, and
@@ -236,14 +236,14 @@ def factor(phi: jax.Array, d: GeneData, reml: bool) -> Factor:
     fitted = jnp.einsum("nbp,p->nb", d.X, gamma[:pb]) + (FU @ gamma[pb:])[:, None]
     u = (W * (d.y - fitted)[:, None, :]).sum(-1)
     nll2 = logdet + jnp.sum(d.y * u) + n_observed(d) * LOG_2PI
-    if reml:  # static: two compiled variants, no runtime branch
-        nll2 = nll2 + linalg.logdet_from_cholesky(Lx) - p * LOG_2PI
+    # reml may be traced: ML and REML share one compiled program
+    nll2 = nll2 + jnp.where(reml, linalg.logdet_from_cholesky(Lx) - p * LOG_2PI, 0.0)
     feasible = jnp.isfinite(nll2) & (cond <= COND_MAX)
     nll = jnp.where(feasible, 0.5 * nll2, jnp.inf)
     return Factor(W, WX1, S, mme_inv, M, u, gamma[:p], nll, cond)
 
 
-def nll(phi: jax.Array, d: GeneData, reml: bool) -> jax.Array:
+def nll(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> jax.Array:
     """Negative log-likelihood of one gene at natural parameters phi; +inf if not PD."""
     return factor(phi, d, reml).nll
 
@@ -319,7 +319,7 @@ def _design_terms(E, WX1, u, FU) -> tuple[jax.Array, jax.Array]:
     return _sym_block(F_bb, F_bd, _donor_gram(s, FU)), jnp.concatenate([ZtWKu_b, t @ FU], -1)
 
 
-def moments(phi: jax.Array, d: GeneData, reml: bool) -> Moments:
+def moments(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Moments:
     """NLL, analytic score, expected information and Hessian of one gene at phi (module doc).
 
     The score and information use Pj = W - W Z Nj Z^T W with Nj = N (REML: Pj = Pi) or M in
@@ -328,10 +328,8 @@ def moments(phi: jax.Array, d: GeneData, reml: bool) -> Moments:
     f = factor(phi, d, reml)
     p, q = d.n_fixed, f.S.shape[0]
     FU = d.donor_columns
-    if reml:
-        Nj = f.mme_inv
-    else:
-        Nj = jnp.zeros((q, q)) if f.M is None else jnp.zeros((q, q)).at[p:, p:].set(f.M)
+    Nj_ml = jnp.zeros((q, q)) if f.M is None else jnp.zeros((q, q)).at[p:, p:].set(f.M)
+    Nj = jnp.where(reml, f.mme_inv, Nj_ml)
     H = _projected_blocks(f.WX1, Nj, FU)
     if d.E.shape[1] == 1:  # static
         t = _traces_shared(d.E[:, 0], f.W, f.u, H)
@@ -379,7 +377,7 @@ def _add_random(d, f, F, ZtWKu, Nj, reml, score, info, Q):
         return jnp.eye(f.S.shape[0])[:, p:] - N @ SU, SU[p:] - SU.T @ N @ SU
 
     c, PjU = projected(Nj)
-    cP, PiU = (c, PjU) if reml else projected(f.mme_inv)
+    cP, PiU = projected(f.mme_inv)  # = (c, PjU) for REML
     score_r = 0.5 * groups @ (jnp.diagonal(PjU) - Uu**2)
     info_kr = 0.5 * ((F @ jnp.broadcast_to(c, F.shape[:1] + c.shape)) * c).sum(1) @ groups.T
     info_rr = 0.5 * groups @ PjU**2 @ groups.T

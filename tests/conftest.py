@@ -5,10 +5,11 @@ run on test-sized data), so the tests
 - compile with LLVM's optimisation level 0 (`--xla_backend_optimization_level=0`, unless
   XLA_FLAGS is set): about 40% less compile time for a slower run of tiny problems; the
   arithmetic is the same (no fast-math either way);
-- write compiled programs to an on-disk cache (`CTMM_JAX_TEST_CACHE`, default
-  `<repo>/.cache/jax-tests`), so a program compiled once is loaded, not recompiled, by later
-  modules (whose in-memory caches are cleared), by the CLI's subprocesses, the notebooks'
-  kernels and later runs.
+- write compiled programs to JAX's on-disk cache (`CTMM_JAX_TEST_CACHE`, default
+  `$XDG_CACHE_HOME/ctmm_jax/jax-tests` or `~/.cache/ctmm_jax/jax-tests`), so a program
+  compiled once is loaded, not recompiled, by later modules (whose in-memory caches are
+  cleared), by the CLI's subprocesses, the notebooks' kernels and later runs, clones and
+  checkouts. The cache's keys include the program, the JAX version and the XLA flags.
 """
 
 import os
@@ -17,8 +18,8 @@ from pathlib import Path
 import jax
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("CTMM_JAX_TEST_CACHE", REPO / ".cache" / "jax-tests"))
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+CACHE = Path(os.environ.get("CTMM_JAX_TEST_CACHE", USER_CACHE / "ctmm_jax" / "jax-tests"))
 
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")  # before any compile
 jax.config.update("jax_enable_x64", True)

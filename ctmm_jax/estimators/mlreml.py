@@ -126,7 +126,7 @@ def _gls_gene(w, y, noise, mask, design):
     return f.beta, f.mme_inv[:p, :p], f.cond
 
 
-_KEYS = ("model", "C", "reml", "nonneg")
+_KEYS = ("model", "C", "nonneg")  # static; `reml` is traced (ML and REML share programs)
 
 
 def over_genes(fn, n_args: int, design: Design):
