@@ -46,19 +46,9 @@ def gather(parts, n: int):
     return scatter(out, parts)
 
 
-def map_batches(
-    fn: Callable[[np.ndarray], object],
-    idx: np.ndarray,
-    size: int,
-    progress: Callable[[int], None] | None = None,
-):
+def map_batches(fn: Callable[[np.ndarray], object], idx: np.ndarray, size: int):
     """fn(padded indices) over the batches of idx (each of exactly `size`), gathered into one
-    host pytree over len(idx) problems; progress(n) is called after each batch with its number
-    of problems."""
+    host pytree over len(idx) problems."""
     idx = np.asarray(idx)
-    parts = []
-    for part, pad in batches(np.arange(len(idx)), size):
-        parts.append((part, fn(idx[pad])))
-        if progress is not None:
-            progress(len(part))
+    parts = [(part, fn(idx[pad])) for part, pad in batches(np.arange(len(idx)), size)]
     return gather(parts, len(idx))

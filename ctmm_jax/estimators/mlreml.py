@@ -198,9 +198,14 @@ class MaximumLikelihood:
     tol: float = 1e-10
     chunk_size: int = 256
 
+    @property
+    def _keys(self) -> dict:
+        """Keyword arguments of the compiled chunk functions."""
+        return dict(model=self.model, C=self.C, reml=self.reml, nonneg=self.nonneg)
+
     def fit(self, blocks: Blocks, problems: Problems) -> Estimates:
         state = self.optimize(blocks, problems)
-        keys = dict(model=self.model, C=self.C, reml=self.reml, nonneg=self.nonneg)
+        keys = self._keys
         size = batching.bucket(len(problems.gene), self.chunk_size)
 
         def finish(i):
@@ -220,7 +225,7 @@ class MaximumLikelihood:
         BIG_BATCH_HALVINGS step halvings; fits that need more (STALLED) continue in small
         batches with the full budget. Returns the final optimizer states (host arrays)."""
         n_prob = len(problems.gene)
-        keys = dict(model=self.model, C=self.C, reml=self.reml, nonneg=self.nonneg)
+        keys = self._keys
         size = batching.bucket(n_prob, self.chunk_size)
         small = size if size <= SMALL_BATCH else size // 16  # few problems: one batch shape
 
