@@ -6,12 +6,14 @@ import jax
 import numpy as np
 
 from . import models
+from . import noise as noise_models
 from .blocks import to_blocks
 from .data import Covariates, CTPData, OPData
 from .estimators import Problems
 from .estimators.he import MethodOfMoments
 from .estimators.mlreml import MaximumLikelihood
 from .jackknife import jackknife as run_jackknife
+from .nulltest import fit_null
 from .results import FitResult
 
 METHODS = ("ml", "reml", "he")
@@ -44,6 +46,7 @@ def fit(
     model: str = "free",
     method: str = "reml",
     *,
+    noise: str | None = None,
     jackknife: bool = False,
     information: str = "expected",
     nonneg: bool = False,
@@ -61,6 +64,11 @@ def fit(
         model: a name in models.MODELS: "hom", "iid", "free", "full", ... (models.py).
         method: "ml" or "reml" (fixed effects profiled out by GLS), or "he" (Haseman-Elston
             method of moments, he.py).
+        noise: the noise variances (noise.py): "pooled" (each cell type's within-pair
+            variance pooled over donors, divided by the pair's cells; the default when the
+            data carry cell counts) or "plugin" (ctnu / nu as given, treated as known; the
+            default otherwise, with a warning: with few cells per pair it inflates the test
+            of V).
         jackknife: also refit with each donor left out and add jackknife standard errors and
             Wald p values (`se_*_jk`, `p_*_jk`, design.md section 5).
         information: "expected" (Fisher; as the original CTMM) or "observed" (autodiff Hessian
@@ -82,7 +90,10 @@ def fit(
         max_iter, tol: Newton / Fisher scoring stops when g^T I^-1 g < tol.
 
     Returns:
-        FitResult; `.table` has one row per gene.
+        FitResult; `.table` has one row per gene. For models with a nested null (iid, free)
+        and ML/REML, `p_V` is the score test of V = 0 at the null (hom) fit, `p_V_lrt` the LRT
+        and `p_V_wald` the original CTMM's Wald test; p values are NaN where the fit behind
+        them did not end ok, and every `p_*` has its Benjamini-Hochberg `q_*`.
     """
     if not isinstance(data, CTPData | OPData):
         raise ValueError(f"data: expected CTPData or OPData, got {type(data).__name__}.")
@@ -99,6 +110,7 @@ def fit(
         raise ValueError(
             "jax_enable_x64 is off; ctmm_jax needs float64 (importing it turns it on)."
         )
+    data, noise = noise_models.apply(data, noise)
     G, N, C = data.shape
     if method == "he" and not models.get(model).linear:
         raise ValueError(
@@ -125,12 +137,19 @@ def fit(
         chunk_size=int(chunk_size), max_iter=int(max_iter), tol=float(tol),
     )  # fmt: skip
     est = estimator.fit(blocks, Problems(np.arange(G)))
+    unidentified = _unidentified(blocks)
+    null = None
+    if method != "he" and models.get(model).null is not None:
+        null = fit_null(
+            data, model, blocks, covars, random, unidentified, reml=method == "reml",
+            max_iter=int(max_iter), tol=float(tol), chunk_size=int(chunk_size),
+        )  # fmt: skip
     jk = None
     if jackknife:
         jk = run_jackknife(estimator, blocks, data.observed_donors, est, C)
     return FitResult.build(
-        data, model, method, information, est, _unidentified(blocks), n_par, jackknife=jk,
-        covariates=covars, random=random,
+        data, model, method, information, est, unidentified, n_par, jackknife=jk,
+        covariates=covars, random=random, null=null, noise=noise,
     )  # fmt: skip
 
 

@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         "original) or observed (Hessian); default expected",
     )
     p.add_argument("--nonneg", action="store_true", help="constrain variances to be >= 0")
+    p.add_argument(
+        "--noise",
+        choices=("pooled", "plugin"),
+        help="noise variances: pooled (each cell type's within-pair variance pooled over "
+        "donors; default for datasets, which know their cell counts) or plugin (ctnu as "
+        "given, as the original; the only choice for --y/--P files)",
+    )
     p.add_argument("--max-iter", type=int, default=200, help="optimizer iterations (default 200)")
     p.add_argument("--tol", type=float, default=1e-10, help="convergence tolerance (default 1e-10)")
     p.add_argument(
@@ -434,7 +441,7 @@ def run_pseudobulk(args) -> None:
     _say(args, f"wrote {args.output}: {G} genes, {N} donors, {C} cell types; "
          f"{int((~pb.mask).sum())} of {N * C} (donor, cell type) pairs have <= "
          f"max(ct_cut, 1) cells (missing); {zero} gene x pair values have zero variance "
-         "(missing in CTP fits).")  # fmt: skip
+         "(missing only in fits with --noise plugin).")  # fmt: skip
 
 
 def _load_data(args):
@@ -493,9 +500,17 @@ def run_fit(args) -> None:
     data, extra = _load_data(args)
     fixed = dict(_read_covariate(s, "--fixed") for s in args.fixed)
     random = dict(_read_covariate(s, "--random") for s in args.random)
+    from . import noise
     from .api import fit  # imports JAX: after the quick checks of the inputs
+    from .results import column_dictionary, with_qvalues
 
-    options = dict(jackknife=args.jackknife, information=args.information, nonneg=args.nonneg,
+    if data.n_cells is None:
+        if args.noise == "pooled":
+            raise UserError("--noise pooled: needs cell counts, which only a dataset has.")
+        if args.noise is None:
+            print(f"ctmm-jax fit: warning: {noise.plugin_warning(data)}", file=sys.stderr)
+    options = dict(noise=args.noise or ("plugin" if data.n_cells is None else "pooled"),
+                   jackknife=args.jackknife, information=args.information, nonneg=args.nonneg,
                    chunk_size=args.chunk_size, max_iter=args.max_iter, tol=args.tol)  # fmt: skip
     G = data.shape[0]
     start = time.perf_counter()
@@ -508,14 +523,16 @@ def run_fit(args) -> None:
                          fixed_covars=fixed or None, random_covars=random or None)  # fmt: skip
             tables.append(result.table)
             bar.update(part.shape[0])
-    table = pd.concat(tables)
+    table = with_qvalues(pd.concat(tables))  # q values over all the genes, not per batch
     seconds = time.perf_counter() - start
+    meanings = column_dictionary(table.columns).set_index("column")["meaning"]
     settings = {
         "command": "fit",
         "input": args.dataset or {"y": args.y, "P": args.P, "ctnu": args.ctnu, "nu": args.nu},
         "shape": args.shape, "model": args.model, "method": args.method, **options,
         "std": args.std, "fixed": args.fixed, "random": args.random, "genes": args.genes, **extra,
         "n_genes": int(G), "n_converged": int(table["converged"].sum()),
+        "tests": {c: meanings[c] for c in table.columns if c.startswith("p_")},
         "seconds": round(seconds, 3), "environment": _jax_setup(),
     }  # fmt: skip
     out = _write_table(table, args.output, settings)
@@ -566,6 +583,9 @@ def run_merge(args) -> None:
     table = pd.concat(tables)
     if table.index.duplicated().any():
         raise UserError(f"gene {table.index[table.index.duplicated()][0]!r} is in two inputs.")
+    from .results import with_qvalues
+
+    table = with_qvalues(table)  # over all the genes: a chunk's q values count its genes only
     merged = {**settings[0], "chunk": None, "merged": [str(p) for _, p in parts],
               "n_genes": len(table), "n_converged": int(table["converged"].sum())}  # fmt: skip
     out = _write_table(table, args.output, merged)

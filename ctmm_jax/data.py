@@ -55,13 +55,37 @@ def _check_finite(a: np.ndarray, name: str, axes) -> None:
         )
 
 
-def _check_positive(a: np.ndarray, name: str, axes) -> None:
-    bad = ~(a > 0)
+def _check_positive(a: np.ndarray, name: str, axes, zero_ok: bool = False) -> None:
+    """Noise variances > 0 (>= 0 with cell counts: a 0 is missing for the fit, noise.py)."""
+    bad = ~(a >= 0) if zero_ok else ~(a > 0)
     if bad.any():
         raise ValueError(
-            f"{name}: noise variances must be > 0 ({_where(bad, axes)} are <= 0); "
-            "drop those genes or donors, or floor the variances at a small positive value."
+            f"{name}: noise variances must be {'>=' if zero_ok else '>'} 0 "
+            f"({_where(bad, axes)} are not); drop those genes or donors, or floor the "
+            "variances at a small positive value."
         )
+
+
+def _cell_counts(n, shape: tuple[int, int, int], observed, axes) -> np.ndarray | None:
+    """n_cells as float (N, C) or (G, N, C), validated: finite and >= 1 where observed."""
+    if n is None:
+        return None
+    G, N, C = shape
+    n = _as_float(n, "n_cells", np.ndim(n))
+    if n.shape not in ((N, C), (G, N, C)):
+        raise ValueError(
+            f"n_cells: expected shape (donors, cell types) = {(N, C)} or (genes, donors, cell "
+            f"types) = {(G, N, C)}; got {n.shape}."
+        )
+    full = np.broadcast_to(n, shape)
+    _check_finite(full, "n_cells", axes)
+    bad = observed & ~(full >= 1)
+    if bad.any():
+        raise ValueError(
+            f"n_cells: an observed value needs at least 1 cell ({_where(bad, axes)} have fewer); "
+            "mark those values missing (mask) or fix the counts."
+        )
+    return n
 
 
 def _check_proportions(P: np.ndarray, donors, celltypes) -> None:
@@ -90,6 +114,15 @@ def _loadtxt(path, name: str, ndim: int) -> np.ndarray:
     return a
 
 
+def _frame_like(df: pd.DataFrame, P: pd.DataFrame, name: str) -> np.ndarray:
+    """df's values in P's row (donor) and column (cell type) order."""
+    try:
+        out = df.set_axis(df.index.astype(str), axis=0).set_axis(df.columns.astype(str), axis=1)
+        return out.loc[P.index.astype(str), P.columns.astype(str)].to_numpy(np.float64)
+    except KeyError as e:
+        raise ValueError(f"{name}: needs P's donors (rows) and cell types (columns); {e}") from None
+
+
 @dataclass(frozen=True)
 class CTPData:
     """Cell type-specific pseudobulk.
@@ -98,7 +131,9 @@ class CTPData:
     variance (sample variance of the cells / number of cells); P: (N, C) cell-type proportions.
     mask: (G, N, C) True where the (donor, cell type) value is observed, or None when all are.
     Missing values are not imputed: the likelihood is that of the observed values (design.md
-    4); Y and ctnu hold 0 and 1 there.
+    4); Y and ctnu hold 0 and 1 there. n_cells: (N, C) or (G, N, C) cells behind each value,
+    or None; with them the fit can pool the noise variances (noise.py), and ctnu may be 0
+    (every cell equal: missing for the fit).
     """
 
     Y: np.ndarray
@@ -108,6 +143,7 @@ class CTPData:
     donors: tuple[str, ...]
     celltypes: tuple[str, ...]
     mask: np.ndarray | None = None
+    n_cells: np.ndarray | None = None
 
     def __post_init__(self):
         G, N, C = self.Y.shape
@@ -120,10 +156,12 @@ class CTPData:
         axes = [("gene", self.genes), ("donor", self.donors), ("cell type", self.celltypes)]
         _check_finite(self.Y, "Y", axes)
         _check_finite(self.ctnu, "ctnu", axes)
-        _check_positive(self.ctnu, "ctnu", axes)
+        _check_positive(self.ctnu, "ctnu", axes, zero_ok=self.n_cells is not None)
         _check_proportions(self.P, self.donors, self.celltypes)
         if self.mask is not None and (self.mask.shape != self.Y.shape or self.mask.dtype != bool):
             raise ValueError(f"mask: expected a boolean array of shape {self.Y.shape}.")
+        observed = np.ones(self.Y.shape, bool) if self.mask is None else self.mask
+        object.__setattr__(self, "n_cells", _cell_counts(self.n_cells, self.shape, observed, axes))
 
     @property
     def observed_donors(self) -> np.ndarray:
@@ -140,13 +178,18 @@ class CTPData:
         i = np.arange(self.shape[0])[idx]
         mask = None if self.mask is None else self.mask[i]
         genes = tuple(np.array(self.genes)[i])
-        return replace(self, Y=self.Y[i], ctnu=self.ctnu[i], genes=genes, mask=mask)
+        n = self.n_cells if self.n_cells is None or self.n_cells.ndim == 2 else self.n_cells[i]
+        return replace(self, Y=self.Y[i], ctnu=self.ctnu[i], genes=genes, mask=mask, n_cells=n)
 
     @classmethod
-    def from_arrays(cls, Y, ctnu, P, genes=None, donors=None, celltypes=None, mask=None) -> CTPData:
+    def from_arrays(
+        cls, Y, ctnu, P, genes=None, donors=None, celltypes=None, mask=None, n_cells=None
+    ) -> CTPData:
         """From arrays Y, ctnu: (G, N, C) or (N, C) for one gene; P: (N, C). mask: (N, C) shared
         or (G, N, C) per gene, True (or 1) for observed (donor, cell type) values, False for
-        missing ones (absent, or too few cells); Y and ctnu are ignored where it is False."""
+        missing ones (absent, or too few cells); Y and ctnu are ignored where it is False.
+        n_cells: (N, C) or (G, N, C) cells behind each value (ctnu = their variance / n_cells),
+        which lets the fit pool the noise variances (noise.py; the default when given)."""
         Y = _as_float(Y, "Y", np.ndim(Y))
         if Y.ndim == 2:
             Y, ctnu = Y[None], np.asarray(ctnu)[None]
@@ -172,14 +215,18 @@ class CTPData:
             _names(donors, N, "donor", "donors"),
             _names(celltypes, C, "ct", "celltypes"),
             mask,
+            n_cells,
         )
 
     @classmethod
-    def from_frames(cls, ctp: pd.DataFrame, ctnu: pd.DataFrame, P: pd.DataFrame) -> CTPData:
+    def from_frames(
+        cls, ctp: pd.DataFrame, ctnu: pd.DataFrame, P: pd.DataFrame,
+        n_cells: pd.DataFrame | None = None,
+    ) -> CTPData:  # fmt: skip
         """From pandas: ctp and ctnu indexed by (donor, cell type), one column per gene;
-        P indexed by donor, one column per cell type. Donor and cell-type order follow P.
-        (donor, cell type) pairs absent from ctp, or NaN in ctp or ctnu, are missing values
-        (`mask`)."""
+        P (and n_cells, cells per pair, optional) indexed by donor, one column per cell type.
+        Donor and cell-type order follow P. (donor, cell type) pairs absent from ctp, or NaN in
+        ctp or ctnu, are missing values (`mask`)."""
         for name, df in (("ctp", ctp), ("ctnu", ctnu)):
             if not isinstance(df.index, pd.MultiIndex) or df.index.nlevels != 2:
                 raise ValueError(f"{name}: index must be a (donor, cell type) MultiIndex.")
@@ -211,6 +258,7 @@ class CTPData:
             Y, nu, P.to_numpy(np.float64),
             genes=[str(g) for g in ctp.columns], donors=donors, celltypes=celltypes,
             mask=np.isfinite(Y) & np.isfinite(nu),
+            n_cells=None if n_cells is None else _frame_like(n_cells, P, "n_cells"),
         )  # fmt: skip
 
     @classmethod
@@ -231,6 +279,9 @@ class OPData:
     nu_i = sum_c P_ic^2 ctnu_ic; P: (N, C) cell-type proportions. From a CTP with missing
     values (`from_ctp`), P_gene: (G, N, C) each gene's proportions renormalised over its
     observed cell types, and mask: (G, N) False for donors with no observed cell type.
+    n_cells: (N, C) or (G, N, C) cells per (donor, cell type) and ctnu: (G, N, C) their
+    pseudobulk noise variances (NaN where undefined), or None; with them the fit can pool the
+    noise variances (noise.py), and nu may be 0 (missing for the fit).
     """
 
     y: np.ndarray
@@ -241,6 +292,8 @@ class OPData:
     celltypes: tuple[str, ...]
     P_gene: np.ndarray | None = None
     mask: np.ndarray | None = None
+    ctnu: np.ndarray | None = None
+    n_cells: np.ndarray | None = None
 
     def __post_init__(self):
         G, N = self.y.shape
@@ -251,8 +304,19 @@ class OPData:
         axes = [("gene", self.genes), ("donor", self.donors)]
         _check_finite(self.y, "y", axes)
         _check_finite(self.nu, "nu", axes)
-        _check_positive(self.nu, "nu", axes)
+        _check_positive(self.nu, "nu", axes, zero_ok=self.n_cells is not None)
         _check_proportions(self.P, self.donors, self.celltypes)
+        if (self.ctnu is None) != (self.n_cells is None):
+            raise ValueError("OPData: give both ctnu and n_cells (to pool the noise), or neither.")
+        if self.ctnu is not None:
+            C = self.P.shape[1]
+            if self.ctnu.shape != (G, N, C):
+                raise ValueError(f"ctnu: expected shape {(G, N, C)}, got {self.ctnu.shape}.")
+            present = np.broadcast_to(self.P > 0, (G, N, C))
+            n = _cell_counts(
+                self.n_cells, (G, N, C), present, axes + [("cell type", self.celltypes)]
+            )
+            object.__setattr__(self, "n_cells", n)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -263,9 +327,12 @@ class OPData:
         """The genes at positions `idx` (an int array, slice or boolean mask)."""
         i = np.arange(self.shape[0])[idx]
         per_gene = {
-            k: None if v is None else v[i]
-            for k, v in (("P_gene", self.P_gene), ("mask", self.mask))
-        }
+            k: None if v is None or v.ndim == 2 and k == "n_cells" else v[i]
+            for k, v in (
+                ("P_gene", self.P_gene), ("mask", self.mask), ("ctnu", self.ctnu),
+                ("n_cells", self.n_cells),
+            )
+        }  # fmt: skip
         return replace(
             self, y=self.y[i], nu=self.nu[i], genes=tuple(np.array(self.genes)[i]), **per_gene
         )
@@ -276,12 +343,18 @@ class OPData:
         return np.ones(self.y.shape, bool) if self.mask is None else self.mask
 
     @classmethod
-    def from_arrays(cls, y, nu, P, genes=None, donors=None, celltypes=None) -> OPData:
-        """From arrays y, nu: (G, N) or (N,) for one gene; P: (N, C)."""
+    def from_arrays(
+        cls, y, nu, P, genes=None, donors=None, celltypes=None, ctnu=None, n_cells=None
+    ) -> OPData:
+        """From arrays y, nu: (G, N) or (N,) for one gene; P: (N, C). Optional, to pool the
+        noise (noise.py): ctnu (G, N, C) or (N, C) each pair's noise variance (NaN where it
+        has fewer than 2 cells) and n_cells (N, C) or (G, N, C) its cells."""
         y, nu = np.asarray(y), np.asarray(nu)
         if y.ndim == 1:
             y, nu = y[None], nu[None]
+            ctnu = None if ctnu is None else np.asarray(ctnu)[None]
         y, nu, P = _as_float(y, "y", 2), _as_float(nu, "nu", 2), _as_float(P, "P", 2)
+        ctnu = None if ctnu is None else _as_float(ctnu, "ctnu", 3)
         G, N = y.shape
         return cls(
             y,
@@ -290,6 +363,8 @@ class OPData:
             _names(genes, G, "gene", "genes"),
             _names(donors, N, "donor", "donors"),
             _names(celltypes, P.shape[1], "ct", "celltypes"),
+            ctnu=ctnu,
+            n_cells=n_cells,
         )
 
     @classmethod
@@ -326,18 +401,20 @@ class OPData:
     def from_ctp(cls, ctp: CTPData) -> OPData:
         """y_i = sum_c P_ic Y_ic and nu_i = sum_c P_ic^2 ctnu_ic (design.md section 1). With
         missing CTP values the sums run over each gene's observed cell types with P_i
-        renormalised over them; a donor with none observed is missing (mask) for that gene."""
+        renormalised over them; a donor with none observed is missing (mask) for that gene.
+        The cell counts, if any, come along (to pool the noise, noise.py)."""
+        cells = {} if ctp.n_cells is None else {"ctnu": ctp.ctnu, "n_cells": ctp.n_cells}
         if ctp.mask is None:
             y = np.einsum("gnc,nc->gn", ctp.Y, ctp.P)
             nu = np.einsum("gnc,nc->gn", ctp.ctnu, ctp.P**2)
-            return cls(y, nu, ctp.P, ctp.genes, ctp.donors, ctp.celltypes)
+            return cls(y, nu, ctp.P, ctp.genes, ctp.donors, ctp.celltypes, **cells)
         Pm = ctp.P * ctp.mask
         total = Pm.sum(axis=2, keepdims=True)
         present = total[..., 0] > 0
         Pg = np.where(total > 0, Pm / np.where(total > 0, total, 1.0), ctp.P)
         y = np.where(present, np.einsum("gnc,gnc->gn", ctp.Y, Pg), 0.0)
         nu = np.where(present, np.einsum("gnc,gnc->gn", ctp.ctnu, Pg**2), 1.0)
-        return cls(y, nu, ctp.P, ctp.genes, ctp.donors, ctp.celltypes, Pg, present)
+        return cls(y, nu, ctp.P, ctp.genes, ctp.donors, ctp.celltypes, Pg, present, **cells)
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,42 @@ def wald_pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df) -> dict[str, np.
     return out
 
 
+def score_test(score: np.ndarray, var_cov: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Score (Rao) test of phi[idx] = 0 at the null fit, from the score s = d nll / d phi and the
+    inverse expected information I^-1 of the larger model evaluated there (score: (G, k),
+    var_cov: (G, k, k)). With the nuisance score 0 at the null fit, the efficient statistic is
+    T = s_idx^T (I^-1)_idx,idx s_idx ~ chi2(len(idx)); one parameter (iid's v): the one-sided
+    z = -s_v sqrt((I^-1)_vv) ~ N(0, 1) against v > 0, p = norm.sf(z). NaN where I^-1 is not
+    positive definite or anything is not finite."""
+    s, cov = score[:, idx], var_cov[:, idx[:, None], idx]
+    if len(idx) == 1:
+        var = cov[:, 0, 0]
+        with np.errstate(invalid="ignore"):
+            z = np.where(var > 0, -s[:, 0] * np.sqrt(np.where(var > 0, var, 1.0)), np.nan)
+        return stats.norm.sf(z)
+    ok = np.isfinite(cov).all((1, 2)) & np.isfinite(s).all(1)
+    cov, s = np.where(ok[:, None, None], cov, np.eye(len(idx))), np.where(ok[:, None], s, 0.0)
+    ok &= np.linalg.eigvalsh(cov)[:, 0] > 0
+    T = np.where(ok, np.einsum("gi,gij,gj->g", s, cov, s), np.nan)
+    return stats.chi2.sf(T, len(idx))
+
+
+def bh_qvalues(p) -> np.ndarray:
+    """Benjamini-Hochberg q values of p (any shape), over the non-NaN entries (NaN stays NaN):
+    q_(i) = min_{j >= i} m p_(j) / j for the m sorted p values, capped at 1."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    m = int(ok.sum())
+    if m:
+        order = np.argsort(p[ok])
+        ranked = p[ok][order] * m / np.arange(1, m + 1)
+        out = np.empty(m)
+        out[order] = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+        q[ok] = out
+    return q
+
+
 def jackknife_cov(reps: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
     """(n-1)/n sum_i (x_(-i) - mean)(x_(-i) - mean)^T over the replicate axis, counting only
     the replicates where `present` (G, N) is True (default all; n = their number).

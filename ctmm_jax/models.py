@@ -49,7 +49,9 @@ class ModelSpec(NamedTuple):
     weights: (phi, C) -> kernel weights w, None when w = phi (linear models; only those have
     HE); positive: C -> which parameters nonneg=True keeps positive (softplus);
     constrain/unconstrain: (theta, C) <-> phi under nonneg, when softplus on `positive` is not
-    the map; columns: cell types -> the table columns of each parameter (default: its name)."""
+    the map; columns: cell types -> the table columns of each parameter (default: its name);
+    null: the model nested in this one with its `tests`["V"] parameters at 0 (the other
+    parameters, in order, are the null model's), for the score and LR tests of V, or None."""
 
     n_var: Callable[[int], int]
     kernels: Callable[[int], np.ndarray]
@@ -63,6 +65,7 @@ class ModelSpec(NamedTuple):
     constrain: Callable[[jax.Array, int], jax.Array] | None = None
     unconstrain: Callable[[jax.Array, int], jax.Array] | None = None
     columns: Callable[[Sequence[str]], list[list[str]]] | None = None
+    null: str | None = None
 
     @property
     def linear(self) -> bool:
@@ -132,6 +135,7 @@ MODELS: dict[str, ModelSpec] = {
         start=lambda s, C: jnp.full(2, s),
         n_parts=2,
         tests=lambda C: {"hom2": np.array([0]), "V": np.array([1])},
+        null="hom",
         columns=lambda cts: [["hom2"], [f"V_{c}" for c in cts]],  # one V, shown per cell type
     ),
     "free": ModelSpec(
@@ -142,6 +146,7 @@ MODELS: dict[str, ModelSpec] = {
         start=lambda s, C: jnp.full(1 + C, s),
         n_parts=2,
         tests=lambda C: {"hom2": np.array([0]), "V": np.arange(1, 1 + C)},
+        null="hom",
     ),
     "full": ModelSpec(
         n_var=lambda C: C * (C + 1) // 2,
@@ -260,3 +265,15 @@ def table_columns(model: str, celltypes: Sequence[str]) -> list[list[str]]:
     spec = get(model)
     cts = list(celltypes)
     return spec.columns(cts) if spec.columns is not None else [[n] for n in spec.names(cts)]
+
+
+def embed_null(phi0: np.ndarray, model: str, C: int) -> np.ndarray:
+    """Parameters (G, n_var + n_rand) of `model` at its null model's estimates phi0 (G,
+    n_var0 + n_rand): the tested V parameters 0, the others (then the random r2) from phi0."""
+    tested = get(model).tests(C)["V"]
+    kept = np.setdiff1d(np.arange(n_var(model, C)), tested)
+    n_rand = phi0.shape[1] - len(kept)
+    phi = np.zeros((phi0.shape[0], n_var(model, C) + n_rand))
+    phi[:, kept] = phi0[:, : len(kept)]
+    phi[:, n_var(model, C) :] = phi0[:, len(kept) :]
+    return phi

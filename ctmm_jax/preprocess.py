@@ -78,33 +78,35 @@ class Pseudobulk:
 
     @property
     def observed(self) -> np.ndarray:
-        """(G, N, C) pairs used by `to_ctp`: observed (`mask`) and with ctnu > 0."""
+        """(G, N, C) pairs with cells beyond the cut-off (`mask`) and ctnu > 0: the values a
+        plug-in fit uses (noise='plugin' drops ctnu = 0; 'pooled' keeps them, noise.py)."""
         return self.mask & (np.nan_to_num(self.ctnu) > 0)
 
     def to_ctp(self) -> CTPData:
-        """CTPData of (ctp, ctnu, P), missing where `observed` is False: unobserved pairs stay
-        missing, never imputed.
+        """CTPData of (ctp, ctnu, P) with the cell counts, missing where `mask` is False
+        (unobserved pairs, or too few cells): never imputed.
 
-        Pairs whose cells all have the same value (ctnu = 0; for counts, usually all zero) are
-        missing too: a noise variance of 0 claims the pair's mean is known exactly, which makes
-        the donor's covariance singular as soon as V_c -> 0 (the original CTMM leaves such
-        zeros in place and can break there). Filter lowly expressed genes before fitting if
-        this masks many pairs (see `observed`)."""
-        observed = self.observed
+        Pairs whose cells all have the same value (ctnu = 0; for counts, usually all zero) keep
+        their value: the fit's noise model decides (noise.py). The default pools each cell
+        type's within-pair variance over donors, which gives them a positive noise variance;
+        the plug-in model (ctnu as known) makes them missing, since a noise variance of 0 would
+        make the donor's covariance singular as V_c -> 0 (the original CTMM leaves such zeros
+        in place and can break there)."""
+        mask = np.broadcast_to(self.mask, self.ctp.shape)
         return CTPData.from_arrays(
-            np.where(observed, self.ctp, 0.0), np.where(observed, self.ctnu, 1.0), self.P,
-            genes=self.genes, donors=self.donors, celltypes=self.celltypes, mask=observed,
+            np.where(mask, self.ctp, 0.0), np.where(mask, self.ctnu, 1.0), self.P,
+            genes=self.genes, donors=self.donors, celltypes=self.celltypes, mask=mask,
+            n_cells=self.counts,
         )  # fmt: skip
 
     def to_op(self) -> OPData:
-        """OPData of (op, nu, P). A donor whose cells all have the same value for a gene
-        (nu = 0) is missing for that gene, as zero-variance pairs are in `to_ctp`."""
-        present = self.nu > 0
-        data = OPData.from_arrays(
-            np.where(present, self.op, 0.0), np.where(present, self.nu, 1.0), self.P,
-            genes=self.genes, donors=self.donors, celltypes=self.celltypes,
+        """OPData of (op, nu, P) with the pairs' ctnu and cell counts (to pool the noise,
+        noise.py). A donor whose noise variance is 0 for a gene (all its cells equal) is
+        missing for that gene's fit, as zero-variance pairs are in `to_ctp`."""
+        return OPData.from_arrays(
+            self.op, self.nu, self.P, genes=self.genes, donors=self.donors,
+            celltypes=self.celltypes, ctnu=self.ctnu, n_cells=self.counts,
         )  # fmt: skip
-        return data if present.all() else replace(data, mask=present)
 
     def save(self, path) -> None:
         """Write to a compressed .npz (arrays and names; loads without pickle)."""

@@ -12,7 +12,10 @@ import pandas as pd
 from . import inference, models, status
 from .estimators import Estimates
 from .jackknife import Jackknife
+from .nulltest import NullFit
 from .status import Status
+
+JK_MAX_FAILED = 0.05  # jackknife p values need at least 95% of the replicates to end ok
 
 # The table's columns: exact names, then patterns (<x> is a cell type, parameter or covariate
 # name) in the order they are matched. dtype, meaning, units ("y" = the expression's unit).
@@ -35,12 +38,34 @@ COLUMNS: list[tuple[str, str, str, str]] = [
         "",
     ),  # fmt: skip
     ("message", "object", "the status in words", ""),
+    ("loglik_null", "float64", "log-likelihood of the null model (hom) behind p_V", "nats"),
+    ("status_null", "object", "outcome of the null model's fit (p_V is NaN unless ok)", ""),
     ("n_jk_failed", "int64", "jackknife replicates that did not end ok", "count"),
     ("<x>_jk", "", "<x> from the leave-one-donor-out jackknife", "as <x>"),
     ("ll", "float64", "GxEMM REML log-likelihood of the standardised trait", "nats"),
     ("p_ct_beta", "float64", "Wald F test of equal cell-type means", "p value"),
     ("p_hom2", "float64", "one-sided Wald t test of hom2 = 0", "p value"),
-    ("p_V", "float64", "Wald test of V = 0 (iid: one-sided t; free: F)", "p value"),
+    (
+        "p_V",
+        "float64",
+        "test of V = 0: ML/REML, score test at the null (hom) fit (iid: one-sided normal; "
+        "free: chi2(C)); HE, Wald (iid: one-sided t; free: F)",
+        "p value",
+    ),  # fmt: skip
+    (
+        "p_V_wald",
+        "float64",
+        "Wald test of V = 0 (iid: one-sided t; free: F), as the original "
+        "CTMM; anti-conservative near V = 0",
+        "p value",
+    ),  # fmt: skip
+    (
+        "p_V_lrt",
+        "float64",
+        "likelihood-ratio test of V = 0 against the null (hom) fit, chi2(number of V parameters)",
+        "p value",
+    ),  # fmt: skip
+    ("q_<x>", "float64", "Benjamini-Hochberg q value of p_<x> over the table's genes", "q value"),
     ("se_<x>", "float64", "standard error of <x>", "as <x>"),
     ("p_<x>", "float64", "Wald test of <x>", "p value"),
     (
@@ -97,8 +122,10 @@ class FitResult:
     covariate); var_cov: their covariance (inverse information; NaN for HE); beta: (G, p);
     beta_cov: (G, p, p) (NaN for HE); loglik: (G,) with the constants of design.md section 4
     (NaN for HE); status: (G,) status.Status codes; df: (G,) N_g - n_par with N_g the donors
-    with an observed value; pvalues: name -> (G,) Wald p values (information); jackknife and
-    pvalues_jk when fitted with jackknife=True; table: one row per gene (`column_dictionary`).
+    with an observed value; pvalues: name -> (G,) p values (`pvalues` below; NaN where the
+    fit behind them is not ok); jackknife and pvalues_jk when fitted with jackknife=True;
+    table: one row per gene (`column_dictionary`); noise: the noise model (noise.py); null:
+    the null model's fit behind p_V (nulltest.py), or None.
     """
 
     model: str
@@ -118,6 +145,8 @@ class FitResult:
     jackknife: Jackknife | None
     pvalues_jk: dict[str, np.ndarray] | None
     table: pd.DataFrame
+    noise: str = "plugin"
+    null: NullFit | None = None
 
     @property
     def converged(self) -> np.ndarray:
@@ -137,6 +166,7 @@ class FitResult:
     def build(
         cls, data, model, method, information, est: Estimates, unidentified, n_par: int,
         jackknife: Jackknife | None = None, covariates=None, random=None,
+        null: NullFit | None = None, noise: str = "plugin",
     ) -> FitResult:  # fmt: skip
         G, N, C = data.shape
         cts = list(data.celltypes)
@@ -161,7 +191,7 @@ class FitResult:
         rand_names = list(random.values) if random is not None else []
         columns = models.table_columns(model, cts) + [[f"r2_{n}"] for n in rand_names]
         ct_beta, ct_beta_cov = beta[:, :C], beta_cov[:, :C, :C]
-        pvalues = inference.wald_pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df)
+        pvalues = _pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df, codes, loglik, null)
 
         cols: dict[str, np.ndarray] = {}
         cols.update(_by_name(columns, phi))
@@ -179,6 +209,10 @@ class FitResult:
         cols["n_iter"] = est.n_iter
         cols["status"] = status.short_names(codes)
         cols["message"] = status.messages(codes)
+        if null is not None:
+            cols["loglik_null"] = np.where(np.isin(null.status, status.NOT_FITTED), np.nan,
+                                           null.loglik)  # fmt: skip
+            cols["status_null"] = status.short_names(null.status)
         cols.update(_se_columns(columns, cts, var_cov, ct_beta_cov, ""))
         beta_se = _sqrt_diag(beta_cov)
         cols.update({f"se_beta_{lab}": beta_se[:, C + j] for j, lab in enumerate(labels)})
@@ -187,15 +221,53 @@ class FitResult:
         if jackknife is not None:
             jk_var, jk_beta = jackknife.var_cov, jackknife.ct_beta_cov
             pvalues_jk = inference.wald_pvalues(model, phi, jk_var, ct_beta, jk_beta, df)
+            trusted = (codes == Status.OK) & (
+                jackknife.n_failed <= JK_MAX_FAILED * jackknife.present.sum(axis=1)
+            )
+            pvalues_jk = {k: np.where(trusted, v, np.nan) for k, v in pvalues_jk.items()}
             cols.update(_se_columns(columns, cts, jk_var, jk_beta, "_jk"))
             cols.update({f"p_{k}_jk": v for k, v in pvalues_jk.items()})
             cols["n_jk_failed"] = jackknife.n_failed
-        table = _typed(pd.DataFrame(cols, index=pd.Index(data.genes, name="gene")))
+        table = pd.DataFrame(cols, index=pd.Index(data.genes, name="gene"))
+        table = _typed(with_qvalues(table))
         return cls(
             model, method, information, tuple(data.genes), tuple(cts), phi, var_cov, beta,
             beta_cov, loglik, np.asarray(est.n_iter, int), codes, df, pvalues, jackknife,
-            pvalues_jk, table,
+            pvalues_jk, table, noise, null,
         )  # fmt: skip
+
+
+def _pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df, codes, loglik, null):
+    """The model's Wald tests (inference.wald_pvalues) where the fit is ok, NaN elsewhere; with
+    a null fit, V's test is the score test at it (`V`, where the null fit is ok), with the
+    LRT (`V_lrt`, where both are ok) and the Wald test (`V_wald`) next to it."""
+    ok = codes == Status.OK
+    wald = inference.wald_pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df)
+    out = {k: np.where(ok, v, np.nan) for k, v in wald.items()}
+    if null is None:
+        return out
+    idx = models.get(model).tests(ct_beta.shape[1])["V"]
+    null_ok = null.status == Status.OK
+    score = inference.score_test(null.score, null.var_cov, idx)
+    lrt = inference.lrt(loglik, null.loglik, len(idx))
+    return {
+        "hom2": out["hom2"],
+        "V": np.where(null_ok, score, np.nan),
+        "V_lrt": np.where(ok & null_ok, lrt, np.nan),
+        "V_wald": out["V"],
+        "ct_beta": out["ct_beta"],
+    }
+
+
+def with_qvalues(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with q_<x> = Benjamini-Hochberg q values of every p_<x> column (over its
+    rows, NaN-aware) right after it; existing q columns are recomputed (e.g. after merging
+    chunks of genes)."""
+    table = table.drop(columns=[c for c in table.columns if str(c).startswith("q_")])
+    for col in [c for c in table.columns if str(c).startswith("p_")]:
+        at = table.columns.get_loc(col) + 1
+        table.insert(at, "q_" + col[2:], inference.bh_qvalues(table[col].to_numpy()))
+    return table
 
 
 def _typed(table: pd.DataFrame) -> pd.DataFrame:

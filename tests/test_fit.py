@@ -77,9 +77,10 @@ def test_table_columns_and_wald_pvalues(method):
     cts = data.celltypes
     expected = (
         ["hom2", *(f"V_{c}" for c in cts), *(f"beta_{c}" for c in cts)]
-        + ["loglik", "n_donors", "converged", "n_iter", "status", "message", "se_hom2"]
-        + [f"se_V_{c}" for c in cts]
-        + [*(f"se_beta_{c}" for c in cts), "p_hom2", "p_V", "p_ct_beta"]
+        + ["loglik", "n_donors", "converged", "n_iter", "status", "message"]
+        + ["loglik_null", "status_null", "se_hom2", *(f"se_V_{c}" for c in cts)]
+        + [f"se_beta_{c}" for c in cts]
+        + [f"{pq}_{t}" for t in ("hom2", "V", "V_lrt", "V_wald", "ct_beta") for pq in "pq"]
     )
     assert list(t.columns) == expected
     df = 40 - (1 + 3 + 3)
@@ -89,7 +90,7 @@ def test_table_columns_and_wald_pvalues(method):
         assert_allclose(t.p_hom2.iloc[g], stats.t.sf(t.hom2.iloc[g] / np.sqrt(cov[0, 0]), df))
         v = res.phi[g, 1:]
         F = v @ np.linalg.solve(cov[1:, 1:], v) / 3
-        assert_allclose(t.p_V.iloc[g], stats.f.sf(F, 3, df))
+        assert_allclose(t.p_V_wald.iloc[g], stats.f.sf(F, 3, df))
         T = np.array([[1, 0, -1], [0, 1, -1]])
         b, bc = T @ res.beta[g], T @ res.beta_cov[g] @ T.T
         assert_allclose(t.p_ct_beta.iloc[g], stats.f.sf(b @ np.linalg.solve(bc, b) / 2, 2, df))

@@ -106,7 +106,8 @@ def test_jackknife_pvalue_columns():
     data = small_data("ctp", G=3, N=30, C=3, seed=25)
     res = cj.fit(data, "free", "reml", jackknife=True)
     t = res.table
-    for col in ["p_hom2", "p_V", "p_ct_beta", "p_hom2_jk", "p_V_jk", "p_ct_beta_jk", "se_hom2_jk"]:
+    cols = ["p_hom2", "p_V", "p_V_wald", "p_V_lrt", "p_ct_beta", "p_hom2_jk", "p_V_jk"]
+    for col in cols + ["p_ct_beta_jk", "se_hom2_jk"]:
         assert col in t and t[col].notna().all()
     from scipy import stats
 

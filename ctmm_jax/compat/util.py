@@ -16,6 +16,8 @@ from .. import api, inference, models
 from ..data import Covariates, CTPData, OPData, _loadtxt
 from ..results import fixed_effect_variances
 
+WALD = ("hom2", "V", "ct_beta")  # the original's Wald tests (V: the Wald test, not the score)
+
 # what an estimates dict holds, beyond hom2 (all but full) and V (all but hom), by method;
 # ct_random_var / ct_specific_random_var come with V
 _BY_METHOD = {
@@ -93,8 +95,8 @@ def _run(
     covars = Covariates.build(fixed_covars_d, data.donors)
     random = Covariates.build(random_covars_d, data.donors, kind="random")
     res = api.fit(
-        data, model, method, jackknife=jk, he_beta="gls", fixed_covars=covars.values,
-        random_covars=random.values, chunk_size=1,
+        data, model, method, noise="plugin", jackknife=jk, he_beta="gls",
+        fixed_covars=covars.values, random_covars=random.values, chunk_size=1,
     )  # fmt: skip
     est = _estimates(res, data, model, method, covars, random)
     if shape == "op":
@@ -106,6 +108,7 @@ def _run(
     if method == "he" and not jk:  # HE has no Wald test without the jackknife
         return est, {}
     pvalues = res.pvalues_jk if jk else res.pvalues
+    pvalues = {k: pvalues.get(f"{k}_wald", v) for k, v in pvalues.items() if k in WALD}
     return est, {k: float(v[0]) for k, v in pvalues.items()}
 
 

@@ -1,0 +1,119 @@
+"""Noise models: which measurement-noise variance of each pseudobulk value a fit uses.
+
+ctnu_ic = s2_ic / n_ic is estimated from the pair's own n_ic cells (s2_ic their variance,
+ddof=1). Treated as known ("plugin", the original CTMM), its sampling error biases V-hat up by
+about 2.7 s2_c / n^2 at every N while the standard error of V-hat shrinks as 1/sqrt(N): the
+test of V = 0 at size alpha rejects with noncentrality about 3 C N / n^2 (design.md 10).
+
+"pooled" (the default wherever cell counts are known) pools the within-pair sums of squares
+SS_gic = ctnu_gic n_ic (n_ic - 1) over the donors observed for each gene and cell type:
+
+    s2_gc = sum_i SS_gic / sum_i (n_ic - 1),    ctnu_gic = s2_gc / n_ic,
+
+and OP uses nu_gi = sum_c P_ic^2 s2_gc / n_ic. Under either model a value whose noise variance
+is 0 (every cell equal, usually all zero) is missing for the fit: it would claim the value is
+known exactly and make the donor's covariance singular as V_c -> 0.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import numpy as np
+from scipy import stats
+
+from .data import CTPData, OPData
+
+NOISE = ("pooled", "plugin")
+
+
+class PluginNoiseWarning(UserWarning):
+    """The fit treats noise variances estimated from few cells as known (noise='plugin')."""
+
+
+def plugin_false_positive_rate(N: int, C: int, n: float, alpha: float = 0.05) -> float:
+    """Expected rejection rate at level alpha of a calibrated chi2(C) test of V = 0 on null genes
+    when ctnu from n cells per pair is plugged in as known: noncentrality 3 C N / n^2
+    (design.md 10; matches the measured LRT rates to about 0.03 for N = 60-300, n = 10-100)."""
+    return float(stats.ncx2.sf(stats.chi2.isf(alpha, C), C, 3.0 * C * N / n**2))
+
+
+def pooled_ctnu(ctnu: np.ndarray, n_cells: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """ctnu_gic = s2_gc / n_ic with s2_gc the within-pair variance pooled over the observed
+    donors (module doc). ctnu, observed: (G, N, C); n_cells: (N, C) or (G, N, C). Where a gene
+    and cell type has no observed pair with 2 or more cells, s2_gc is undefined and ctnu stays
+    as given."""
+    n = np.broadcast_to(n_cells, ctnu.shape)
+    dof = np.where(observed, n - 1.0, 0.0)
+    ss = np.where(observed, ctnu, 0.0) * n * dof
+    total = dof.sum(axis=1, keepdims=True)
+    s2 = np.divide(ss.sum(axis=1, keepdims=True), total, out=np.full(total.shape, np.nan),
+                   where=total > 0)  # fmt: skip
+    return np.where(np.isfinite(s2), s2 / n, ctnu)
+
+
+def apply(data: CTPData | OPData, noise: str | None) -> tuple[CTPData | OPData, str]:
+    """The data with the noise variances of model `noise` ("pooled", "plugin", or None: pooled
+    when the data know their cell counts, else plugin with a PluginNoiseWarning), and values
+    whose noise variance is 0 marked missing. Returns (data, the noise model used)."""
+    if noise is not None and noise not in NOISE:
+        raise ValueError(f"noise={noise!r} is unknown; use one of {', '.join(NOISE)}.")
+    if data.n_cells is None:
+        if noise == "pooled":
+            raise ValueError(
+                "noise='pooled' needs the cells per (donor, cell type): pass n_cells to "
+                "CTPData.from_arrays / OPData.from_arrays, or build the data with "
+                "`ctmm-jax pseudobulk` (Pseudobulk.to_ctp / to_op), or use noise='plugin'."
+            )
+        if noise is None:
+            warnings.warn(plugin_warning(data), PluginNoiseWarning, stacklevel=3)
+        noise = "plugin"
+    noise = noise or "pooled"
+    if isinstance(data, CTPData):
+        return _apply_ctp(data, noise), noise
+    return _apply_op(data, noise), noise
+
+
+def _apply_ctp(data: CTPData, noise: str) -> CTPData:
+    observed = np.ones(data.shape, bool) if data.mask is None else data.mask
+    ctnu = pooled_ctnu(data.ctnu, data.n_cells, observed) if noise == "pooled" else data.ctnu
+    keep = observed & (ctnu > 0)
+    mask = None if keep.all() else keep
+    Y, ctnu = np.where(keep, data.Y, 0.0), np.where(keep, ctnu, 1.0)
+    return replace(data, Y=Y, ctnu=ctnu, mask=mask)
+
+
+def _apply_op(data: OPData, noise: str) -> OPData:
+    nu = data.nu
+    if noise == "pooled":
+        G, N, C = data.shape
+        P = data.P if data.P_gene is None else data.P_gene
+        P = np.broadcast_to(P, (G, N, C))
+        # pairs with a within-pair variance, of the donors observed for the gene
+        pooled = (P > 0) & np.isfinite(data.ctnu) & data.observed_donors[..., None]
+        ctnu = pooled_ctnu(data.ctnu, data.n_cells, pooled)
+        nu = np.einsum("gnc,gnc->gn", np.where(P > 0, ctnu, 0.0), P**2)  # NaN: no s2_gc
+    keep = data.observed_donors & (nu > 0)  # False for NaN
+    mask = None if keep.all() else keep
+    return replace(data, y=np.where(keep, data.y, 0.0), nu=np.where(keep, nu, 1.0), mask=mask)
+
+
+def plugin_warning(data: CTPData | OPData) -> str:
+    G, N, C = data.shape
+    text = (
+        "the data carry no cell counts, so the fit uses the plug-in noise variances "
+        "(noise='plugin'): ctnu estimated from each pair's own cells, treated as known. "
+    )
+    if isinstance(data, CTPData):
+        rates = ", ".join(
+            f"{plugin_false_positive_rate(N, C, n):.0%} at {n}" for n in (10, 25, 50, 100)
+        )
+        text += (
+            f"With N = {N} donors and C = {C} cell types the test of V = 0 then rejects about "
+            f"{rates} cells per pair of null genes at p < 0.05. "
+        )
+    return text + (
+        "Pass n_cells (cells per donor and cell type) to from_arrays, or build the data with "
+        "`ctmm-jax pseudobulk`, to use noise='pooled'; pass noise='plugin' to silence this."
+    )
