@@ -327,7 +327,7 @@ class OPData:
         """The genes at positions `idx` (an int array, slice or boolean mask)."""
         i = np.arange(self.shape[0])[idx]
         per_gene = {
-            k: None if v is None or v.ndim == 2 and k == "n_cells" else v[i]
+            k: v if v is None or (k == "n_cells" and v.ndim == 2) else v[i]
             for k, v in (
                 ("P_gene", self.P_gene), ("mask", self.mask), ("ctnu", self.ctnu),
                 ("n_cells", self.n_cells),

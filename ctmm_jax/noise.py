@@ -50,7 +50,9 @@ def pooled_ctnu(ctnu: np.ndarray, n_cells: np.ndarray, observed: np.ndarray) -> 
     total = dof.sum(axis=1, keepdims=True)
     s2 = np.divide(ss.sum(axis=1, keepdims=True), total, out=np.full(total.shape, np.nan),
                    where=total > 0)  # fmt: skip
-    return np.where(np.isfinite(s2), s2 / n, ctnu)
+    defined = np.isfinite(s2) & (n > 0)
+    return np.divide(np.broadcast_to(s2, ctnu.shape), n, out=np.array(ctnu, dtype=np.float64),
+                     where=defined)  # fmt: skip
 
 
 def apply(data: CTPData | OPData, noise: str | None) -> tuple[CTPData | OPData, str]:

@@ -235,9 +235,12 @@ def test_to_ctp_and_to_op(data):
     assert op.donors == pb.donors and op.celltypes == pb.cell_types
 
 
-def test_zero_variance_values_are_missing_in_fits(data):
-    """A pair whose cells are all equal (ctnu = 0) is missing in to_ctp; a donor whose cells
-    are all equal (nu = 0) is missing in to_op; the other values are kept as they are."""
+def test_zero_variance_values_are_missing_in_plugin_fits(data):
+    """A pair whose cells are all equal (ctnu = 0) and a donor whose cells are all equal
+    (nu = 0) keep their values in to_ctp / to_op; the plug-in noise model makes them missing,
+    the pooled one gives them a positive noise variance (noise.py)."""
+    from ctmm_jax import noise
+
     X, cells = data
     X = X.copy()
     X[(cells.donor == "d0").to_numpy() & (cells.cell_type == "B").to_numpy(), 2] = 0.0
@@ -249,12 +252,18 @@ def test_zero_variance_values_are_missing_in_fits(data):
     expected[3, 1] = False  # all of d1's cells equal for gene 3
     np.testing.assert_array_equal(pb.observed, expected)
     ctp = pb.to_ctp()
-    np.testing.assert_array_equal(ctp.mask, expected)
-    np.testing.assert_array_equal(ctp.Y[expected], pb.ctp[expected])
-    op = pb.to_op()
-    np.testing.assert_array_equal(op.mask, pb.nu > 0)
-    assert not op.mask[3, 1]
-    np.testing.assert_array_equal(op.y[op.mask], pb.op[op.mask])
+    np.testing.assert_array_equal(ctp.mask, np.broadcast_to(pb.mask, ctp.shape))
+    plugin, _ = noise.apply(ctp, "plugin")
+    np.testing.assert_array_equal(plugin.mask, expected)
+    np.testing.assert_array_equal(plugin.Y[expected], pb.ctp[expected])
+    pooled, _ = noise.apply(ctp, "pooled")
+    np.testing.assert_array_equal(pooled.mask, np.broadcast_to(pb.mask, ctp.shape))
+    assert (pooled.ctnu > 0).all()
+    op_plugin, _ = noise.apply(pb.to_op(), "plugin")
+    np.testing.assert_array_equal(op_plugin.mask, pb.nu > 0)
+    np.testing.assert_array_equal(op_plugin.y[op_plugin.mask], pb.op[op_plugin.mask])
+    op_pooled, _ = noise.apply(pb.to_op(), "pooled")
+    assert op_pooled.mask is None and (op_pooled.nu > 0).all()
 
 
 def test_save_and_load_round_trip(data, tmp_path):
