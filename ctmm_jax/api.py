@@ -110,7 +110,7 @@ def fit(
         raise ValueError(
             "jax_enable_x64 is off; ctmm_jax needs float64 (importing it turns it on)."
         )
-    data, noise = noise_models.apply(data, noise)
+    data, noise, s2_var = noise_models.apply(data, noise)
     G, N, C = data.shape
     if method == "he" and not models.get(model).linear:
         raise ValueError(
@@ -141,7 +141,7 @@ def fit(
     null = None
     if method != "he" and models.get(model).null is not None:
         null = fit_null(
-            data, model, blocks, covars, random, unidentified, reml=method == "reml",
+            data, model, blocks, covars, random, unidentified, s2_var, reml=method == "reml",
             max_iter=int(max_iter), tol=float(tol), chunk_size=int(chunk_size),
         )  # fmt: skip
     jk = None

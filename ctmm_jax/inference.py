@@ -76,24 +76,22 @@ def wald_pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df) -> dict[str, np.
     return out
 
 
-def score_test(score: np.ndarray, var_cov: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Score (Rao) test of phi[idx] = 0 at the null fit, from the score s = d nll / d phi and the
-    inverse expected information I^-1 of the larger model evaluated there (score: (G, k),
-    var_cov: (G, k, k)). With the nuisance score 0 at the null fit, the efficient statistic is
-    T = s_idx^T (I^-1)_idx,idx s_idx ~ chi2(len(idx)); one parameter (iid's v): the one-sided
-    z = -s_v sqrt((I^-1)_vv) ~ N(0, 1) against v > 0, p = norm.sf(z). NaN where I^-1 is not
-    positive definite or anything is not finite."""
-    s, cov = score[:, idx], var_cov[:, idx[:, None], idx]
-    if len(idx) == 1:
-        var = cov[:, 0, 0]
-        with np.errstate(invalid="ignore"):
-            z = np.where(var > 0, -s[:, 0] * np.sqrt(np.where(var > 0, var, 1.0)), np.nan)
-        return stats.norm.sf(z)
-    ok = np.isfinite(cov).all((1, 2)) & np.isfinite(s).all(1)
-    cov, s = np.where(ok[:, None, None], cov, np.eye(len(idx))), np.where(ok[:, None], s, 0.0)
-    ok &= np.linalg.eigvalsh(cov)[:, 0] > 0
-    T = np.where(ok, np.einsum("gi,gij,gj->g", s, cov, s), np.nan)
-    return stats.chi2.sf(T, len(idx))
+def score_test(score: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """Score (Rao) test of V = 0 at the null fit from the score s = d nll / d V (G, k) and its
+    variance (G, k, k) (nulltest.score_variance): T = s^T var^-1 s ~ chi2(k); one parameter
+    (iid's v): the one-sided z = -s / sqrt(var) ~ N(0, 1) against v > 0, p = norm.sf(z). NaN
+    where var is not positive definite or anything is not finite."""
+    ok = np.isfinite(var).all((1, 2)) & np.isfinite(score).all(1)
+    var, s = (
+        np.where(ok[:, None, None], var, np.eye(var.shape[-1])),
+        np.where(ok[:, None], score, 0.0),
+    )
+    ok &= np.linalg.eigvalsh(var)[:, 0] > 0
+    if score.shape[1] == 1:
+        z = -s[:, 0] / np.sqrt(np.where(ok, var[:, 0, 0], 1.0))
+        return np.where(ok, stats.norm.sf(z), np.nan)
+    T = np.einsum("gi,gi->g", s, np.linalg.solve(var, s[..., None])[..., 0])
+    return np.where(ok, stats.chi2.sf(T, score.shape[1]), np.nan)
 
 
 def bh_qvalues(p) -> np.ndarray:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -55,10 +56,35 @@ def pooled_ctnu(ctnu: np.ndarray, n_cells: np.ndarray, observed: np.ndarray) -> 
                      where=defined)  # fmt: skip
 
 
-def apply(data: CTPData | OPData, noise: str | None) -> tuple[CTPData | OPData, str]:
+class Noise(NamedTuple):
+    """`apply`'s result: data with the chosen noise variances; name: the noise model;
+    s2_var: (G, C) the sampling variance of the pooled s2_gc, None for plugin."""
+
+    data: CTPData | OPData
+    name: str
+    s2_var: np.ndarray | None
+
+
+def pooled_s2_variance(ctnu: np.ndarray, n_cells: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+    """(G, C) sampling variance of s2_gc = sum_i d_i s2_gic / sum_i d_i (d_i = n_ic - 1 over the
+    `pooled` pairs, s2_gic = ctnu_gic n_ic), estimated from the spread of the pairs' own
+    variances: sum_i d_i^2 (s2_gic - s2_gc)^2 / (sum_i d_i)^2. For Gaussian cells its
+    expectation is 2 s2^2 / sum_i d_i; it also holds for skewed cells (log counts)."""
+    n = np.broadcast_to(n_cells, ctnu.shape)
+    d = np.where(pooled, n - 1.0, 0.0)
+    s2 = np.where(pooled, np.nan_to_num(ctnu) * n, 0.0)
+    total = d.sum(axis=1)
+    safe = np.where(total > 0, total, 1.0)
+    mean = (d * s2).sum(axis=1) / safe
+    var = (d**2 * (s2 - mean[:, None]) ** 2).sum(axis=1) / safe**2
+    return np.where(total > 0, var, 0.0)
+
+
+def apply(data: CTPData | OPData, noise: str | None) -> Noise:
     """The data with the noise variances of model `noise` ("pooled", "plugin", or None: pooled
     when the data know their cell counts, else plugin with a PluginNoiseWarning), and values
-    whose noise variance is 0 marked missing. Returns (data, the noise model used)."""
+    whose noise variance is 0 marked missing; with the pooled model, the sampling variance of
+    the pooled within-pair variances (for the score test, nulltest.py)."""
     if noise is not None and noise not in NOISE:
         raise ValueError(f"noise={noise!r} is unknown; use one of {', '.join(NOISE)}.")
     if data.n_cells is None:
@@ -71,32 +97,33 @@ def apply(data: CTPData | OPData, noise: str | None) -> tuple[CTPData | OPData, 
         if noise is None:
             warnings.warn(plugin_warning(data), PluginNoiseWarning, stacklevel=3)
         noise = "plugin"
-    noise = noise or "pooled"
+    if noise == "plugin":
+        return Noise(_apply_ctp(data, data.ctnu) if isinstance(data, CTPData) else
+                     _apply_op(data, data.nu), "plugin", None)  # fmt: skip
     if isinstance(data, CTPData):
-        return _apply_ctp(data, noise), noise
-    return _apply_op(data, noise), noise
+        pooled = np.ones(data.shape, bool) if data.mask is None else data.mask
+        new = _apply_ctp(data, pooled_ctnu(data.ctnu, data.n_cells, pooled))
+    else:
+        G, N, C = data.shape
+        P = np.broadcast_to(data.P if data.P_gene is None else data.P_gene, (G, N, C))
+        # pairs with a within-pair variance, of the donors observed for the gene
+        pooled = (P > 0) & np.isfinite(data.ctnu) & data.observed_donors[..., None]
+        ctnu = pooled_ctnu(data.ctnu, data.n_cells, pooled)
+        new = _apply_op(data, np.einsum("gnc,gnc->gn", np.where(P > 0, ctnu, 0.0), P**2))
+    return Noise(new, "pooled", pooled_s2_variance(data.ctnu, data.n_cells, pooled))
 
 
-def _apply_ctp(data: CTPData, noise: str) -> CTPData:
-    observed = np.ones(data.shape, bool) if data.mask is None else data.mask
-    ctnu = pooled_ctnu(data.ctnu, data.n_cells, observed) if noise == "pooled" else data.ctnu
-    keep = observed & (ctnu > 0)
+def _apply_ctp(data: CTPData, ctnu: np.ndarray) -> CTPData:
+    """data with noise variances ctnu; values with ctnu = 0 (or undefined) missing."""
+    keep = (np.ones(data.shape, bool) if data.mask is None else data.mask) & (ctnu > 0)
     mask = None if keep.all() else keep
     Y, ctnu = np.where(keep, data.Y, 0.0), np.where(keep, ctnu, 1.0)
     return replace(data, Y=Y, ctnu=ctnu, mask=mask)
 
 
-def _apply_op(data: OPData, noise: str) -> OPData:
-    nu = data.nu
-    if noise == "pooled":
-        G, N, C = data.shape
-        P = data.P if data.P_gene is None else data.P_gene
-        P = np.broadcast_to(P, (G, N, C))
-        # pairs with a within-pair variance, of the donors observed for the gene
-        pooled = (P > 0) & np.isfinite(data.ctnu) & data.observed_donors[..., None]
-        ctnu = pooled_ctnu(data.ctnu, data.n_cells, pooled)
-        nu = np.einsum("gnc,gnc->gn", np.where(P > 0, ctnu, 0.0), P**2)  # NaN: no s2_gc
-    keep = data.observed_donors & (nu > 0)  # False for NaN
+def _apply_op(data: OPData, nu: np.ndarray) -> OPData:
+    """data with noise variances nu; donors with nu = 0 (or NaN: no s2_gc) missing."""
+    keep = data.observed_donors & (nu > 0)
     mask = None if keep.all() else keep
     return replace(data, y=np.where(keep, data.y, 0.0), nu=np.where(keep, nu, 1.0), mask=mask)
 

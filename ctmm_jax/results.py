@@ -248,7 +248,7 @@ def _pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df, codes, loglik, null)
         return out
     idx = models.get(model).tests(ct_beta.shape[1])["V"]
     null_ok = null.status == Status.OK
-    score = inference.score_test(null.score, null.var_cov, idx)
+    score = inference.score_test(null.score, null.score_var)
     lrt = inference.lrt(loglik, null.loglik, len(idx))
     return {
         "hom2": out["hom2"],

@@ -44,10 +44,10 @@ def test_apply_pooled_and_plugin_ctp():
     Y, ctnu, n = _cells()
     ctnu[0, 3, 1] = 0.0  # every cell of the pair equal
     data = cj.CTPData.from_arrays(Y, ctnu, n / n.sum(1, keepdims=True), n_cells=n)
-    pooled, used = noise.apply(data, None)
+    pooled, used, _ = noise.apply(data, None)
     assert used == "pooled" and pooled.mask is None
     assert_allclose(pooled.ctnu, noise.pooled_ctnu(ctnu, n, np.ones(Y.shape, bool)), rtol=1e-14)
-    plug, used = noise.apply(data, "plugin")
+    plug, used, _ = noise.apply(data, "plugin")
     assert used == "plugin" and plug.mask.sum() == Y.size - 1 and not plug.mask[0, 3, 1]
     assert plug.ctnu[0, 3, 1] == 1.0 and plug.Y[0, 3, 1] == 0.0
 
@@ -59,7 +59,7 @@ def test_apply_pooled_op_from_ctp_with_missing():
     mask = np.ones((G, N, C), bool)
     mask[1, 2, 0] = mask[2, 5, :] = False
     ctp = cj.CTPData.from_arrays(Y, ctnu, n / n.sum(1, keepdims=True), mask=mask, n_cells=n)
-    op, used = noise.apply(cj.OPData.from_ctp(ctp), None)
+    op, used, _ = noise.apply(cj.OPData.from_ctp(ctp), None)
     s2n = noise.pooled_ctnu(ctp.ctnu, n, mask)
     Pg = cj.OPData.from_ctp(ctp).P_gene
     expected = np.einsum("gnc,gnc->gn", np.where(mask, s2n, 0.0), Pg**2)
@@ -193,3 +193,47 @@ def test_pooled_noise_is_calibrated_where_plugin_is_not():
     plugin = cj.fit(data, "free", "reml", noise="plugin").table["p_V"]
     assert (pooled < 0.05).mean() < 0.11
     assert (plugin < 0.05).mean() > 0.3
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_score_test_with_pooled_noise_against_dense(shape):
+    """With pooled noise the score of V has the extra variance A Var(s2-hat) A^T of the pooled
+    within-pair variances (nulltest.score_variance), A = I_Vs - I_Vh I_hh^-1 I_hs with the
+    dense kernels d Sigma / d s2_c (CTP: diag(e_c / n_ic) per donor; OP: P_ic^2 / n_ic)."""
+    Y, ctnu, n = _cells(G=3, N=20, C=3, seed=4)
+    Y = Y + np.random.default_rng(5).normal(0, 0.3, (3, 20, 1))  # a shared donor effect
+    data = cj.CTPData.from_arrays(Y, ctnu, n / n.sum(1, keepdims=True), n_cells=n)
+    data = data if shape == "ctp" else cj.OPData.from_ctp(data)
+    pooled, _, s2_var = noise.apply(data, "pooled")
+    res = cj.fit(data, "free", "reml")
+    hom = cj.fit(pooled, "hom", "reml", noise="plugin")
+    C = 3
+    e = np.eye(C)
+    for g in range(3):
+        y, X, Sigma = reference.dense(pooled, g, hom.phi[g, 0], np.zeros((C, C)))
+        Pm = reference.projection(X, Sigma)
+        if shape == "ctp":
+            Ks_s = [np.diag(np.outer(1.0 / n[:, c], e[c]).ravel()) for c in range(C)]
+        else:
+            Ks_s = [np.diag(data.P[:, c] ** 2 / n[:, c]) for c in range(C)]
+        Ks = reference.kernels(pooled, "free") + Ks_s
+        s = np.array([0.5 * (np.trace(Pm @ K) - y @ Pm @ K @ Pm @ y) for K in Ks])
+        info = np.array([[0.5 * np.trace(Pm @ Ki @ Pm @ Kj) for Kj in Ks] for Ki in Ks])
+        v, w = [1, 2, 3], [4, 5, 6]  # V and s2 (hom2 at 0)
+        Ihh_inv = 1.0 / info[0, 0]
+        var = info[np.ix_(v, v)] - Ihh_inv * np.outer(info[v, 0], info[0, v])
+        A = info[np.ix_(v, w)] - Ihh_inv * np.outer(info[v, 0], info[0, w])
+        var = var + A @ np.diag(s2_var[g]) @ A.T
+        p = stats.chi2.sf(s[v] @ np.linalg.solve(var, s[v]), C)
+        assert res.table["status_null"].iloc[g] == "ok"
+        assert_allclose(res.table["p_V"].iloc[g], p, **CLOSED_FORM)
+
+
+def test_pooled_s2_variance_against_loops():
+    Y, ctnu, n = _cells(G=2, N=10, C=2, seed=3)
+    got = noise.pooled_s2_variance(ctnu, n, np.ones(Y.shape, bool))
+    for g in range(2):
+        for c in range(2):
+            d, s2 = n[:, c] - 1.0, ctnu[g, :, c] * n[:, c]
+            mean = (d * s2).sum() / d.sum()
+            assert_allclose(got[g, c], (d**2 * (s2 - mean) ** 2).sum() / d.sum() ** 2, rtol=1e-12)

@@ -253,16 +253,16 @@ def test_zero_variance_values_are_missing_in_plugin_fits(data):
     np.testing.assert_array_equal(pb.observed, expected)
     ctp = pb.to_ctp()
     np.testing.assert_array_equal(ctp.mask, np.broadcast_to(pb.mask, ctp.shape))
-    plugin, _ = noise.apply(ctp, "plugin")
+    plugin = noise.apply(ctp, "plugin").data
     np.testing.assert_array_equal(plugin.mask, expected)
     np.testing.assert_array_equal(plugin.Y[expected], pb.ctp[expected])
-    pooled, _ = noise.apply(ctp, "pooled")
+    pooled = noise.apply(ctp, "pooled").data
     np.testing.assert_array_equal(pooled.mask, np.broadcast_to(pb.mask, ctp.shape))
     assert (pooled.ctnu > 0).all()
-    op_plugin, _ = noise.apply(pb.to_op(), "plugin")
+    op_plugin = noise.apply(pb.to_op(), "plugin").data
     np.testing.assert_array_equal(op_plugin.mask, pb.nu > 0)
     np.testing.assert_array_equal(op_plugin.y[op_plugin.mask], pb.op[op_plugin.mask])
-    op_pooled, _ = noise.apply(pb.to_op(), "pooled")
+    op_pooled = noise.apply(pb.to_op(), "pooled").data
     assert op_pooled.mask is None and (op_pooled.nu > 0).all()
 
 

@@ -62,7 +62,6 @@ class GeneFit(NamedTuple):
 
     phi: jax.Array  # (n_var,) parameters
     var_cov: jax.Array  # (n_var, n_var) inverse information of phi
-    score: jax.Array  # (n_var,) d nll / d w (the kernel weights; = phi for linear models)
     beta: jax.Array  # (p,)
     beta_cov: jax.Array  # (p, p) (X^T Sigma^-1 X)^-1
     cond: jax.Array  # () conditioning of Sigma (likelihood.factor)
@@ -117,7 +116,7 @@ def _finish_gene(theta, y, noise, mask, design, *, model, C, reml, nonneg, obser
     else:
         J = jax.jacfwd(weights)(phi)
         info = J.T @ m.info @ J
-    return GeneFit(phi, jnp.linalg.inv(info), m.score, m.beta, m.beta_cov, m.cond)
+    return GeneFit(phi, jnp.linalg.inv(info), m.beta, m.beta_cov, m.cond)
 
 
 def _gls_gene(w, y, noise, mask, design):
@@ -218,20 +217,6 @@ class MaximumLikelihood:
             fits.phi, fits.var_cov, fits.beta, fits.beta_cov, -state.nll, state.n_iter,
             state.status, fits.cond,
         )  # fmt: skip
-
-    def evaluate(self, blocks: Blocks, problems: Problems, phi: np.ndarray) -> GeneFit:
-        """Score, inverse information and GLS of every problem at given parameters phi
-        (P, n_var + n_rand), without fitting (e.g. at a null fit, for the score test)."""
-        theta = np.asarray(models.from_natural_batch(jnp.asarray(phi), self.model, self.C,
-                                                     self.nonneg))  # fmt: skip
-        keys = self._keys
-
-        def at(i):
-            t = jnp.asarray(theta[i])
-            return finish_chunk(t, *_data(blocks, problems, i), **keys, observed=self.observed)
-
-        size = batching.bucket(len(problems.gene), self.chunk_size)
-        return batching.map_batches(at, np.arange(len(problems.gene)), size)
 
     def optimize(self, blocks: Blocks, problems: Problems) -> OptState:
         """Every fit of `problems`: rounds of ROUND_ITERS iterations, each round on the fits
