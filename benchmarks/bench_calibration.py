@@ -245,16 +245,26 @@ def summary(df: pd.DataFrame) -> None:
         row["power pooled p_V / oracle LRT"] = "{:.2f}/{:.2f}".format(*power)
         out.append(row)
     print("\nType I error at 0.05/0.01 of p_V (score test) by noise model; power at 0.05")
-    print(pd.DataFrame(out).to_markdown(index=False) if _has_tabulate() else pd.DataFrame(out))
+    print(markdown(pd.DataFrame(out)))
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def markdown(df: pd.DataFrame) -> str:
+    """A markdown table of df (no tabulate dependency)."""
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * df.shape[1]]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def summarise(paths: list[str]) -> None:
+    """The README table from JSON files written by --json."""
+    import json
+
+    rows = [r for p in paths for r in json.load(open(p))["rows"]]
+    summary(pd.DataFrame(rows))
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--summarise"]:  # python bench_calibration.py --summarise a.json ...
+        summarise(sys.argv[2:])
+    else:
+        main()
