@@ -9,7 +9,7 @@ from . import models
 from . import noise as noise_models
 from .blocks import to_blocks
 from .data import Covariates, CTPData, OPData
-from .estimators import Problems
+from .estimators import Problems, final_status
 from .estimators.he import MethodOfMoments
 from .estimators.mlreml import MaximumLikelihood
 from .jackknife import jackknife as run_jackknife
@@ -139,10 +139,13 @@ def fit(
     est = estimator.fit(blocks, Problems(np.arange(G)))
     unidentified = _unidentified(blocks)
     null = None
-    if method != "he" and models.get(model).null is not None:
+    spec = models.get(model)
+    if method != "he" and (spec.null is not None or spec.diag_test):
+        codes = final_status(est, unidentified)
         null = fit_null(
-            data, model, blocks, covars, random, unidentified, s2_var, reml=method == "reml",
-            max_iter=int(max_iter), tol=float(tol), chunk_size=int(chunk_size),
+            data, model, blocks, covars, random, unidentified, s2_var, est, codes,
+            reml=method == "reml", max_iter=int(max_iter), tol=float(tol),
+            chunk_size=int(chunk_size),
         )  # fmt: skip
     jk = None
     if jackknife:

@@ -51,7 +51,9 @@ class ModelSpec(NamedTuple):
     constrain/unconstrain: (theta, C) <-> phi under nonneg, when softplus on `positive` is not
     the map; columns: cell types -> the table columns of each parameter (default: its name);
     null: the model nested in this one with its `tests`["V"] parameters at 0 (the other
-    parameters, in order, are the null model's), for the score and LR tests of V, or None."""
+    parameters, in order, are the null model's), for the score and LR tests of V, or None;
+    diag_test: the model's test of V is a score test of diag(v_1..v_C) added to its own
+    covariance, at its own fit (its kernels must include every e_c e_c^T)."""
 
     n_var: Callable[[int], int]
     kernels: Callable[[int], np.ndarray]
@@ -66,6 +68,7 @@ class ModelSpec(NamedTuple):
     unconstrain: Callable[[jax.Array, int], jax.Array] | None = None
     columns: Callable[[Sequence[str]], list[list[str]]] | None = None
     null: str | None = None
+    diag_test: bool = False
 
     @property
     def linear(self) -> bool:
@@ -171,6 +174,7 @@ MODELS: dict[str, ModelSpec] = {
             [phi[:1], jnp.outer(phi[1:], phi[1:])[np.triu_indices(C)]]
         ),
         positive=lambda C: np.arange(1 + C) == 0,  # hom2 only; loadings take any sign
+        diag_test=True,
     ),
 }
 
@@ -277,3 +281,12 @@ def embed_null(phi0: np.ndarray, model: str, C: int) -> np.ndarray:
     phi[:, kept] = phi0[:, : len(kept)]
     phi[:, n_var(model, C) :] = phi0[:, len(kept) :]
     return phi
+
+
+def diag_kernels(model: str, C: int) -> np.ndarray:
+    """(C,) the index of the kernel e_c e_c^T of each cell type c among the model's kernels."""
+    E = kernels(model, C)
+    idx = [np.flatnonzero(np.all(E == np.diag(np.eye(C)[c]), axis=(1, 2))) for c in range(C)]
+    if any(len(i) != 1 for i in idx):
+        raise ValueError(f"model {model!r}: its kernels do not include each e_c e_c^T once.")
+    return np.array([i[0] for i in idx])

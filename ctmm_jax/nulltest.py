@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import batching, models, status
+from . import batching, models
 from .blocks import Blocks, to_blocks
 from .data import CTPData
-from .estimators import Problems, problem_data
+from .estimators import Problems, final_status, problem_data
 from .estimators.mlreml import MaximumLikelihood, over_genes
 from .likelihood import GeneData, moments
 
@@ -76,61 +76,88 @@ def noise_loadings(data) -> np.ndarray:
     return inv * np.broadcast_to(P, (G, N, C)) ** 2
 
 
-def score_variance(score, info, tested, nuisance, s2_var):
-    """The tested parameters' score and its variance at the null fit.
+def score_variance(score, info, T, D, S, s2_var):
+    """The score of V and its variance at the null fit, in the space of the kernel weights,
+    the C within-pair variances and the r2 (K = n_k + C + n_rand coordinates).
 
-    With h the nuisance parameters (hom2, r2) refitted under the null and s the C within-pair
-    variances, the score of V profiled over h is s_V - I_Vh I_hh^-1 s_h (s_h = 0 at the null
-    fit) with variance I_VV.h = I_VV - I_Vh I_hh^-1 I_hV; a pooled s2-hat (estimated from the
-    cells, independent of the pseudobulk means for Gaussian cells) adds A Var(s2-hat) A^T with
-    A = I_Vs - I_Vh I_hh^-1 I_hs, the score's sensitivity to s2. score: (G, K); info: (G, K, K);
-    tested, nuisance: index arrays; s2_var: (G, C) Var(s2-hat) (zeros: noise known).
+    With nuisance directions D (the null model's parameters: dw/dphi0, and the r2) refitted
+    under the null, the score of V (directions T) profiled over them is T^T s (the nuisance
+    score D^T s is 0 at the null fit) with variance I_TT.D = T^T I T - T^T I D (D^T I D)^+ D^T I T;
+    a pooled s2-hat (estimated from the cells, independent of the pseudobulk means for Gaussian
+    cells) adds A Var(s2-hat) A^T with A = T^T I S - T^T I D (D^T I D)^+ D^T I S, the score's
+    sensitivity to s2 (directions S). The pseudo-inverse covers nuisance directions that vanish
+    at the null fit (lowrank loadings at 0). score: (G, K); info: (G, K, K); T: (K, k);
+    D: (G, K, h); S: (K, C); s2_var: (G, C) Var(s2-hat) (zeros: noise known).
     Returns (score (G, k), variance (G, k, k))."""
-    s_idx = np.setdiff1d(np.arange(info.shape[1]), np.concatenate([tested, nuisance]))
-    block = lambda r, c: info[:, r[:, None], c]  # noqa: E731
-    ok = np.isfinite(info).all((1, 2))
-    I_hh = np.where(ok[:, None, None], block(nuisance, nuisance), np.eye(len(nuisance)))
-    I_hh_inv = np.linalg.inv(I_hh)
-    I_Vh = block(tested, nuisance)
-    I_Vh_hh = I_Vh @ I_hh_inv
-    var = block(tested, tested) - I_Vh_hh @ np.swapaxes(I_Vh, 1, 2)
-    A = block(tested, s_idx) - I_Vh_hh @ block(nuisance, s_idx)
+    ok = np.isfinite(info).all((1, 2)) & np.isfinite(D).all((1, 2))
+    info = np.where(ok[:, None, None], info, np.eye(info.shape[1]))
+    D = np.where(ok[:, None, None], D, 0.0)
+    ID = info @ D
+    I_DD_inv = np.linalg.pinv(np.swapaxes(D, 1, 2) @ ID, hermitian=True)
+    proj = (T.T @ ID) @ I_DD_inv  # (G, k, h)
+    var = T.T @ info @ T - proj @ np.swapaxes(T.T @ ID, 1, 2)
+    A = T.T @ info @ S - proj @ (np.swapaxes(ID, 1, 2) @ S)
     var = var + np.einsum("gvs,gs,gws->gvw", A, s2_var, A)
-    var = np.where(ok[:, None, None], var, np.nan)
-    return score[:, tested], var
+    return score @ T, np.where(ok[:, None, None], var, np.nan)
+
+
+def _units(K: int, idx) -> np.ndarray:
+    """(K, len(idx)) columns of the identity."""
+    return np.eye(K)[:, np.asarray(idx, dtype=int)]
 
 
 def fit_null(
     data, model: str, blocks: Blocks, covariates, random, unidentified: np.ndarray,
-    s2_var: np.ndarray | None, *, reml: bool, max_iter: int, tol: float, chunk_size: int,
+    s2_var: np.ndarray | None, fit, codes: np.ndarray, *, reml: bool, max_iter: int,
+    tol: float, chunk_size: int,
 ) -> NullFit:  # fmt: skip
-    """Fit `model`'s null model to every gene of `data` (same covariates, ML or REML, variances
-    unconstrained so that its score is 0 at the optimum) and take `model`'s score of V and its
-    variance there (`score_variance`) on its `blocks`. s2_var: (G, C) the variance of the
-    pooled within-pair variances (noise.apply), or None when the noise is taken as known."""
+    """The null fit behind `model`'s test of V, and the score of V with its variance there
+    (`score_variance`), evaluated on `model`'s `blocks` (its kernels).
+
+    A model with a nested null (spec.null: free and iid, null hom) fits the null model to every
+    gene (same covariates, ML or REML, variances unconstrained so that its score is 0 at the
+    optimum); V is its `tests`["V"] parameters. A model with `diag_test` (lowrank) is its own
+    null: V = diag(v_1..v_C) added to its covariance, tested at `fit` (the model's fit, status
+    `codes`). s2_var: (G, C) the variance of the pooled within-pair variances (noise.apply), or
+    None when the noise is taken as known."""
     G, N, C = data.shape
-    null = models.get(model).null
-    blocks0 = to_blocks(data, null, covariates.matrix, random.matrix, random.groups)
-    problems = Problems(np.arange(G))
-    est = MaximumLikelihood(null, C, reml=reml, max_iter=max_iter, tol=tol,
-                            chunk_size=chunk_size).fit(blocks0, problems)  # fmt: skip
-    se_defined = np.all(np.diagonal(est.var_cov, axis1=1, axis2=2) > 0, axis=1)
-    codes = status.decide(est.outcome, unidentified=unidentified, cond=est.cond,
-                          se_defined=se_defined)  # fmt: skip
-    w = np.asarray(models.embed_null(np.asarray(est.phi), model, C))
+    spec = models.get(model)
+    n_k = blocks.E.shape[-4]  # kernels of the model's blocks
+    n_rand = len(random.values)
+    K = n_k + C + n_rand  # extended coordinates: kernels, s2, r2
+    r2_units = _units(K, n_k + C + np.arange(n_rand))
+    if spec.null is not None:
+        null = spec.null
+        blocks0 = to_blocks(data, null, covariates.matrix, random.matrix, random.groups)
+        estimator = MaximumLikelihood(null, C, reml=reml, max_iter=max_iter, tol=tol,
+                                      chunk_size=chunk_size)  # fmt: skip
+        fit = estimator.fit(blocks0, Problems(np.arange(G)))
+        codes = final_status(fit, unidentified)
+        w = np.asarray(models.embed_null(np.asarray(fit.phi), model, C))
+        tested = spec.tests(C)["V"]
+        D = np.hstack([_units(K, np.setdiff1d(np.arange(n_k), tested)), r2_units])
+        D = np.broadcast_to(D, (G,) + D.shape)
+    else:  # diag_test: the model's own fit, V = diag added to its kernels
+        null, phi = model, np.asarray(fit.phi)
+        weights = jax.vmap(partial(models.kernel_weights, model=model, C=C))
+        jac = jax.vmap(jax.jacfwd(partial(models.kernel_weights, model=model, C=C)))
+        n_var = models.n_var(model, C)
+        w = np.hstack([np.asarray(weights(jnp.asarray(phi[:, :n_var]))), phi[:, n_var:]])
+        J = np.zeros((G, K, n_var))
+        J[:, :n_k] = np.asarray(jac(jnp.asarray(phi[:, :n_var])))
+        D = np.concatenate([J, np.broadcast_to(r2_units, (G,) + r2_units.shape)], axis=2)
+        tested = models.diag_kernels(model, C)
     a = noise_loadings(data)
+    problems = Problems(np.arange(G))
 
     def batch(i):
         y, noise, mask = problem_data(blocks, problems, i)
         design = blocks.design(problems.gene[i])
         return moments_chunk(jnp.asarray(w[i]), y, noise, mask, jnp.asarray(a[i]), design, reml)
 
-    size = batching.bucket(G, chunk_size)
-    score, info = batching.map_batches(batch, np.arange(G), size)
-    n_k = models.n_var(model, C)
-    tested = models.get(model).tests(C)["V"]
-    kept = np.setdiff1d(np.arange(n_k), tested)  # hom2
-    nuisance = np.concatenate([kept, n_k + C + np.arange(w.shape[1] - n_k)])  # and the r2
+    score, info = batching.map_batches(batch, np.arange(G), batching.bucket(G, chunk_size))
     s2_var = np.zeros((G, C)) if s2_var is None else s2_var
-    s, var = score_variance(np.asarray(score), np.asarray(info), tested, nuisance, s2_var)
-    return NullFit(null, codes, np.asarray(est.loglik), s, var)
+    s, var = score_variance(np.asarray(score), np.asarray(info), _units(K, tested), D,
+                            _units(K, n_k + np.arange(C)), s2_var)  # fmt: skip
+    loglik = fit.loglik if fit.loglik is not None else np.full(G, np.nan)
+    return NullFit(null, codes, np.asarray(loglik), s, var)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from . import inference, models, status
-from .estimators import Estimates
+from .estimators import Estimates, final_status
 from .jackknife import Jackknife
 from .nulltest import NullFit
 from .status import Status
@@ -49,7 +49,8 @@ COLUMNS: list[tuple[str, str, str, str]] = [
         "p_V",
         "float64",
         "test of V = 0: ML/REML, score test at the null (hom) fit (iid: one-sided normal; "
-        "free: chi2(C)); HE, Wald (iid: one-sided t; free: F)",
+        "free: chi2(C)); lowrank, score test of diag(V) beyond the loadings, chi2(C); HE, "
+        "Wald (iid: one-sided t; free: F)",
         "p value",
     ),  # fmt: skip
     (
@@ -174,11 +175,7 @@ class FitResult:
         or_nan = lambda a, shape: np.full(shape, np.nan) if a is None else a  # noqa: E731
         var_cov = or_nan(est.var_cov, (G, k, k))
         beta_cov, loglik = or_nan(est.beta_cov, (G, p, p)), or_nan(est.loglik, G)
-        se_defined = True
-        if est.var_cov is not None:  # a singular information leaves standard errors undefined
-            se_defined = np.all(np.diagonal(var_cov, axis1=1, axis2=2) > 0, axis=1)
-        codes = status.decide(est.outcome, unidentified=unidentified, cond=est.cond,
-                              se_defined=se_defined)  # fmt: skip
+        codes = final_status(est, unidentified)
         not_fitted = np.isin(codes, status.NOT_FITTED)
         if not_fitted.any():  # no estimates for genes that were not fitted: NaN, with a status
             blank = lambda a: np.where(_expand(not_fitted, a), np.nan, a)  # noqa: E731
@@ -209,7 +206,7 @@ class FitResult:
         cols["n_iter"] = est.n_iter
         cols["status"] = status.short_names(codes)
         cols["message"] = status.messages(codes)
-        if null is not None:
+        if null is not None and null.model != model:
             cols["loglik_null"] = np.where(np.isin(null.status, status.NOT_FITTED), np.nan,
                                            null.loglik)  # fmt: skip
             cols["status_null"] = status.short_names(null.status)
@@ -246,9 +243,12 @@ def _pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df, codes, loglik, null)
     out = {k: np.where(ok, v, np.nan) for k, v in wald.items()}
     if null is None:
         return out
-    idx = models.get(model).tests(ct_beta.shape[1])["V"]
     null_ok = null.status == Status.OK
     score = inference.score_test(null.score, null.score_var)
+    if null.model == model:  # diag_test (lowrank): a score test at the model's own fit
+        return {"hom2": out["hom2"], "V": np.where(null_ok, score, np.nan),
+                "ct_beta": out["ct_beta"]}  # fmt: skip
+    idx = models.get(model).tests(ct_beta.shape[1])["V"]
     lrt = inference.lrt(loglik, null.loglik, len(idx))
     return {
         "hom2": out["hom2"],

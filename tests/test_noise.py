@@ -237,3 +237,31 @@ def test_pooled_s2_variance_against_loops():
             d, s2 = n[:, c] - 1.0, ctnu[g, :, c] * n[:, c]
             mean = (d * s2).sum() / d.sum()
             assert_allclose(got[g, c], (d**2 * (s2 - mean) ** 2).sum() / d.sum() ** 2, rtol=1e-12)
+
+
+def test_lowrank_diag_score_test_against_dense():
+    """lowrank's p_V: score test of diag(v) added to hom2 J + l l^T at the lowrank fit, with
+    the nuisance directions J and e_c l^T + l e_c^T projected out, chi2(C); dense (1e-8)."""
+    C = 4
+    data = small_data("ctp", G=3, N=30, C=C, V=np.diag([0.3, 0.1, 0.0, 0.0]))
+    res = cj.fit(data, "lowrank", "reml", noise="plugin")
+    e = np.eye(C)
+    lift = lambda B: np.kron(np.eye(30), B)  # noqa: E731
+    for g in np.flatnonzero(res.table["status"] == "ok"):
+        hom2, load = res.phi[g, 0], res.phi[g, 1:]
+        y, X, Sigma = reference.dense(data, g, hom2, np.outer(load, load))
+        Pm = reference.projection(X, Sigma)
+        nuisance = [np.ones((C, C))] + [
+            np.outer(e[c], load) + np.outer(load, e[c]) for c in range(C)
+        ]
+        Ks = [lift(B) for B in nuisance + [np.outer(e[c], e[c]) for c in range(C)]]
+        s = np.array([0.5 * (np.trace(Pm @ K) - y @ Pm @ K @ Pm @ y) for K in Ks])
+        info = np.array([[0.5 * np.trace(Pm @ Ki @ Pm @ Kj) for Kj in Ks] for Ki in Ks])
+        h, v = np.arange(1 + C), 1 + C + np.arange(C)
+        assert np.abs(s[h]) @ np.abs(s[h]) < 1e-6  # the lowrank fit's score
+        var = (
+            info[np.ix_(v, v)]
+            - info[np.ix_(v, h)] @ np.linalg.pinv(info[np.ix_(h, h)]) @ info[np.ix_(h, v)]
+        )
+        p = stats.chi2.sf(s[v] @ np.linalg.solve(var, s[v]), C)
+        assert_allclose(res.table["p_V"].iloc[g], p, **CLOSED_FORM)

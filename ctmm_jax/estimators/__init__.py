@@ -14,6 +14,7 @@ from typing import NamedTuple, Protocol
 import jax.numpy as jnp
 import numpy as np
 
+from .. import status
 from ..blocks import Blocks
 
 
@@ -60,3 +61,14 @@ def problem_data(blocks: Blocks, problems: Problems, i: np.ndarray):
         mask = keep if mask is None else mask * keep
     y, noise = jnp.asarray(blocks.y[g]), jnp.asarray(blocks.noise[g])
     return y, noise, None if mask is None else jnp.asarray(mask)
+
+
+def final_status(est: Estimates, unidentified: np.ndarray) -> np.ndarray:
+    """(P,) status.Status of every problem (status.decide): the optimizer's outcome, then the
+    identification, conditioning and standard errors (undefined where the information is
+    singular) of its estimates."""
+    se_defined = True
+    if est.var_cov is not None:
+        se_defined = np.all(np.diagonal(est.var_cov, axis1=1, axis2=2) > 0, axis=1)
+    return status.decide(est.outcome, unidentified=unidentified, cond=est.cond,
+                         se_defined=se_defined)  # fmt: skip
