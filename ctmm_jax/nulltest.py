@@ -43,7 +43,13 @@ class NullFit(NamedTuple):
 def _gene_moments(w, y, noise, mask, a, design, *, reml):
     """Score and expected information of one gene at kernel weights w (n_k + n_rand,), with C
     more kernels d Sigma / d s2_c at weight 0 (Sigma unchanged): CTP blocks a_ic e_c e_c^T with
-    a_ic = 1 / n_ic; OP scalars a_ic = P_ic^2 / n_ic. a: (N, C)."""
+    a_ic = 1 / n_ic; OP scalars a_ic = P_ic^2 / n_ic. a: (N, C), or None for no s2 kernels
+    (then the model's own kernels keep their structure: CTP's are shared by the donors, which
+    is much cheaper than per-donor kernels)."""
+    if a is None:  # noise known: no s2 directions
+        d = GeneData(y, noise, design.X, design.E, mask, design.F, design.U, design.groups)
+        m = moments(w, d, reml)
+        return m.score, m.info
     n_k, C = design.E.shape[0], a.shape[1]
     N, b = y.shape
     if b == 1:
@@ -64,10 +70,8 @@ def moments_chunk(w, y, noise, mask, a, design, reml):
 
 def noise_loadings(data) -> np.ndarray:
     """(G, N, C) d noise / d s2_c of each value: CTP 1 / n_ic, OP P_ic^2 / n_ic (0 where no
-    cells); ones when the data have no cell counts (then s2 is not estimated: unused)."""
+    cells). Needs the cell counts."""
     G, N, C = data.shape
-    if data.n_cells is None:
-        return np.ones((G, N, C))
     n = np.broadcast_to(data.n_cells, (G, N, C))
     inv = np.divide(1.0, n, out=np.zeros((G, N, C)), where=n > 0)
     if isinstance(data, CTPData):
@@ -124,8 +128,9 @@ def fit_null(
     spec = models.get(model)
     n_k = blocks.E.shape[-4]  # kernels of the model's blocks
     n_rand = len(random.values)
-    K = n_k + C + n_rand  # extended coordinates: kernels, s2, r2
-    r2_units = _units(K, n_k + C + np.arange(n_rand))
+    n_s2 = 0 if s2_var is None else C
+    K = n_k + n_s2 + n_rand  # extended coordinates: kernels, s2, r2
+    r2_units = _units(K, n_k + n_s2 + np.arange(n_rand))
     if spec.null is not None:
         null = spec.null
         blocks0 = to_blocks(data, null, covariates.matrix, random.matrix, random.groups)
@@ -147,17 +152,18 @@ def fit_null(
         J[:, :n_k] = np.asarray(jac(jnp.asarray(phi[:, :n_var])))
         D = np.concatenate([J, np.broadcast_to(r2_units, (G,) + r2_units.shape)], axis=2)
         tested = models.diag_kernels(model, C)
-    a = noise_loadings(data)
+    a = None if s2_var is None else noise_loadings(data)
     problems = Problems(np.arange(G))
 
     def batch(i):
         y, noise, mask = problem_data(blocks, problems, i)
         design = blocks.design(problems.gene[i])
-        return moments_chunk(jnp.asarray(w[i]), y, noise, mask, jnp.asarray(a[i]), design, reml)
+        a_i = None if a is None else jnp.asarray(a[i])
+        return moments_chunk(jnp.asarray(w[i]), y, noise, mask, a_i, design, reml)
 
     score, info = batching.map_batches(batch, np.arange(G), batching.bucket(G, chunk_size))
-    s2_var = np.zeros((G, C)) if s2_var is None else s2_var
+    s2_var = np.zeros((G, 0)) if s2_var is None else s2_var
     s, var = score_variance(np.asarray(score), np.asarray(info), _units(K, tested), D,
-                            _units(K, n_k + np.arange(C)), s2_var)  # fmt: skip
+                            _units(K, n_k + np.arange(n_s2)), s2_var)  # fmt: skip
     loglik = fit.loglik if fit.loglik is not None else np.full(G, np.nan)
     return NullFit(null, codes, np.asarray(loglik), s, var)
