@@ -308,7 +308,7 @@ def run_scenario(name, ctp, *, model, reml, steps):
     G, N, C = data.shape
     keys = dict(model=model, C=C, reml=reml, nonneg=nonneg)
     t0 = time.perf_counter()
-    res = cj.fit(data, model, "reml" if reml else "ml", nonneg=nonneg)
+    res = cj.fit(data, model, "reml" if reml else "ml", noise="plugin", nonneg=nonneg)
     fs_first = time.perf_counter() - t0
     status = np.asarray(res.table.status, dtype=str)
     blocks = cj_blocks.to_blocks(data, model)

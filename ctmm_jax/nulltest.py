@@ -1,7 +1,9 @@
 """Tests of V at the null model: fit the nested model without cell type-specific variance
 (models.ModelSpec.null, e.g. hom for free and iid) and evaluate the larger model's score and
 expected information there (the score test, inference.score_test); the two log-likelihoods
-give the LRT.
+give the LRT. A model with `diag_test` (lowrank) is its own null: diag(V) added to its
+covariance is scored at its own fit. With pooled noise the score's variance also carries the
+sampling error of the pooled within-pair variances (`score_variance`).
 
 Why at the null: the Wald test of V with the information at the free estimate rejects 18% of
 null genes at 0.05 (N = 100, known noise, design.md 10): near V = 0 the information at V-hat
@@ -46,20 +48,17 @@ def _gene_moments(w, y, noise, mask, a, design, *, reml):
     a_ic = 1 / n_ic; OP scalars a_ic = P_ic^2 / n_ic. a: (N, C), or None for no s2 kernels
     (then the model's own kernels keep their structure: CTP's are shared by the donors, which
     is much cheaper than per-donor kernels)."""
-    if a is None:  # noise known: no s2 directions
-        d = GeneData(y, noise, design.X, design.E, mask, design.F, design.U, design.groups)
-        m = moments(w, d, reml)
-        return m.score, m.info
-    n_k, C = design.E.shape[0], a.shape[1]
-    N, b = y.shape
-    if b == 1:
-        Ks = a.T[:, :, None, None]
-    else:
-        Ks = jnp.einsum("nc,ca,cb->cnab", a, jnp.eye(C), jnp.eye(C))
-    E = jnp.concatenate([jnp.broadcast_to(design.E, (n_k, N, b, b)), Ks])
-    w = jnp.concatenate([w[:n_k], jnp.zeros(C), w[n_k:]])
-    d = GeneData(y, noise, design.X, E, mask, design.F, design.U, design.groups)
-    m = moments(w, d, reml)
+    E = design.E
+    if a is not None:
+        n_k, C = E.shape[0], a.shape[1]
+        N, b = y.shape
+        if b == 1:
+            Ks = a.T[:, :, None, None]
+        else:
+            Ks = jnp.einsum("nc,ca,cb->cnab", a, jnp.eye(C), jnp.eye(C))
+        E = jnp.concatenate([jnp.broadcast_to(E, (n_k, N, b, b)), Ks])
+        w = jnp.concatenate([w[:n_k], jnp.zeros(C), w[n_k:]])
+    m = moments(w, GeneData(y, noise, design.X, E, mask, design.F, design.U, design.groups), reml)
     return m.score, m.info
 
 
