@@ -124,8 +124,16 @@ def simulate(generator: str, G: int, N: int, n: float, V: np.ndarray, seed: int)
     return simulate_counts(rng, G, N, n, V, baseline=generator == "counts-baseline")
 
 
-def run_config(generator, N, n, n_null, n_power, seed, model="free", method="reml", pcs=0):
-    """Type I error (null genes) and power (the others) of each noise model and test."""
+def with_oracle_noise(data, true):
+    """The CTPData with the true noise variances (plug-in)."""
+    observed = np.ones(data.shape, bool) if data.mask is None else data.mask
+    return cj.CTPData.from_arrays(data.Y, np.where(observed, true, 1.0), data.P, mask=data.mask)
+
+
+def run_config(generator, N, n, n_null, n_power, seed, model="free", method="reml", pcs=0,
+               shape="ctp"):  # fmt: skip
+    """Type I error (null genes) and power (the others) of each noise model and test; shape
+    "op" fits the overall pseudobulk of the same cells (OPData.from_ctp: nu from ctnu)."""
     a = effect_size(N, n)
     V = np.zeros((n_null + n_power, C))
     V[n_null:] = [a, 0.0, 0.0, a / 2]
@@ -136,11 +144,9 @@ def run_config(generator, N, n, n_null, n_power, seed, model="free", method="rem
         fixed = {"pc": rng.normal(size=(N, pcs))}
     rows, pvals = [], {}
     for noise in NOISE:
-        d = data
-        if noise == "oracle":
-            observed = np.ones(data.shape, bool) if data.mask is None else data.mask
-            d = cj.CTPData.from_arrays(data.Y, np.where(observed, true, 1.0), data.P,
-                                       mask=data.mask)  # fmt: skip
+        d = with_oracle_noise(data, true) if noise == "oracle" else data
+        if shape == "op":
+            d = cj.OPData.from_ctp(d)
         t0 = time.perf_counter()
         res = cj.fit(d, model, method, noise="plugin" if noise == "oracle" else noise,
                      fixed_covars=fixed)  # fmt: skip
@@ -152,7 +158,8 @@ def run_config(generator, N, n, n_null, n_power, seed, model="free", method="rem
             pvals[(noise, test)] = p0
             ok0, ok1 = ~np.isnan(p0), ~np.isnan(p1)
             rows.append(dict(
-                generator=generator, donors=N, cells=n, model=model, method=method, pcs=pcs,
+                generator=generator, shape=shape, donors=N, cells=n, model=model,
+                method=method, pcs=pcs,
                 noise=noise, test=test, n_null=int(ok0.sum()), n_power=int(ok1.sum()),
                 alpha05=float(np.mean(p0[ok0] < 0.05)), alpha01=float(np.mean(p0[ok0] < 0.01)),
                 power05=float(np.mean(p1[ok1] < 0.05)) if ok1.any() else float("nan"),
@@ -198,6 +205,7 @@ def main(argv=None) -> None:
         default=1.2e5,
         help="skip count configurations with more simulated cells per gene",
     )
+    ap.add_argument("--shape", default="ctp", choices=("ctp", "op"))
     ap.add_argument(
         "--model",
         default="free",
@@ -225,7 +233,7 @@ def main(argv=None) -> None:
     rows = []
     for k, (gen, N, n, model, method, pcs) in enumerate(configs):
         r, pvals = run_config(gen, N, n, args.null_genes, args.power_genes, args.seed + k,
-                              model, method, pcs)  # fmt: skip
+                              model, method, pcs, args.shape)  # fmt: skip
         rows += r
         tab = pd.DataFrame(r).pivot(index="noise", columns="test",
                                     values=["alpha05", "alpha01", "power05"])  # fmt: skip
@@ -244,12 +252,14 @@ def summary(df: pd.DataFrame) -> None:
     the original's Wald test with plug-in noise, and power next to the oracle LRT's (free) or
     the oracle p_V's (lowrank, which has no LRT)."""
     main_rows = df[(df.method == "reml") & (df.pcs == 0)]
-    keys = ["generator", "model", "donors", "cells"]
+    if "shape" not in main_rows:  # JSON written before --shape
+        main_rows = main_rows.assign(shape="ctp")
+    keys = ["generator", "shape", "model", "donors", "cells"]
     out = []
-    for (gen, model, N, n), g in main_rows.groupby(keys, sort=False):
+    for (gen, shape, model, N, n), g in main_rows.groupby(keys, sort=False):
         cell = g.set_index(["noise", "test"])
         rate = lambda r: f"{r.alpha05:.3f}/{r.alpha01:.3f}"  # noqa: E731
-        row = {"generator": gen, "model": model, "N": N, "cells": f"{n:g}"}
+        row = {"generator": gen, "shape": shape, "model": model, "N": N, "cells": f"{n:g}"}
         row.update({f"{noise} p_V": rate(cell.loc[(noise, "p_V")]) for noise in NOISE})
         oracle = "p_V_lrt" if ("oracle", "p_V_lrt") in cell.index else "p_V"
         if ("plugin", "p_V_wald") in cell.index:
