@@ -504,12 +504,11 @@ def run_fit(args) -> None:
     from .api import fit  # imports JAX: after the quick checks of the inputs
     from .results import column_dictionary, with_qvalues
 
-    if data.n_cells is None:
-        if args.noise == "pooled":
-            raise UserError("--noise pooled: needs cell counts, which only a dataset has.")
-        if args.noise is None:
-            print(f"ctmm-jax fit: warning: {noise.plugin_warning(data)}", file=sys.stderr)
-    options = dict(noise=args.noise or ("plugin" if data.n_cells is None else "pooled"),
+    if data.n_cells is None and args.noise == "pooled":
+        raise UserError("--noise pooled: needs cell counts, which only a dataset has.")
+    if data.n_cells is None and args.noise is None:
+        print(f"ctmm-jax fit: warning: {noise.plugin_warning(data)}", file=sys.stderr)
+    options = dict(noise=noise.resolve(data, args.noise),
                    jackknife=args.jackknife, information=args.information, nonneg=args.nonneg,
                    chunk_size=args.chunk_size, max_iter=args.max_iter, tol=args.tol)  # fmt: skip
     G = data.shape[0]

@@ -40,20 +40,35 @@ def plugin_false_positive_rate(N: int, C: int, n: float, alpha: float = 0.05) ->
     return float(stats.ncx2.sf(stats.chi2.isf(alpha, C), C, 3.0 * C * N / n**2))
 
 
+def pooled_s2(ctnu: np.ndarray, n_cells: np.ndarray, pooled: np.ndarray):
+    """(s2, s2_var), each (G, C): the within-pair variance pooled over the `pooled` pairs,
+    s2_gc = sum_i d_i s2_gic / sum_i d_i (d_i = n_ic - 1, s2_gic = ctnu_gic n_ic; NaN where no
+    pair has 2 or more cells), and its sampling variance estimated from the spread of the
+    pairs' own variances, sum_i d_i^2 (s2_gic - s2_gc)^2 / (sum_i d_i)^2 (0 where undefined).
+    For Gaussian cells the variance's expectation is 2 s2^2 / sum_i d_i; the estimate also holds
+    for skewed cells (log counts). ctnu, pooled: (G, N, C); n_cells: (N, C) or (G, N, C)."""
+    n = np.broadcast_to(n_cells, ctnu.shape)
+    d = np.where(pooled, n - 1.0, 0.0)
+    s2_pair = np.where(pooled, np.nan_to_num(ctnu) * n, 0.0)
+    total = d.sum(axis=1)
+    safe = np.where(total > 0, total, 1.0)
+    s2 = (d * s2_pair).sum(axis=1) / safe
+    var = (d**2 * (s2_pair - s2[:, None]) ** 2).sum(axis=1) / safe**2
+    return np.where(total > 0, s2, np.nan), np.where(total > 0, var, 0.0)
+
+
+def _ctnu_from_s2(s2: np.ndarray, n_cells: np.ndarray, ctnu: np.ndarray) -> np.ndarray:
+    """ctnu_gic = s2_gc / n_ic, and ctnu as given where s2_gc is undefined or n_ic = 0."""
+    n = np.broadcast_to(n_cells, ctnu.shape)
+    s2 = np.broadcast_to(s2[:, None, :], ctnu.shape)
+    return np.divide(s2, n, out=np.array(ctnu, dtype=np.float64), where=np.isfinite(s2) & (n > 0))
+
+
 def pooled_ctnu(ctnu: np.ndarray, n_cells: np.ndarray, observed: np.ndarray) -> np.ndarray:
     """ctnu_gic = s2_gc / n_ic with s2_gc the within-pair variance pooled over the observed
-    donors (module doc). ctnu, observed: (G, N, C); n_cells: (N, C) or (G, N, C). Where a gene
-    and cell type has no observed pair with 2 or more cells, s2_gc is undefined and ctnu stays
-    as given."""
-    n = np.broadcast_to(n_cells, ctnu.shape)
-    dof = np.where(observed, n - 1.0, 0.0)
-    ss = np.where(observed, ctnu, 0.0) * n * dof
-    total = dof.sum(axis=1, keepdims=True)
-    s2 = np.divide(ss.sum(axis=1, keepdims=True), total, out=np.full(total.shape, np.nan),
-                   where=total > 0)  # fmt: skip
-    defined = np.isfinite(s2) & (n > 0)
-    return np.divide(np.broadcast_to(s2, ctnu.shape), n, out=np.array(ctnu, dtype=np.float64),
-                     where=defined)  # fmt: skip
+    donors (`pooled_s2`). ctnu, observed: (G, N, C); n_cells: (N, C) or (G, N, C). Where a gene
+    and cell type has no observed pair with 2 or more cells, ctnu stays as given."""
+    return _ctnu_from_s2(pooled_s2(ctnu, n_cells, observed)[0], n_cells, ctnu)
 
 
 class Noise(NamedTuple):
@@ -65,52 +80,44 @@ class Noise(NamedTuple):
     s2_var: np.ndarray | None
 
 
-def pooled_s2_variance(ctnu: np.ndarray, n_cells: np.ndarray, pooled: np.ndarray) -> np.ndarray:
-    """(G, C) sampling variance of s2_gc = sum_i d_i s2_gic / sum_i d_i (d_i = n_ic - 1 over the
-    `pooled` pairs, s2_gic = ctnu_gic n_ic), estimated from the spread of the pairs' own
-    variances: sum_i d_i^2 (s2_gic - s2_gc)^2 / (sum_i d_i)^2. For Gaussian cells its
-    expectation is 2 s2^2 / sum_i d_i; it also holds for skewed cells (log counts)."""
-    n = np.broadcast_to(n_cells, ctnu.shape)
-    d = np.where(pooled, n - 1.0, 0.0)
-    s2 = np.where(pooled, np.nan_to_num(ctnu) * n, 0.0)
-    total = d.sum(axis=1)
-    safe = np.where(total > 0, total, 1.0)
-    mean = (d * s2).sum(axis=1) / safe
-    var = (d**2 * (s2 - mean[:, None]) ** 2).sum(axis=1) / safe**2
-    return np.where(total > 0, var, 0.0)
+def resolve(data: CTPData | OPData, noise: str | None) -> str:
+    """The noise model `noise` names for `data`: None is "pooled" when the data carry cell
+    counts, else "plugin". ValueError for an unknown name, or "pooled" without cell counts."""
+    if noise is not None and noise not in NOISE:
+        raise ValueError(f"noise={noise!r} is unknown; use one of {', '.join(NOISE)}.")
+    if data.n_cells is None and noise == "pooled":
+        raise ValueError(
+            "noise='pooled' needs the cells per (donor, cell type): pass n_cells to "
+            "CTPData.from_arrays / OPData.from_arrays, or build the data with "
+            "`ctmm-jax pseudobulk` (Pseudobulk.to_ctp / to_op), or use noise='plugin'."
+        )
+    return noise or ("pooled" if data.n_cells is not None else "plugin")
 
 
 def apply(data: CTPData | OPData, noise: str | None) -> Noise:
     """The data with the noise variances of model `noise` ("pooled", "plugin", or None: pooled
-    when the data know their cell counts, else plugin with a PluginNoiseWarning), and values
-    whose noise variance is 0 marked missing; with the pooled model, the sampling variance of
-    the pooled within-pair variances (for the score test, nulltest.py)."""
-    if noise is not None and noise not in NOISE:
-        raise ValueError(f"noise={noise!r} is unknown; use one of {', '.join(NOISE)}.")
-    if data.n_cells is None:
-        if noise == "pooled":
-            raise ValueError(
-                "noise='pooled' needs the cells per (donor, cell type): pass n_cells to "
-                "CTPData.from_arrays / OPData.from_arrays, or build the data with "
-                "`ctmm-jax pseudobulk` (Pseudobulk.to_ctp / to_op), or use noise='plugin'."
-            )
-        if noise is None:
-            warnings.warn(plugin_warning(data), PluginNoiseWarning, stacklevel=3)
-        noise = "plugin"
+    when the data know their cell counts, else plugin with a PluginNoiseWarning; `resolve`),
+    and values whose noise variance is 0 marked missing; with the pooled model, the sampling
+    variance of the pooled within-pair variances (for the score test, nulltest.py)."""
+    if noise is None and data.n_cells is None:
+        warnings.warn(plugin_warning(data), PluginNoiseWarning, stacklevel=3)
+    noise = resolve(data, noise)
     if noise == "plugin":
         return Noise(_apply_ctp(data, data.ctnu) if isinstance(data, CTPData) else
                      _apply_op(data, data.nu), "plugin", None)  # fmt: skip
     if isinstance(data, CTPData):
         pooled = np.ones(data.shape, bool) if data.mask is None else data.mask
-        new = _apply_ctp(data, pooled_ctnu(data.ctnu, data.n_cells, pooled))
+        s2, s2_var = pooled_s2(data.ctnu, data.n_cells, pooled)
+        new = _apply_ctp(data, _ctnu_from_s2(s2, data.n_cells, data.ctnu))
     else:
         G, N, C = data.shape
         P = np.broadcast_to(data.P if data.P_gene is None else data.P_gene, (G, N, C))
         # pairs with a within-pair variance, of the donors observed for the gene
         pooled = (P > 0) & np.isfinite(data.ctnu) & data.observed_donors[..., None]
-        ctnu = pooled_ctnu(data.ctnu, data.n_cells, pooled)
+        s2, s2_var = pooled_s2(data.ctnu, data.n_cells, pooled)
+        ctnu = _ctnu_from_s2(s2, data.n_cells, data.ctnu)
         new = _apply_op(data, np.einsum("gnc,gnc->gn", np.where(P > 0, ctnu, 0.0), P**2))
-    return Noise(new, "pooled", pooled_s2_variance(data.ctnu, data.n_cells, pooled))
+    return Noise(new, "pooled", s2_var)
 
 
 def _apply_ctp(data: CTPData, ctnu: np.ndarray) -> CTPData:
