@@ -21,13 +21,14 @@ from .likelihood import GeneData
 class Design(NamedTuple):
     """Device arrays shared by every gene (likelihood.GeneData): X (N, b, p_b), E (n_var, N or 1,
     b, b), F (N, k) donor-level fixed covariates, U (N, m) and groups (n_rand, m) or None
-    without random covariates."""
+    without random covariates; diag_j (n_var, b + 1) or None (likelihood.GeneData.diag_j)."""
 
     X: jax.Array
     E: jax.Array
     F: jax.Array
     U: jax.Array | None = None
     groups: jax.Array | None = None
+    diag_j: jax.Array | None = None
 
     @property
     def full(self) -> tuple[jax.Array, jax.Array | None]:
@@ -50,6 +51,7 @@ class Blocks(NamedTuple):
     U: np.ndarray | None = None  # (N, m) donor-level random-covariate designs
     groups: np.ndarray | None = None  # (n_rand, m)
     mask: np.ndarray | None = None  # (G, N, b)
+    diag_j: np.ndarray | None = None  # (n_var, b + 1), likelihood.GeneData.diag_j
 
     @property
     def per_gene(self) -> bool:
@@ -59,14 +61,14 @@ class Blocks(NamedTuple):
     def design(self, genes: np.ndarray | None = None) -> Design:
         """Device design; with per-gene X and E, those of `genes`."""
         X, E = (self.X, self.E) if not self.per_gene else (self.X[genes], self.E[genes])
-        arrays = (X, E, self.F, self.U, self.groups)
+        arrays = (X, E, self.F, self.U, self.groups, self.diag_j)
         return Design(*(None if a is None else jnp.asarray(a) for a in arrays))
 
     def gene(self, g: int) -> GeneData:
         """Gene g as likelihood.GeneData (device arrays), e.g. to evaluate its likelihood."""
         X, E = (self.X[g], self.E[g]) if self.per_gene else (self.X, self.E)
         mask = None if self.mask is None else self.mask[g]
-        arrays = (self.y[g], self.noise[g], X, E, mask, self.F, self.U, self.groups)
+        arrays = (self.y[g], self.noise[g], X, E, mask, self.F, self.U, self.groups, self.diag_j)
         return GeneData(*(None if a is None else jnp.asarray(a) for a in arrays))
 
     @property
@@ -100,7 +102,8 @@ def to_blocks(
     mask = None if data.mask is None else data.mask.astype(np.float64).reshape(G, N, b)
     if isinstance(data, CTPData):
         X = np.broadcast_to(np.eye(C), (N, C, C))
-        return Blocks(data.Y, data.ctnu, X, E[:, None], F, U, groups, mask)
+        diag_j = models.diag_j_coefficients(model, C)
+        return Blocks(data.Y, data.ctnu, X, E[:, None], F, U, groups, mask, diag_j)
     if data.P_gene is None:
         E_op = np.einsum("kcd,nc,nd->kn", E, data.P, data.P)[:, :, None, None]
         X = data.P[:, None, :]

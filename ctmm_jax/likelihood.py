@@ -31,12 +31,13 @@ that is not positive definite gives nll = +inf; the optimizer rejects such steps
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from . import linalg
+from . import linalg, rankone
 
 LOG_2PI = jnp.log(2.0 * jnp.pi)
 COND_MAX = 1e8  # feasible region: max_i |Sigma_i|_F * max_i |Sigma_i^-1|_F <= COND_MAX
@@ -53,7 +54,11 @@ class GeneData(NamedTuple):
     F: (N, k) donor-level fixed covariates and U: (N, m) donor-level random-covariate designs
     (or None): donor i's block of the full design is 1_b f_i^T (resp. 1_b u_i^T);
     groups: (n_rand, m) 0/1, which columns of U belong to each random covariate (its variance
-    r2 multiplies sum_{j in group} U_j U_j^T (x) J_b).
+    r2 multiplies sum_{j in group} U_j U_j^T (x) J_b);
+    diag_j: (n_var, b + 1) or None: when every kernel is diag(a_k) + c_k J_b and shared by the
+    donors (CTP hom, iid, free; models.diag_j_coefficients), the rows [a_k, c_k]. The
+    likelihood then inverts each Sigma_i = diag(d_i) + h J_b by Sherman-Morrison and sums its
+    traces in O(N b^2) (rankone.py) instead of O(N b^4); X_i must be I_b (CTP).
     """
 
     y: jax.Array
@@ -64,6 +69,7 @@ class GeneData(NamedTuple):
     F: jax.Array | None = None
     U: jax.Array | None = None
     groups: jax.Array | None = None
+    diag_j: jax.Array | None = None
 
     @property
     def donor_columns(self) -> jax.Array:
@@ -125,8 +131,10 @@ class Moments(NamedTuple):
 class Factor(NamedTuple):
     """Sigma^-1 = W - W U M U^T W and the REML projection Pi = W - W Z N Z^T W, Z = [X, U]."""
 
-    W: jax.Array  # (N, b, b) block inverses
-    WX1: jax.Array  # (N, b, p_b + 1) [W_i X_i, w_i], w_i = W_i 1_b: W_i Z_i = [W_i X_i, w_i d_i^T]
+    W: jax.Array | None  # (N, b, b) block inverses
+    WX1: (
+        jax.Array | None
+    )  # (N, b, p_b + 1) [W_i X_i, w_i], w_i = W_i 1_b: W_i Z_i = [W_i X_i, w_i d_i^T]
     S: jax.Array  # (q, q) Z^T W Z, q = p + m
     mme_inv: jax.Array  # (q, q) N of the module doc; its (p, p) block is (X^T Sigma^-1 X)^-1
     M: jax.Array | None  # (m, m) (R2^-1 + U^T W U)^-1 (None without random covariates)
@@ -134,6 +142,7 @@ class Factor(NamedTuple):
     beta: jax.Array  # (p,)
     nll: jax.Array  # ()
     cond: jax.Array  # ()
+    r1: rankone.RankOne | None = None  # the closed forms instead of W and WX1 (GeneData.diag_j)
 
 
 # Donor-level columns. With Z_i = [X_i, 1_b d_i^T] (FU = [F, U]) and W_i Z_i = [W_i X_i, w_i d_i^T]
@@ -187,6 +196,21 @@ def _low_rank(phi_r, S_uu, groups):
     return 0.5 * (M + M.T), linalg.logdet_from_cholesky(Lc), _frobenius_cond(Cm, Cinv)
 
 
+def _cholesky_blocks(w: jax.Array, d: GeneData):
+    """W_i = Sigma_i^-1 (zero on missing values), sum_i log|Sigma_i| and the Sigma_i (zero on
+    missing values) by a Cholesky factor of every block (NaN where one is not PD)."""
+    b = d.y.shape[1]
+    Sigma = jnp.einsum("k,knij->nij", w, d.E) + d.noise[..., None] * jnp.eye(b)
+    if d.mask is not None:
+        mm = d.mask[:, :, None] * d.mask[:, None, :]
+        Sigma = Sigma * mm + (1.0 - d.mask)[..., None] * jnp.eye(b)
+    L = linalg.cholesky(Sigma, unroll=True)
+    W = linalg.inv_from_cholesky(L, unroll=True)
+    if d.mask is not None:
+        W, Sigma = W * mm, Sigma * mm
+    return W, linalg.logdet_from_cholesky(L).sum(), Sigma
+
+
 def factor(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Factor:
     """Cholesky of every block Sigma_i, the Woodbury correction for random covariates, GLS and the
     NLL. Missing values (mask 0) get an identity row and column in Sigma_i (so they add log 1 = 0),
@@ -197,27 +221,33 @@ def factor(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Factor:
     p = d.n_fixed
     n_var = d.E.shape[0]
     FU = d.donor_columns
-    Sigma = jnp.einsum("k,knij->nij", phi[:n_var], d.E) + d.noise[..., None] * jnp.eye(b)
-    if d.mask is not None:
-        mm = d.mask[:, :, None] * d.mask[:, None, :]
-        Sigma = Sigma * mm + (1.0 - d.mask)[..., None] * jnp.eye(b)
-    L = linalg.cholesky(Sigma)
-    W = linalg.inv_from_cholesky(L)
-    if d.mask is not None:
-        W, Sigma = W * mm, Sigma * mm
     pb = d.X.shape[-1]
-    X1 = jnp.concatenate([d.X, jnp.ones((N, b, 1), d.X.dtype)], axis=2)  # [X_i, 1_b]
-    WX1 = linalg.small_matmul(W, X1)  # [W_i X_i, w_i]
-    WX, w = WX1[..., :pb], WX1[..., pb]
+    if d.diag_j is not None:  # static: closed forms, X_i = I_b (rankone.py)
+        r1 = rankone.inverse(phi[:n_var], d.diag_j, d.noise, d.mask)
+        W = WX1 = None
+        logdet, cond, w, S_bb = r1.logdet, r1.cond, r1.w, rankone.gram(r1)
+        WXty = rankone.apply(r1, d.y).sum(0)
+        apply_W = partial(rankone.apply, r1)
+    else:
+        r1 = None
+        W, logdet, Sigma = _cholesky_blocks(phi[:n_var], d)
+        X1 = jnp.concatenate([d.X, jnp.ones((N, b, 1), d.X.dtype)], axis=2)  # [X_i, 1_b]
+        WX1 = linalg.small_matmul(W, X1)  # [W_i X_i, w_i]
+        WX, w = WX1[..., :pb], WX1[..., pb]
+        S_bb, WXty = jnp.einsum("nap,naq->pq", d.X, WX), jnp.einsum("nap,na->p", WX, d.y)
+        # max_i |Sigma_i|_F * max_i |W_i|_F (observed entries) is between the eigenvalue ratio
+        # of the Sigma_i and b times it (exact for OP). Past COND_MAX the fit counts as outside
+        # the positive-definite region: the likelihood grows without bound as one donor's
+        # covariance becomes singular (GLS then fits that donor exactly, design.md 9), so the
+        # region must stop short of the boundary. With random covariates the conditioning of C
+        # counts too.
+        cond = _frobenius_cond(Sigma, W)
+
+        def apply_W(v):
+            return (W * v[:, None, :]).sum(-1)
+
     S_bd = jnp.einsum("nap,na->pn", d.X, w) @ FU
-    S = _sym_block(jnp.einsum("nap,naq->pq", d.X, WX), S_bd, _donor_gram(w.sum(1)[None], FU)[0])
-    logdet = linalg.logdet_from_cholesky(L).sum()
-    # max_i |Sigma_i|_F * max_i |W_i|_F (observed entries) is between the eigenvalue ratio of
-    # the Sigma_i and b times it (exact for OP). Past COND_MAX the fit counts as outside the
-    # positive-definite region: the likelihood grows without bound as one donor's covariance
-    # becomes singular (GLS then fits that donor exactly, design.md 9), so the region must stop
-    # short of the boundary. With random covariates the conditioning of C counts too.
-    cond = _frobenius_cond(Sigma, W)
+    S = _sym_block(S_bb, S_bd, _donor_gram(w.sum(1)[None], FU)[0])
     if d.U is None:
         M, XtVX = None, S
     else:
@@ -231,16 +261,15 @@ def factor(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Factor:
     else:  # inverse of Henderson's [[X'WX, X'WU], [U'WX, U'WU + R2^-1]], written without R2^-1
         AXU_M = A @ S[:p, p:] @ M
         mme_inv = jnp.block([[A, -AXU_M], [-AXU_M.T, M + AXU_M.T @ S[:p, p:] @ M]])
-    ZtWy = jnp.concatenate([jnp.einsum("nap,na->p", WX, d.y), (w * d.y).sum(1) @ FU])
-    gamma = mme_inv @ ZtWy
+    gamma = mme_inv @ jnp.concatenate([WXty, (w * d.y).sum(1) @ FU])
     fitted = jnp.einsum("nbp,p->nb", d.X, gamma[:pb]) + (FU @ gamma[pb:])[:, None]
-    u = (W * (d.y - fitted)[:, None, :]).sum(-1)
+    u = apply_W(d.y - fitted)
     nll2 = logdet + jnp.sum(d.y * u) + n_observed(d) * LOG_2PI
     # reml may be traced: ML and REML share one compiled program
     nll2 = nll2 + jnp.where(reml, linalg.logdet_from_cholesky(Lx) - p * LOG_2PI, 0.0)
     feasible = jnp.isfinite(nll2) & (cond <= COND_MAX)
     nll = jnp.where(feasible, 0.5 * nll2, jnp.inf)
-    return Factor(W, WX1, S, mme_inv, M, u, gamma[:p], nll, cond)
+    return Factor(W, WX1, S, mme_inv, M, u, gamma[:p], nll, cond, r1)
 
 
 def nll(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> jax.Array:
@@ -319,6 +348,16 @@ def _design_terms(E, WX1, u, FU) -> tuple[jax.Array, jax.Array]:
     return _sym_block(F_bb, F_bd, _donor_gram(s, FU)), jnp.concatenate([ZtWKu_b, t @ FU], -1)
 
 
+def _terms_rank_one(S, r1, u, Nj, FU):
+    """`_Traces`, F_k and Z^T W K_k u in the closed forms of rankone.py (X_i = I_b)."""
+    b = u.shape[1]
+    v = FU @ Nj[b:, :b]  # Nj_bd d_i
+    hd = jnp.einsum("ni,ij,nj->n", FU, Nj[b:, b:], FU)
+    t = _Traces(*rankone.traces(S, r1, u, Nj[:b, :b], v, hd))
+    F_bb, F_bd, s, ZtWKu_b, tk = rankone.design_terms(S, r1, u, FU)
+    return t, _sym_block(F_bb, F_bd, _donor_gram(s, FU)), jnp.concatenate([ZtWKu_b, tk @ FU], -1)
+
+
 def moments(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Moments:
     """NLL, analytic score, expected information and Hessian of one gene at phi (module doc).
 
@@ -330,12 +369,15 @@ def moments(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Moments:
     FU = d.donor_columns
     Nj_ml = jnp.zeros((q, q)) if f.M is None else jnp.zeros((q, q)).at[p:, p:].set(f.M)
     Nj = jnp.where(reml, f.mme_inv, Nj_ml)
-    H = _projected_blocks(f.WX1, Nj, FU)
-    if d.E.shape[1] == 1:  # static
-        t = _traces_shared(d.E[:, 0], f.W, f.u, H)
+    if f.r1 is not None:  # static
+        t, F, ZtWKu = _terms_rank_one(d.diag_j, f.r1, f.u, Nj, FU)
     else:
-        t = _traces_per_donor(d.E, f.W, f.u, H)
-    F, ZtWKu = _design_terms(d.E, f.WX1, f.u, FU)
+        H = _projected_blocks(f.WX1, Nj, FU)
+        if d.E.shape[1] == 1:  # static
+            t = _traces_shared(d.E[:, 0], f.W, f.u, H)
+        else:
+            t = _traces_per_donor(d.E, f.W, f.u, H)
+        F, ZtWKu = _design_terms(d.E, f.WX1, f.u, FU)
     Njk = jnp.broadcast_to(Nj, F.shape)  # batched products vectorise, broadcast ones do not
     NFN = Njk @ F @ Njk  # tr(Nj F_k Nj F_l) = <Nj F_k Nj, F_l> (all symmetric)
     score = 0.5 * (t.trWK - (Nj * F).sum((1, 2)) - t.quad)

@@ -283,6 +283,17 @@ def embed_null(phi0: np.ndarray, model: str, C: int) -> np.ndarray:
     return phi
 
 
+def diag_j_coefficients(model: str, C: int) -> np.ndarray | None:
+    """(n_kernels, C + 1) rows [a_k, c_k] with E_k = diag(a_k) + c_k J_C when every kernel of
+    `model` has that form (hom, iid, free: likelihood.GeneData.diag_j), else None."""
+    E = kernels(model, C)
+    off = ~np.eye(C, dtype=bool)
+    c = E[:, off].mean(1) if C > 1 else np.zeros(len(E))
+    if not np.all(E[:, off] == c[:, None]):
+        return None
+    return np.concatenate([np.diagonal(E, axis1=1, axis2=2) - c[:, None], c[:, None]], 1)
+
+
 def diag_kernels(model: str, C: int) -> np.ndarray:
     """(C,) the index of the kernel e_c e_c^T of each cell type c among the model's kernels."""
     E = kernels(model, C)

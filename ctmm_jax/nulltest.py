@@ -48,8 +48,9 @@ def _gene_moments(w, y, noise, mask, a, design, *, reml):
     a_ic = 1 / n_ic; OP scalars a_ic = P_ic^2 / n_ic. a: (N, C), or None for no s2 kernels
     (then the model's own kernels keep their structure: CTP's are shared by the donors, which
     is much cheaper than per-donor kernels)."""
-    E = design.E
+    E, diag_j = design.E, design.diag_j
     if a is not None:
+        diag_j = None
         n_k, C = E.shape[0], a.shape[1]
         N, b = y.shape
         if b == 1:
@@ -58,7 +59,8 @@ def _gene_moments(w, y, noise, mask, a, design, *, reml):
             Ks = jnp.einsum("nc,ca,cb->cnab", a, jnp.eye(C), jnp.eye(C))
         E = jnp.concatenate([jnp.broadcast_to(E, (n_k, N, b, b)), Ks])
         w = jnp.concatenate([w[:n_k], jnp.zeros(C), w[n_k:]])
-    m = moments(w, GeneData(y, noise, design.X, E, mask, design.F, design.U, design.groups), reml)
+    d = GeneData(y, noise, design.X, E, mask, design.F, design.U, design.groups, diag_j)
+    m = moments(w, d, reml)
     return m.score, m.info
 
 

@@ -68,7 +68,8 @@ class GeneFit(NamedTuple):
 
 
 def _gene(y, noise, mask, design: Design) -> GeneData:
-    return GeneData(y, noise, design.X, design.E, mask, design.F, design.U, design.groups)
+    return GeneData(y, noise, design.X, design.E, mask, design.F, design.U, design.groups,
+                    design.diag_j)  # fmt: skip
 
 
 def _init_gene(y, noise, mask, phi0, design, *, model, C, reml, nonneg) -> OptState:
@@ -133,7 +134,7 @@ def over_genes(fn, n_args: int, design: Design):
     """vmap fn over its first n_args arguments and, when X and E carry a gene axis
     (blocks.Blocks.per_gene), over those too; the rest of the design is shared."""
     per_gene = design.X.ndim == 4  # static
-    axes = Design(0, 0, None, None, None) if per_gene else None
+    axes = Design(0, 0, None, None, None, None) if per_gene else None
     return jax.vmap(fn, in_axes=(0,) * n_args + (axes,))
 
 
