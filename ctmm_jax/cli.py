@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,13 @@ class _ModelNames:
 
     def __iter__(self):
         return iter(self._names())
+
+
+CACHE_HELP = (
+    "JAX's compilation cache folder, or 'off' (default: $CTMM_JAX_CACHE or "
+    "~/.cache/ctmm_jax/xla): later runs, e.g. the other chunks of a --chunk array job, "
+    "load the compiled programs instead of compiling them"
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -110,13 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, run, help: str) -> argparse.ArgumentParser:
+    def command(name: str, run, help: str, computes: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES,
                            formatter_class=formatter)  # fmt: skip
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
         # SUPPRESS: when not given here, keep the value of `ctmm-jax --debug COMMAND`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="on an error, show the traceback")  # fmt: skip
+        if computes:
+            p.add_argument("--cache", metavar="DIR", help=CACHE_HELP)
         p.set_defaults(run=run)
         return p
 
@@ -150,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=2000, help="genes per streamed chunk")
     p.add_argument("-o", "--output", required=True, help="dataset to write (.npz)")
 
-    p = command("fit", run_fit, "fit CTMM to every gene -> one row per gene (.tsv/.parquet)")
+    p = command("fit", run_fit, "fit CTMM to every gene -> one row per gene (.tsv/.parquet)", True)
     p.add_argument("dataset", nargs="?", help="pseudobulk dataset (.npz from `pseudobulk`)")
     p.add_argument("--y", help="original-format y file of one gene (instead of a dataset)")
     p.add_argument("--P", help="original-format P file (with --y)")
@@ -246,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--V", type=float, default=0.05, help="cell type-specific variance")
     p.add_argument("--seed", type=int, default=0)
 
-    p = command("gxemm", run_gxemm, "fit GxEMM (gene-by-environment heritability)")
+    p = command("gxemm", run_gxemm, "fit GxEMM (gene-by-environment heritability)", True)
     p.add_argument("--y", required=True, help="trait(s): N values, or N x T (one trait a column)")
     p.add_argument("--K", required=True, help="N x N kinship")
     p.add_argument("--Z", required=True, help="N x L environments")
@@ -394,15 +404,30 @@ def _write_table(table: pd.DataFrame, path: str, settings: dict) -> Path:
     return out
 
 
+def _use_cache(value: str | None) -> None:
+    """--cache: point JAX's persistent compilation cache at a folder, or turn it off (before
+    JAX is imported; ctmm_jax.compilation_cache_dir is the default)."""
+    if value is None:
+        return
+    path = None if value.strip().lower() in ("off", "0", "") else value
+    if path is None:
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    else:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", path)
+
+
 def _jax_setup() -> dict:
-    """JAX and jaxlib versions, default device and float64 setting, for the sidecar of a
-    command that computes (importing JAX takes a second)."""
+    """JAX and jaxlib versions, default device, float64 setting and compilation cache, for the
+    sidecar of a command that computes (importing JAX takes a second)."""
     import jax
     import jaxlib
 
     device = jax.devices()[0]
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "device": str(device),
-            "platform": device.platform, "x64": bool(jax.config.jax_enable_x64)}  # fmt: skip
+            "platform": device.platform, "x64": bool(jax.config.jax_enable_x64),
+            "compilation_cache": jax.config.jax_compilation_cache_dir}  # fmt: skip
 
 
 def _say(args, message: str) -> None:
@@ -492,6 +517,7 @@ def run_fit(args) -> None:
     from tqdm import tqdm
 
     _check_output(args.output)
+    _use_cache(args.cache)
     for flag in ("batch_genes", "chunk_size", "max_iter"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')}: must be >= 1.")
@@ -630,6 +656,7 @@ def _read_numbers(path: str | None, what: str, ndim: int) -> np.ndarray | None:
 
 def run_gxemm(args) -> None:
     _check_output(args.output)
+    _use_cache(args.cache)
     y = _read_numbers(args.y, "--y", 1)
     y = y.T if y.ndim == 2 else y[None]  # traits as rows
     K, Z = _read_numbers(args.K, "--K", 2), _read_numbers(args.Z, "--Z", 2)
