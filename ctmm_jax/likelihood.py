@@ -58,7 +58,10 @@ class GeneData(NamedTuple):
     diag_j: (n_var, b + 1) or None: when every kernel is diag(a_k) + c_k J_b and shared by the
     donors (CTP hom, iid, free; models.diag_j_coefficients), the rows [a_k, c_k]. The
     likelihood then inverts each Sigma_i = diag(d_i) + h J_b by Sherman-Morrison and sums its
-    traces in O(N b^2) (rankone.py) instead of O(N b^4); X_i must be I_b (CTP).
+    traces in O(N b^2) (rankone.py) instead of O(N b^4); X_i must be I_b (CTP);
+    loadings: (N, n_l) or None: n_l more kernels, their weights after the model's: per donor
+    diag(loadings_i o e_c) (CTP, n_l = b) or the scalars loadings_ic (OP, b = 1), e.g. d Sigma /
+    d s2_c of the pooled within-pair variances (nulltest.py).
     """
 
     y: jax.Array
@@ -70,6 +73,23 @@ class GeneData(NamedTuple):
     U: jax.Array | None = None
     groups: jax.Array | None = None
     diag_j: jax.Array | None = None
+    loadings: jax.Array | None = None
+
+    @property
+    def n_kernels(self) -> int:
+        """Kernel weights before the random covariates' r2: n_var, and n_l more with loadings."""
+        return self.E.shape[0] + (0 if self.loadings is None else self.loadings.shape[1])
+
+    def all_kernels(self) -> jax.Array:
+        """(n_kernels, N or 1, b, b): E and the loadings' kernels."""
+        if self.loadings is None:
+            return self.E
+        (n_k, _, b, _), N = self.E.shape, self.y.shape[0]
+        if b == 1:
+            extra = self.loadings.T[:, :, None, None]
+        else:
+            extra = jnp.einsum("nc,ca,cb->cnab", self.loadings, jnp.eye(b), jnp.eye(b))
+        return jnp.concatenate([jnp.broadcast_to(self.E, (n_k, N, b, b)), extra])
 
     @property
     def donor_columns(self) -> jax.Array:
@@ -200,7 +220,7 @@ def _cholesky_blocks(w: jax.Array, d: GeneData):
     """W_i = Sigma_i^-1 (zero on missing values), sum_i log|Sigma_i| and the Sigma_i (zero on
     missing values) by a Cholesky factor of every block (NaN where one is not PD)."""
     b = d.y.shape[1]
-    Sigma = jnp.einsum("k,knij->nij", w, d.E) + d.noise[..., None] * jnp.eye(b)
+    Sigma = jnp.einsum("k,knij->nij", w, d.all_kernels()) + d.noise[..., None] * jnp.eye(b)
     if d.mask is not None:
         mm = d.mask[:, :, None] * d.mask[:, None, :]
         Sigma = Sigma * mm + (1.0 - d.mask)[..., None] * jnp.eye(b)
@@ -219,11 +239,11 @@ def factor(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Factor:
     values only, with y, X, U and the kernels left as they are."""
     N, b = d.y.shape
     p = d.n_fixed
-    n_var = d.E.shape[0]
+    n_var = d.n_kernels
     FU = d.donor_columns
     pb = d.X.shape[-1]
     if d.diag_j is not None:  # static: closed forms, X_i = I_b (rankone.py)
-        r1 = rankone.inverse(phi[:n_var], d.diag_j, d.noise, d.mask)
+        r1 = rankone.inverse(phi[:n_var], d.diag_j, d.noise, d.mask, d.loadings)
         W = WX1 = None
         logdet, cond, w, S_bb = r1.logdet, r1.cond, r1.w, rankone.gram(r1)
         WXty = rankone.apply(r1, d.y).sum(0)
@@ -348,13 +368,13 @@ def _design_terms(E, WX1, u, FU) -> tuple[jax.Array, jax.Array]:
     return _sym_block(F_bb, F_bd, _donor_gram(s, FU)), jnp.concatenate([ZtWKu_b, t @ FU], -1)
 
 
-def _terms_rank_one(S, r1, u, Nj, FU):
+def _terms_rank_one(d, r1, u, Nj, FU):
     """`_Traces`, F_k and Z^T W K_k u in the closed forms of rankone.py (X_i = I_b)."""
-    b = u.shape[1]
+    b, S = u.shape[1], d.diag_j
     v = FU @ Nj[b:, :b]  # Nj_bd d_i
     hd = jnp.einsum("ni,ij,nj->n", FU, Nj[b:, b:], FU)
-    t = _Traces(*rankone.traces(S, r1, u, Nj[:b, :b], v, hd))
-    F_bb, F_bd, s, ZtWKu_b, tk = rankone.design_terms(S, r1, u, FU)
+    t = _Traces(*rankone.traces(S, d.loadings, r1, u, Nj[:b, :b], v, hd))
+    F_bb, F_bd, s, ZtWKu_b, tk = rankone.design_terms(S, d.loadings, r1, u, FU)
     return t, _sym_block(F_bb, F_bd, _donor_gram(s, FU)), jnp.concatenate([ZtWKu_b, tk @ FU], -1)
 
 
@@ -370,14 +390,14 @@ def moments(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Moments:
     Nj_ml = jnp.zeros((q, q)) if f.M is None else jnp.zeros((q, q)).at[p:, p:].set(f.M)
     Nj = jnp.where(reml, f.mme_inv, Nj_ml)
     if f.r1 is not None:  # static
-        t, F, ZtWKu = _terms_rank_one(d.diag_j, f.r1, f.u, Nj, FU)
+        t, F, ZtWKu = _terms_rank_one(d, f.r1, f.u, Nj, FU)
     else:
-        H = _projected_blocks(f.WX1, Nj, FU)
-        if d.E.shape[1] == 1:  # static
-            t = _traces_shared(d.E[:, 0], f.W, f.u, H)
+        H, E = _projected_blocks(f.WX1, Nj, FU), d.all_kernels()
+        if E.shape[1] == 1:  # static
+            t = _traces_shared(E[:, 0], f.W, f.u, H)
         else:
-            t = _traces_per_donor(d.E, f.W, f.u, H)
-        F, ZtWKu = _design_terms(d.E, f.WX1, f.u, FU)
+            t = _traces_per_donor(E, f.W, f.u, H)
+        F, ZtWKu = _design_terms(E, f.WX1, f.u, FU)
     Njk = jnp.broadcast_to(Nj, F.shape)  # batched products vectorise, broadcast ones do not
     NFN = Njk @ F @ Njk  # tr(Nj F_k Nj F_l) = <Nj F_k Nj, F_l> (all symmetric)
     score = 0.5 * (t.trWK - (Nj * F).sum((1, 2)) - t.quad)

@@ -44,22 +44,14 @@ class NullFit(NamedTuple):
 
 def _gene_moments(w, y, noise, mask, a, design, *, reml):
     """Score and expected information of one gene at kernel weights w (n_k + n_rand,), with C
-    more kernels d Sigma / d s2_c at weight 0 (Sigma unchanged): CTP blocks a_ic e_c e_c^T with
-    a_ic = 1 / n_ic; OP scalars a_ic = P_ic^2 / n_ic. a: (N, C), or None for no s2 kernels
-    (then the model's own kernels keep their structure: CTP's are shared by the donors, which
-    is much cheaper than per-donor kernels)."""
-    E, diag_j = design.E, design.diag_j
+    more kernels d Sigma / d s2_c at weight 0 (Sigma unchanged; likelihood.GeneData.loadings):
+    CTP a_ic e_c e_c^T with a_ic = 1 / n_ic; OP scalars a_ic = P_ic^2 / n_ic. a: (N, C), or
+    None for no s2 kernels."""
     if a is not None:
-        diag_j = None
-        n_k, C = E.shape[0], a.shape[1]
-        N, b = y.shape
-        if b == 1:
-            Ks = a.T[:, :, None, None]
-        else:
-            Ks = jnp.einsum("nc,ca,cb->cnab", a, jnp.eye(C), jnp.eye(C))
-        E = jnp.concatenate([jnp.broadcast_to(E, (n_k, N, b, b)), Ks])
-        w = jnp.concatenate([w[:n_k], jnp.zeros(C), w[n_k:]])
-    d = GeneData(y, noise, design.X, E, mask, design.F, design.U, design.groups, diag_j)
+        n_k = design.E.shape[0]
+        w = jnp.concatenate([w[:n_k], jnp.zeros(a.shape[1]), w[n_k:]])
+    d = GeneData(y, noise, design.X, design.E, mask, design.F, design.U, design.groups,
+                 design.diag_j, a)  # fmt: skip
     m = moments(w, d, reml)
     return m.score, m.info
 

@@ -51,16 +51,20 @@ class RankOne(NamedTuple):
         return self.rho * self.delta.sum(1)
 
 
-def inverse(weights: jax.Array, diag_j: jax.Array, noise: jax.Array, mask) -> RankOne:
-    """The blocks' inverses at kernel weights (n_k,): e_ic = sum_k w_k a_kc + noise_ic (1 where
-    missing), h = sum_k w_k c_k. With unconstrained V an e_ic may be negative while Sigma_i is
-    positive definite: by the interlacing of the eigenvalues of a rank-one update, Sigma_i is
-    PD exactly when every e_ic > 0 and 1 + h s_i > 0, or when one (observed) e_ic < 0, h > 0
-    and 1 + h s_i < 0, where |Sigma_i| = prod_c e_ic (1 + h s_i)."""
-    C = noise.shape[1]
-    coef = weights @ diag_j
+def inverse(weights, diag_j, noise, mask, loadings=None) -> RankOne:
+    """The blocks' inverses at kernel weights (n_k [+ C],): e_ic = sum_k w_k a_kc + noise_ic
+    [+ w_(n_k + c) loadings_ic] (1 where missing), h = sum_k w_k c_k. With unconstrained V an
+    e_ic may be negative while Sigma_i is positive definite: by the interlacing of the
+    eigenvalues of a rank-one update, Sigma_i is PD exactly when every e_ic > 0 and
+    1 + h s_i > 0, or when one (observed) e_ic < 0, h > 0 and 1 + h s_i < 0, where
+    |Sigma_i| = prod_c e_ic (1 + h s_i)."""
+    K, C = diag_j.shape[0], noise.shape[1]
+    coef = weights[:K] @ diag_j
+    e = coef[:C] + noise
+    if loadings is not None:
+        e = e + weights[K : K + C] * loadings
     m = jnp.ones_like(noise) if mask is None else mask
-    e = jnp.where(m > 0, coef[:C] + noise, 1.0)
+    e = jnp.where(m > 0, e, 1.0)
     h = coef[C]
     delta = m / e
     den = 1.0 + h * delta.sum(1)
@@ -88,88 +92,136 @@ def gram(r: RankOne) -> jax.Array:
     return jnp.diag(r.delta.sum(0)) - (r.kappa[:, None] * r.delta).T @ r.delta
 
 
-def _hadamard_sum(r: RankOne, pairs) -> jax.Array:
-    """sum_i (sum_j p_ij q_ij^T) o W_i for pairs [(p_j, q_j)] of (N, C) arrays (module doc)."""
+class Bordered(NamedTuple):
+    """Per-donor (C + 1) square matrices [[B_i, col_i], [col_i^T, corner_i]] with
+    B_i = diag(x_i) + sum_j p_ij q_ij^T + sum_j M_j o (y_ij z_ij^T) (M_j shared by the donors):
+    the form of V^T A_i V o V^T B_i V for the matrices of the likelihood (module doc)."""
+
+    x: jax.Array  # (N, C)
+    pairs: list  # [(p, q)] of (N, C) arrays
+    dense: list  # [(M, y, z)]: M (C, C), y and z (N, C)
+    col: jax.Array  # (N, C)
+    corner: jax.Array  # (N,)
+
+    def weighted_sum(self, left: jax.Array, right: jax.Array) -> jax.Array:
+        """sum_i diag(left_i) X_i diag(right_i) (C + 1, C + 1) for donor weights (N, C + 1) of
+        the dictionary entries: a few (C x N) (N x C) products."""
+        C = self.x.shape[1]
+        lb, lc, rb, rc = left[:, :C], left[:, C], right[:, :C], right[:, C]
+        block = jnp.diag((lb * self.x * rb).sum(0))
+        if self.pairs:
+            P = jnp.concatenate([lb * p for p, _ in self.pairs])
+            Q = jnp.concatenate([rb * q for _, q in self.pairs])
+            block = block + P.T @ Q
+        for M, y, z in self.dense:
+            block = block + M * ((lb * y).T @ (rb * z))
+        top = (lb * self.col * rc[:, None]).sum(0)
+        bottom = (lc[:, None] * self.col * rb).sum(0)
+        out = jnp.zeros((C + 1, C + 1), block.dtype).at[:C, :C].set(block)
+        out = out.at[:C, C].set(top).at[C, :C].set(bottom)
+        return out.at[C, C].set((lc * self.corner * rc).sum())
+
+
+def _hadamard_w(r: RankOne, pairs) -> tuple[jax.Array, list]:
+    """(sum_j p_j q_j^T) o W_i = diag(sum_j p_j q_j delta) - sum_j (kappa p_j delta)(q_j delta)^T:
+    its diagonal and pairs."""
     kd = r.kappa[:, None] * r.delta
-    diag = sum(p * q * r.delta for p, q in pairs).sum(0)
-    low = jnp.concatenate([kd * p for p, _ in pairs], 0).T @ jnp.concatenate(
-        [r.delta * q for _, q in pairs], 0
-    )
-    return jnp.diag(diag) - low
+    x = sum(p * q * r.delta for p, q in pairs)
+    return x, [(-kd * p, r.delta * q) for p, q in pairs]
 
 
-def _bordered(S: jax.Array, block: jax.Array, border: jax.Array, corner: jax.Array):
-    """S [[block, border], [border^T, corner]] S^T: a sum over donors of Hadamard products of
-    bordered matrices V^T M_i V, contracted with the kernels' dictionary weights S (K, C + 1)."""
-    C = block.shape[0]
-    full = jnp.zeros((C + 1, C + 1), block.dtype)
-    full = full.at[:C, :C].set(block).at[:C, C].set(border).at[C, :C].set(border)
-    return S @ full.at[C, C].set(corner) @ S.T
+def _contract(S, weights, mats):
+    """Kernel-level matrices from dictionary-level weighted sums (`Bordered.weighted_sum`):
+    the model's kernels (rows S_k of S, donor weight 1) and, when `weights` holds loadings
+    A (N, C), the C kernels A_ic e_c e_c^T after them."""
+    N, R = mats[0].x.shape[0], S.shape[1]
+    one = jnp.ones((N, R))
+    out = []
+    for X in mats:
+        model = S @ X.weighted_sum(one, one) @ S.T
+        if weights is None:
+            out.append(model)
+            continue
+        A = jnp.pad(weights, ((0, 0), (0, 1)))
+        cross = (S @ X.weighted_sum(one, A))[:, : R - 1]
+        own = X.weighted_sum(A, A)[: R - 1, : R - 1]
+        out.append(jnp.block([[model, cross], [cross.T, own]]))
+    return out
 
 
-def traces(S, r: RankOne, u: jax.Array, Nbb, v: jax.Array, hd: jax.Array):
-    """(trWK, quad, T1, uKWKu, T2) of likelihood._Traces. H_i = (W Z Nj Z^T W)_ii
+def traces(S, loadings, r: RankOne, u: jax.Array, Nbb, v: jax.Array, hd: jax.Array):
+    """(trWK, quad, T1, uKWKu, T2) of likelihood._Traces for the kernels E_k = V diag(S_k) V^T
+    and, with loadings A (N, C), A_ic e_c e_c^T. H_i = (W Z Nj Z^T W)_ii
     = W_i A W_i + x_i w_i^T + w_i x_i^T + hd_i w_i w_i^T with A = Nbb (C x C) the block of Nj
     on X's columns, x_i = W_i v_i, v_i = (Nj_bd d_i) and hd_i = d_i^T Nj_dd d_i (d_i donor i's
     fixed and random covariates; likelihood._projected_blocks)."""
     delta, kappa, w, omega = r.delta, r.kappa, r.w, r.omega
     su = u.sum(1)
-    trWK = S @ jnp.append((delta - kappa[:, None] * delta**2).sum(0), omega.sum())
-    quad = S @ jnp.append((u**2).sum(0), (su**2).sum())
     d2 = delta**2
     kd2 = kappa[:, None] * d2
-    GoG = jnp.diag((d2 - 2.0 * kappa[:, None] * delta**3).sum(0)) + kd2.T @ kd2
-    T1 = _bordered(S, GoG, (w**2).sum(0), (omega**2).sum())
-    ggG = _hadamard_sum(r, [(u, u)])
-    uKWKu = _bordered(S, ggG, (su[:, None] * u * w).sum(0), (su**2 * omega).sum())
+    diagW = delta - kappa[:, None] * d2
+    trWK = S @ jnp.append(diagW.sum(0), omega.sum())
+    quad = S @ jnp.append((u**2).sum(0), (su**2).sum())
+    if loadings is not None:
+        trWK = jnp.concatenate([trWK, (loadings * diagW).sum(0)])
+        quad = jnp.concatenate([quad, (loadings * u**2).sum(0)])
+    GoG = Bordered(d2 - 2.0 * kappa[:, None] * delta**3, [(kd2, kd2)], [], w**2, omega**2)
+    x, pairs = _hadamard_w(r, [(u, u)])
+    ggG = Bordered(x, pairs, [], su[:, None] * u * w, su**2 * omega)
     # H_i: W A W = D A D - kappa z' delta^T - kappa delta z'^T + kappa^2 q delta delta^T,
     # z' = delta o (A delta), q = delta^T A delta; (D A D) o W = diag(diag(A) delta^3)
-    # - kappa A o (delta^2 delta^2^T)
+    # - A o (kappa delta^2 delta^2^T)
     zp = delta * (delta @ Nbb)
-    q = (zp).sum(1)
-    x = apply(r, v)
+    q = zp.sum(1)
+    xv = apply(r, v)
     km = -kappa[:, None]
-    pairs = [(km * zp, delta), (km * delta, zp), ((kappa**2 * q)[:, None] * delta, delta),
-             (x, w), (w, x), (hd[:, None] * w, w)]  # fmt: skip
-    HoW = jnp.diag(jnp.diagonal(Nbb) * (delta**3).sum(0)) - Nbb * (kd2.T @ d2)
-    HoW = HoW + _hadamard_sum(r, pairs)
-    H1 = apply(r, w @ Nbb) + omega[:, None] * x + x.sum(1)[:, None] * w
+    H_pairs = [(km * zp, delta), (km * delta, zp), ((kappa**2 * q)[:, None] * delta, delta),
+               (xv, w), (w, xv), (hd[:, None] * w, w)]  # fmt: skip
+    x, pairs = _hadamard_w(r, H_pairs)
+    H1 = apply(r, w @ Nbb) + omega[:, None] * xv + xv.sum(1)[:, None] * w
     H1 = H1 + (hd * omega)[:, None] * w
-    T2 = _bordered(S, HoW, (H1 * w).sum(0), (H1.sum(1) * omega).sum())
+    HoG = Bordered(x + jnp.diagonal(Nbb) * delta**3, pairs, [(-Nbb, kd2, d2)], H1 * w,
+                   H1.sum(1) * omega)  # fmt: skip
+    T1, uKWKu, T2 = _contract(S, loadings, [GoG, ggG, HoG])
     return trWK, quad, T1, uKWKu, T2
 
 
-def design_terms(S, r: RankOne, u: jax.Array, FU: jax.Array):
-    """(F_bb, F_bd, s, ZtWKu_b, t) of likelihood._design_terms for X_i = I_C:
-    F_bb[k] = sum_i W_i E_k W_i, F_bd[k] = sum_i W_i E_k w_i d_i^T, s_ki = w_i^T E_k w_i,
-    ZtWKu_b[k] = sum_i W_i E_k u_i and t_ki = w_i^T E_k u_i, with E_k = diag(a_k) + c_k J and
+def design_terms(S, loadings, r: RankOne, u: jax.Array, FU: jax.Array):
+    """(F_bb, F_bd, s, ZtWKu_b, t) of likelihood._design_terms for X_i = I_C, per dictionary
+    entry v_r (e_1..e_C, 1) with donor weights nu_ir, then contracted with the kernels:
+    F_bb[r] = sum_i nu_ir W_i v_r v_r^T W_i, F_bd[r] = sum_i nu_ir W_i v_r (v_r^T w_i) d_i^T,
+    s_ri = nu_ir (v_r^T w_i)^2, ZtWKu_b[r] = sum_i nu_ir W_i v_r (v_r^T u_i) and
+    t_ri = nu_ir (v_r^T w_i)(v_r^T u_i), where W_i e_c = delta_ic (e_c - kappa_i delta_i)."""
+    C = r.delta.shape[1]
 
-        W_i diag(a) W_i = diag(delta^2 a) - kappa (delta^2 a) delta^T - kappa delta (delta^2 a)^T
-                          + kappa^2 (a . delta^2) delta delta^T,   W_i J W_i = w_i w_i^T."""
-    a, c = S[:, :-1], S[:, -1]
-    delta, kappa, w, omega = r.delta, r.kappa, r.w, r.omega
-    N, C = delta.shape
-    d2 = delta**2
-    M2 = (kappa[:, None] * d2).T @ delta  # sum_i kappa_i delta_i^2 delta_i^T
-    coef = (kappa**2)[:, None] * (d2 @ a.T)  # (N, K): kappa_i^2 (a_k . delta_i^2)
-    outer = (delta[:, :, None] * delta[:, None, :]).reshape(N, C * C)
-    F_bb = (
-        (a * d2.sum(0))[:, :, None] * jnp.eye(C)
-        - a[:, :, None] * M2[None]
-        - a[:, None, :] * M2.T[None]
-        + (coef.T @ outer).reshape(-1, C, C)
-        + c[:, None, None] * (w.T @ w)[None]
-    )
-    dw = delta * w  # W_i (a o w_i) = a o delta o w_i - kappa delta (delta o w_i) . a
-    WEw = (
-        dw[:, None, :] * a[None]
-        - (kappa[:, None, None] * delta[:, None, :]) * (dw @ a.T)[..., None]
-    )
-    WEw = WEw + (c[None, :, None] * omega[:, None, None]) * w[:, None, :]
-    F_bd = jnp.einsum("nkc,nj->kcj", WEw, FU)
-    s = a @ (w**2).T + c[:, None] * (omega**2)[None]
-    du = delta * u
-    su = u.sum(1)
-    ZtWKu_b = a * du.sum(0) - a @ ((kappa[:, None] * delta).T @ du).T + c[:, None] * (su @ w)
-    t = a @ (w * u).T + c[:, None] * (omega * su)[None]
-    return F_bb, F_bd, s, ZtWKu_b, t
+    def entries(nu):  # nu: (N, C + 1)
+        delta, kappa, w, omega = r.delta, r.kappa, r.w, r.omega
+        nb, nj = nu[:, :C], nu[:, C]
+        alpha = nb * delta**2
+        M2 = (kappa[:, None] * alpha).T @ delta  # row c: sum_i nu kappa delta_c^2 delta_i
+        outer = (delta[:, :, None] * delta[:, None, :]).reshape(-1, C * C)
+        e_cc = jnp.eye(C)[:, :, None] * jnp.eye(C)[:, None, :]
+        F_bb = (
+            e_cc * alpha.sum(0)[:, None, None]
+            - jnp.eye(C)[:, :, None] * M2[:, None, :]
+            - jnp.eye(C)[:, None, :] * M2[:, :, None]
+            + (((kappa**2)[:, None] * alpha).T @ outer).reshape(C, C, C)
+        )
+        F_bb = jnp.concatenate([F_bb, ((nj[:, None] * w).T @ w)[None]])
+        beta = nb * delta * w  # W_i e_c (e_c^T w_i) = beta_ic / nu_ic (e_c - kappa_i delta_i)
+        F_bd = jnp.eye(C)[:, :, None] * (beta.T @ FU)[:, None, :]
+        F_bd = F_bd - jnp.einsum("nc,na,nj->caj", kappa[:, None] * beta, delta, FU)
+        F_bd = jnp.concatenate([F_bd, (((nj * omega)[:, None] * w).T @ FU)[None]])
+        s = jnp.concatenate([(nb * w**2).T, (nj * omega**2)[None]])
+        gam = nb * delta * u
+        Zb = jnp.diag(gam.sum(0)) - ((kappa[:, None] * gam).T @ delta)
+        Zb = jnp.concatenate([Zb, ((nj * u.sum(1)) @ w)[None]])
+        t = jnp.concatenate([(nb * w * u).T, (nj * omega * u.sum(1))[None]])
+        return F_bb, F_bd, s, Zb, t
+
+    N = r.delta.shape[0]
+    model = [jnp.tensordot(S, a, 1) for a in entries(jnp.ones((N, C + 1)))]
+    if loadings is None:
+        return tuple(model)
+    extra = entries(jnp.pad(loadings, ((0, 0), (0, 1))))
+    return tuple(jnp.concatenate([m, e[:C]]) for m, e in zip(model, extra, strict=True))
