@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from . import models
+from . import batching, models
 from . import noise as noise_models
 from .blocks import to_blocks
 from .data import Covariates, CTPData, OPData
@@ -54,6 +54,7 @@ def fit(
     fixed_covars: dict | None = None,
     random_covars: dict | None = None,
     chunk_size: int = 256,
+    memory: str | int | None = None,
     max_iter: int = 200,
     tol: float = 1e-10,
 ) -> FitResult:
@@ -85,8 +86,11 @@ def fit(
             Series of labels is one-hot encoded), each with its own variance `r2_<name>`:
             Sigma gets r2 R R^T (OP) or r2 R R^T (x) J_C (CTP), fitted with the Woodbury
             identity (likelihood.py) in ML, REML and HE.
-        chunk_size: genes per compiled batch; the last chunk is padded so each shape compiles
-            once.
+        chunk_size: most genes per compiled batch (a power of two; the last batch is padded
+            so each shape compiles once).
+        memory: working memory of one batch, e.g. "4GB" (default batching.DEFAULT_MEMORY):
+            the batch is halved until its estimated need (blocks.Blocks.working_bytes) fits.
+            `result.batching` records the budget and the batch size used.
         max_iter, tol: Newton / Fisher scoring stops when g^T I^-1 g < tol.
 
     Returns:
@@ -106,6 +110,7 @@ def fit(
         raise ValueError(f"he_beta={he_beta!r}: use 'ols' or 'gls'.")
     if int(chunk_size) < 1 or int(max_iter) < 1 or not tol > 0:
         raise ValueError("chunk_size and max_iter must be >= 1 and tol > 0.")
+    budget = batching.parse_memory(batching.DEFAULT_MEMORY if memory is None else memory)
     if not jax.config.jax_enable_x64:
         raise ValueError(
             "jax_enable_x64 is off; ctmm_jax needs float64 (importing it turns it on)."
@@ -127,6 +132,7 @@ def fit(
     if blocks.per_gene:  # checked on the proportions of all cell types
         X_all = np.concatenate([data.P, covars.matrix], 1)[:, None]
     _check_design(X_all, n_var, name, list(covars.values))
+    chunk_size = batching.memory_chunk(chunk_size, budget, blocks.working_bytes())
     if jackknife and N - 1 <= n_par:
         raise ValueError(
             f"jackknife: leaving a donor out leaves N - 1 = {N - 1} donors for n_par = {n_par} "
@@ -153,6 +159,8 @@ def fit(
     return FitResult.build(
         data, model, method, information, est, unidentified, n_par, jackknife=jk,
         covariates=covars, random=random, null=null, noise=noise,
+        batching={"memory_budget": budget, "chunk_size": chunk_size,
+                  "working_bytes_per_gene": blocks.working_bytes()},
     )  # fmt: skip
 
 

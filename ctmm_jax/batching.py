@@ -9,10 +9,42 @@ array per output with a leading problem axis.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
+
+DEFAULT_MEMORY = "2GB"  # working memory of one compiled batch, unless fit(memory=...) says
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30,
+          "gb": 2**30, "t": 2**40, "tb": 2**40}  # fmt: skip
+
+
+def parse_memory(value: str | int | float) -> int:
+    """Bytes from a size: a number of bytes, or a string such as '4GB', '512MB', '1.5g'
+    (binary units); ValueError naming the input otherwise."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        size = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = "" if match is None else match.group(2).lower()
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"memory={value!r}: give a size such as '4GB', '512MB' or a number of bytes."
+            )
+        size = float(match.group(1)) * _UNITS[unit]
+    if not size >= 1:
+        raise ValueError(f"memory={value!r}: must be a positive size, e.g. '4GB'.")
+    return int(size)
+
+
+def memory_chunk(chunk_size: int, budget: int, per_problem: int) -> int:
+    """The largest power of two <= chunk_size whose batch needs at most `budget` bytes at
+    `per_problem` bytes a problem (at least 1)."""
+    size = 1 << (max(int(chunk_size), 1).bit_length() - 1)
+    while size > 1 and size * per_problem > budget:
+        size //= 2
+    return size
 
 
 def bucket(n: int, chunk_size: int) -> int:

@@ -83,6 +83,22 @@ class Blocks(NamedTuple):
     def n_rand(self) -> int:
         return 0 if self.groups is None else self.groups.shape[0]
 
+    def working_bytes(self) -> int:
+        """Estimated working memory of one gene in a compiled batch, from XLA's memory
+        analysis of the fitting programs (benchmarks/bench_scale.py --memory): about
+        30 N b + 2 N b^2 doubles for the closed forms of CTP hom/iid/free, 16 N b^2 for CTP
+        with the general blocks, 25 N K for OP (K kernels), plus the covariates."""
+        _, N, b = self.y.shape
+        K = self.E.shape[-4]
+        if b == 1:
+            doubles = 25 * N * (K + b)
+        elif self.diag_j is not None:
+            doubles = 30 * N * b + 2 * N * b * b
+        else:
+            doubles = 16 * N * b * b + (K * N * b * b if self.E.shape[-3] > 1 else 0)
+        doubles += 4 * N * (self.F.shape[1] + (0 if self.U is None else self.U.shape[1]))
+        return 8 * (doubles + 4 * N * b)
+
 
 def to_blocks(
     data: CTPData | OPData, model: str, F: np.ndarray | None = None,

@@ -232,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size",
         type=int,
         default=256,
-        help="genes per compiled batch in a fit call (default 256; lower it if memory runs out)",
+        help="most genes per compiled batch (default 256; --memory may lower it)",
+    )
+    p.add_argument(
+        "--memory",
+        help="working memory of one compiled batch, e.g. 4GB (default 2GB): the batch is "
+        "halved until the estimate fits; the sidecar records the budget and batch used",
     )
     p.add_argument("-o", "--output", required=True, help="table to write (.tsv, .csv, .parquet)")
 
@@ -536,7 +541,8 @@ def run_fit(args) -> None:
         print(f"ctmm-jax fit: warning: {noise.plugin_warning(data)}", file=sys.stderr)
     options = dict(noise=noise.resolve(data, args.noise),
                    jackknife=args.jackknife, information=args.information, nonneg=args.nonneg,
-                   chunk_size=args.chunk_size, max_iter=args.max_iter, tol=args.tol)  # fmt: skip
+                   chunk_size=args.chunk_size, max_iter=args.max_iter, tol=args.tol,
+                   memory=args.memory)  # fmt: skip
     G = data.shape[0]
     start = time.perf_counter()
     tables = []
@@ -556,6 +562,7 @@ def run_fit(args) -> None:
         "input": args.dataset or {"y": args.y, "P": args.P, "ctnu": args.ctnu, "nu": args.nu},
         "shape": args.shape, "model": args.model, "method": args.method, **options,
         "std": args.std, "fixed": args.fixed, "random": args.random, "genes": args.genes, **extra,
+        "batching": result.batching,
         "n_genes": int(G), "n_converged": int(table["converged"].sum()),
         "tests": {c: meanings[c] for c in table.columns if c.startswith("p_")},
         "seconds": round(seconds, 3), "environment": _jax_setup(),
@@ -565,7 +572,7 @@ def run_fit(args) -> None:
 
 
 # settings that differ between the chunks of one run
-PER_CHUNK = ("output", "chunk", "n_genes", "n_converged", "seconds", "environment")
+PER_CHUNK = ("output", "chunk", "n_genes", "n_converged", "seconds", "environment", "batching")
 
 
 def run_merge(args) -> None:

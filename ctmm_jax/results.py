@@ -126,7 +126,8 @@ class FitResult:
     with an observed value; pvalues: name -> (G,) p values (`pvalues` below; NaN where the
     fit behind them is not ok); jackknife and pvalues_jk when fitted with jackknife=True;
     table: one row per gene (`column_dictionary`); noise: the noise model (noise.py); null:
-    the null model's fit behind p_V (nulltest.py), or None.
+    the null model's fit behind p_V (nulltest.py), or None; batching: the memory budget and
+    batch size used (api.fit's `memory`).
     """
 
     model: str
@@ -148,6 +149,7 @@ class FitResult:
     table: pd.DataFrame
     noise: str = "plugin"
     null: NullFit | None = None
+    batching: dict | None = None
 
     @property
     def converged(self) -> np.ndarray:
@@ -167,7 +169,7 @@ class FitResult:
     def build(
         cls, data, model, method, information, est: Estimates, unidentified, n_par: int,
         jackknife: Jackknife | None = None, covariates=None, random=None,
-        null: NullFit | None = None, noise: str = "plugin",
+        null: NullFit | None = None, noise: str = "plugin", batching: dict | None = None,
     ) -> FitResult:  # fmt: skip
         G, N, C = data.shape
         cts = list(data.celltypes)
@@ -230,7 +232,7 @@ class FitResult:
         return cls(
             model, method, information, tuple(data.genes), tuple(cts), phi, var_cov, beta,
             beta_cov, loglik, np.asarray(est.n_iter, int), codes, df, pvalues, jackknife,
-            pvalues_jk, table, noise, null,
+            pvalues_jk, table, noise, null, batching,
         )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from numpy.testing import assert_allclose
 from scipy import optimize, stats
 
 import ctmm_jax as cj
-from ctmm_jax import blocks, likelihood, models
+from ctmm_jax import batching, blocks, likelihood, models
 
 
 def _dense_scipy_fit(data, g, model, method, phi0):
@@ -52,7 +52,10 @@ def test_batched_equals_single_and_poisoned_gene_is_isolated():
     Y = data.Y.copy()
     Y[2] = 1.0  # a constant gene
     poisoned = cj.CTPData.from_arrays(Y, data.ctnu, data.P)
-    res = cj.fit(poisoned, "free", "reml", chunk_size=2)
+    per_gene = blocks.to_blocks(poisoned, "free").working_bytes()
+    res = cj.fit(poisoned, "free", "reml", memory=3 * per_gene)  # batches of 2 genes
+    assert res.batching == {"memory_budget": 3 * per_gene, "chunk_size": 2,
+                            "working_bytes_per_gene": per_gene}  # fmt: skip
     assert not res.table.converged.iloc[2]
     assert res.table.status.iloc[2] != "ok"
     for g in (0, 1, 3, 4):
@@ -151,6 +154,18 @@ def test_lrt():
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         cj.fit(small_data("ctp"), **kwargs)
+
+
+def test_memory_budget():
+    assert [batching.parse_memory(v) for v in ("4GB", "512 mb", "1.5k", 1000)] == [
+        4 * 2**30, 512 * 2**20, 1536, 1000,
+    ]  # fmt: skip
+    for bad in ("4XB", "-1GB", "0", "lots"):
+        with pytest.raises(ValueError, match="memory="):
+            batching.parse_memory(bad)
+    assert batching.memory_chunk(256, 10**9, 10**6) == 256  # 1000 would fit: the cap
+    assert batching.memory_chunk(256, 10**8, 10**6) == 64
+    assert batching.memory_chunk(300, 10, 10**6) == 1
 
 
 def test_too_few_donors():
