@@ -12,6 +12,7 @@ from .data import Covariates, CTPData, OPData
 from .estimators import Problems, final_status
 from .estimators.he import MethodOfMoments
 from .estimators.mlreml import MaximumLikelihood
+from .jackknife import donor_groups
 from .jackknife import jackknife as run_jackknife
 from .nulltest import fit_null
 from .results import FitResult
@@ -47,7 +48,7 @@ def fit(
     method: str = "reml",
     *,
     noise: str | None = None,
-    jackknife: bool = False,
+    jackknife: bool | int = False,
     information: str = "expected",
     nonneg: bool = False,
     he_beta: str = "ols",
@@ -70,8 +71,10 @@ def fit(
             data carry cell counts) or "plugin" (ctnu / nu as given, treated as known; the
             default otherwise, with a warning: with few cells per pair it inflates the test
             of V).
-        jackknife: also refit with each donor left out and add jackknife standard errors and
-            Wald p values (`se_*_jk`, `p_*_jk`, design.md section 5).
+        jackknife: also refit with each donor left out (True) or, with k (an int), with
+            each of k groups of donors left out (the delete-m block jackknife: k fits per gene
+            instead of N; jackknife.donor_groups), and add jackknife standard errors and Wald
+            p values (`se_*_jk`, `p_*_jk`, design.md section 5).
         information: "expected" (Fisher; as the original CTMM) or "observed" (autodiff Hessian
             of the NLL) for the standard errors and Wald tests of ML/REML.
         nonneg: constrain variances to be >= 0 (softplus; full V = L L^T). By default any
@@ -133,10 +136,13 @@ def fit(
         X_all = np.concatenate([data.P, covars.matrix], 1)[:, None]
     _check_design(X_all, n_var, name, list(covars.values))
     chunk_size = batching.memory_chunk(chunk_size, budget, blocks.working_bytes())
-    if jackknife and N - 1 <= n_par:
+    groups = donor_groups(N, jackknife)
+    if groups is not None and N - np.bincount(groups).max() <= n_par:
+        left = N - np.bincount(groups).max()
         raise ValueError(
-            f"jackknife: leaving a donor out leaves N - 1 = {N - 1} donors for n_par = {n_par} "
-            "parameters; the jackknife needs N - 1 > n_par: use more donors or a smaller model."
+            f"jackknife: leaving a group of donors out leaves {left} donors for n_par = "
+            f"{n_par} parameters; the jackknife needs more donors than parameters: use more "
+            "donors, more groups or a smaller model."
         )
     estimator = _estimator(
         method, model, C, information=information, nonneg=nonneg, he_beta=he_beta,
@@ -154,8 +160,8 @@ def fit(
             chunk_size=int(chunk_size),
         )  # fmt: skip
     jk = None
-    if jackknife:
-        jk = run_jackknife(estimator, blocks, data.observed_donors, est, C)
+    if groups is not None:
+        jk = run_jackknife(estimator, blocks, data.observed_donors, est, C, groups)
     return FitResult.build(
         data, model, method, information, est, unidentified, n_par, jackknife=jk,
         covariates=covars, random=random, null=null, noise=noise,

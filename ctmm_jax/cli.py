@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=_ModelNames(), default="free", metavar="MODEL",
                    help="%(choices)s; default free")  # fmt: skip
     p.add_argument("--method", choices=("ml", "reml", "he"), default="reml", help="default reml")
-    p.add_argument("--jackknife", action="store_true", help="leave-one-donor-out Wald tests too")
+    p.add_argument("--jackknife", nargs="?", const=True, default=False, type=int, metavar="K",
+                   help="jackknife Wald tests too: leave one donor out, or with K the donors "
+                   "in K groups, one group out at a time (K fits a gene instead of N)")  # fmt: skip
     p.add_argument(
         "--information",
         choices=("expected", "observed"),

@@ -41,7 +41,7 @@ COLUMNS: list[tuple[str, str, str, str]] = [
     ("loglik_null", "float64", "log-likelihood of the null model (hom) behind p_V", "nats"),
     ("status_null", "object", "outcome of the null model's fit (p_V is NaN unless ok)", ""),
     ("n_jk_failed", "int64", "jackknife replicates that did not end ok", "count"),
-    ("<x>_jk", "", "<x> from the leave-one-donor-out jackknife", "as <x>"),
+    ("<x>_jk", "", "<x> from the jackknife (donors, or groups of donors, left out)", "as <x>"),
     ("ll", "float64", "GxEMM REML log-likelihood of the standardised trait", "nats"),
     ("p_ct_beta", "float64", "Wald F test of equal cell-type means", "p value"),
     ("p_hom2", "float64", "one-sided Wald t test of hom2 = 0", "p value"),
@@ -102,7 +102,7 @@ def _describe(column: str) -> tuple[str, str, str]:
         x = match.group(1)
         if pattern == "<x>_jk":  # the jackknife version of another column
             inner = _describe(x)
-            return inner[0], f"{inner[1]}, from the leave-one-donor-out jackknife", inner[2]
+            return inner[0], f"{inner[1]}, from the jackknife", inner[2]
         if units == "as <x>":
             units = _describe(x)[2]
         return dtype, meaning.replace("<x>", x), units.replace("<x>", x)

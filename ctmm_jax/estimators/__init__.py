@@ -19,13 +19,20 @@ from ..blocks import Blocks
 
 
 class Problems(NamedTuple):
-    """Fits to run: gene `gene[j]` of the blocks with donor `drop[j]` left out (None: no donor
-    left out), starting from phi0[j] where that beats the moment start values (None: moment
-    start)."""
+    """Fits to run: gene `gene[j]` of the blocks with the donors of group `drop[j]` left out
+    (None: no donor left out; groups: (N,) each donor's group, None: each donor its own,
+    drop[j] then being a donor), starting from phi0[j] where that beats the moment start
+    values (None: moment start)."""
 
     gene: np.ndarray  # (P,) int
     drop: np.ndarray | None = None  # (P,) int
     phi0: np.ndarray | None = None  # (P, n_var + n_rand)
+    groups: np.ndarray | None = None  # (N,) int
+
+    def kept(self, i: np.ndarray, N: int) -> np.ndarray:
+        """(len(i), N) 1.0 for the donors problems i keep, 0.0 for those they leave out."""
+        groups = np.arange(N) if self.groups is None else self.groups
+        return (groups[None, :] != self.drop[i][:, None]).astype(np.float64)
 
 
 class Estimates(NamedTuple):
@@ -56,8 +63,7 @@ def problem_data(blocks: Blocks, problems: Problems, i: np.ndarray):
     mask = None if blocks.mask is None else blocks.mask[g]
     if problems.drop is not None:
         N, b = blocks.y.shape[1:]
-        keep = (np.arange(N)[None, :] != problems.drop[i][:, None]).astype(np.float64)
-        keep = np.repeat(keep[..., None], b, axis=2)
+        keep = np.repeat(problems.kept(i, N)[..., None], b, axis=2)
         mask = keep if mask is None else mask * keep
     y, noise = jnp.asarray(blocks.y[g]), jnp.asarray(blocks.noise[g])
     return y, noise, None if mask is None else jnp.asarray(mask)

@@ -115,15 +115,15 @@ def he_chunk(y, noise, design) -> HEFit:
     return he_genes(y, noise, design, normal(design))
 
 
-@partial(jax.jit, static_argnames=("N",))
-def he_jackknife_chunk(y, noise, design, *, N: int) -> HEFit:
-    """Leave-one-donor-out HE for a batch of genes: (G, N, k) and (G, N, p).
+@jax.jit
+def he_jackknife_chunk(y, noise, design, keep) -> HEFit:
+    """Jackknife HE for a batch of genes: (G, R, k) and (G, R, p) for the R replicates of
+    keep (R, N) (1: donor kept; leave-one-out: 1 - I_N).
 
-    Replicate i masks donor i; the shared normal equations of all N replicates are computed
-    first (vmapped), then the genes are solved replicate by replicate (lax.map keeps memory at
-    one replicate's residuals)."""
+    The shared normal equations of all replicates are computed first (vmapped), then the genes
+    are solved replicate by replicate (lax.map keeps memory at one replicate's residuals)."""
     b = y.shape[-1]
-    masks = jnp.repeat((1.0 - jnp.eye(N))[:, :, None], b, axis=2)  # (N reps, N, b)
+    masks = jnp.repeat(keep[:, :, None], b, axis=2)  # (R, N, b)
     normals = jax.vmap(normal, (None, 0))(design, masks)
 
     def replicate(args):
@@ -149,11 +149,11 @@ def _he_per_gene(y, noise, mask, design) -> HEFit:
 he_chunk_per_gene = jax.jit(_he_per_gene)
 
 
-@partial(jax.jit, static_argnames=("N",))
-def he_jackknife_chunk_per_gene(y, noise, mask, design, *, N: int) -> HEFit:
-    """`he_jackknife_chunk` with per-gene masks or designs: replicate i multiplies every gene's
-    mask by the mask of donor i (lax.map over replicates, vmap over genes)."""
-    reps = jnp.repeat((1.0 - jnp.eye(N))[:, :, None], y.shape[-1], axis=2)
+@jax.jit
+def he_jackknife_chunk_per_gene(y, noise, mask, design, keep) -> HEFit:
+    """`he_jackknife_chunk` with per-gene masks or designs: replicate r multiplies every gene's
+    mask by keep[r] (lax.map over replicates, vmap over genes)."""
+    reps = jnp.repeat(keep[:, :, None], y.shape[-1], axis=2)
     fits = jax.lax.map(lambda rep: _he_per_gene(y, noise, mask * rep, design), reps)
     return HEFit(jnp.swapaxes(fits.phi, 0, 1), jnp.swapaxes(fits.beta, 0, 1))
 
@@ -163,10 +163,14 @@ def run_he(blocks: Blocks, genes: np.ndarray, *, chunk_size: int) -> HEFit:
     return _run(he_chunk, he_chunk_per_gene, blocks, genes, chunk_size)
 
 
-def run_he_jackknife(blocks: Blocks, genes: np.ndarray, *, chunk_size: int) -> HEFit:
-    """Leave-one-donor-out HE for genes of `blocks`: phi (P, N, k), beta (P, N, p)."""
-    N = blocks.y.shape[1]
-    shared, per_gene = partial(he_jackknife_chunk, N=N), partial(he_jackknife_chunk_per_gene, N=N)
+def run_he_jackknife(
+    blocks: Blocks, genes: np.ndarray, keep: np.ndarray, *, chunk_size: int
+) -> HEFit:
+    """Jackknife HE for genes of `blocks`: phi (P, R, k), beta (P, R, p) for the replicates of
+    keep (R, N) (Problems.kept)."""
+    keep = jnp.asarray(keep)
+    shared = partial(he_jackknife_chunk, keep=keep)
+    per_gene = partial(he_jackknife_chunk_per_gene, keep=keep)
     return _run(shared, per_gene, blocks, genes, chunk_size)
 
 
@@ -189,8 +193,8 @@ def _run(shared_fn, per_gene_fn, blocks: Blocks, genes: np.ndarray, chunk_size: 
 class MethodOfMoments:
     """HE for linear models (models.ModelSpec.linear): variances in closed form, beta by OLS
     (beta="ols") or GLS at the HE variances (beta="gls", as the original CTMM). A problem with
-    a donor left out takes the leave-one-out path: all replicates of a gene at once, sharing
-    the normal equations across genes."""
+    donors left out takes the jackknife path: all replicates of a gene at once, sharing the
+    normal equations across genes."""
 
     model: str
     C: int
@@ -203,7 +207,10 @@ class MethodOfMoments:
             phi, beta = he_fit.phi, he_fit.beta
         else:
             genes, which = np.unique(problems.gene, return_inverse=True)
-            reps = run_he_jackknife(blocks, genes, chunk_size=self.chunk_size)
+            N = blocks.y.shape[1]
+            n_groups = N if problems.groups is None else int(problems.groups.max()) + 1
+            keep = problems._replace(drop=np.arange(n_groups)).kept(np.arange(n_groups), N)
+            reps = run_he_jackknife(blocks, genes, keep, chunk_size=self.chunk_size)
             phi, beta = reps.phi[which, problems.drop], reps.beta[which, problems.drop]
         cond = None
         if self.beta == "gls":
