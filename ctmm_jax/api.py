@@ -16,6 +16,7 @@ from .jackknife import donor_groups
 from .jackknife import jackknife as run_jackknife
 from .nulltest import fit_null
 from .results import FitResult
+from .robust import sandwich
 
 METHODS = ("ml", "reml", "he")
 INFORMATION = ("expected", "observed")
@@ -49,6 +50,7 @@ def fit(
     *,
     noise: str | None = None,
     jackknife: bool | int = False,
+    robust: bool = False,
     information: str = "expected",
     nonneg: bool = False,
     he_beta: str = "ols",
@@ -75,6 +77,9 @@ def fit(
             each of k groups of donors left out (the delete-m block jackknife: k fits per gene
             instead of N; jackknife.donor_groups), and add jackknife standard errors and Wald
             p values (`se_*_jk`, `p_*_jk`, design.md section 5).
+        robust: also add the donor-clustered sandwich standard errors and Wald p values
+            (`se_*_sw`, `p_*_sw`; robust.py): one evaluation per gene where the jackknife
+            refits N (or k) times. ML/REML without random covariates.
         information: "expected" (Fisher; as the original CTMM) or "observed" (autodiff Hessian
             of the NLL) for the standard errors and Wald tests of ML/REML.
         nonneg: constrain variances to be >= 0 (softplus; full V = L L^T). By default any
@@ -136,6 +141,11 @@ def fit(
         X_all = np.concatenate([data.P, covars.matrix], 1)[:, None]
     _check_design(X_all, n_var, name, list(covars.values))
     chunk_size = batching.memory_chunk(chunk_size, budget, blocks.working_bytes())
+    if robust and (method == "he" or random.values):
+        raise ValueError(
+            "robust=True: the sandwich needs ML or REML and no random covariates (their "
+            "kernels couple donors); use jackknife=k instead."
+        )
     groups = donor_groups(N, jackknife)
     if groups is not None and N - np.bincount(groups).max() <= n_par:
         left = N - np.bincount(groups).max()
@@ -162,11 +172,16 @@ def fit(
     jk = None
     if groups is not None:
         jk = run_jackknife(estimator, blocks, data.observed_donors, est, C, groups)
+    sw = None
+    if robust:
+        sw = sandwich(blocks, est, data.observed_donors.sum(1), model=model, C=C,
+                      reml=method == "reml", chunk_size=chunk_size)  # fmt: skip
     return FitResult.build(
         data, model, method, information, est, unidentified, n_par, jackknife=jk,
         covariates=covars, random=random, null=null, noise=noise,
         batching={"memory_budget": budget, "chunk_size": chunk_size,
                   "working_bytes_per_gene": blocks.working_bytes()},
+        robust=sw,
     )  # fmt: skip
 
 

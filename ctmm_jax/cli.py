@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="information matrix of the Wald tests (ml/reml): expected (Fisher, as the "
         "original) or observed (Hessian); default expected",
     )
+    p.add_argument("--robust", action="store_true",
+                   help="donor-clustered sandwich Wald tests too (ML/REML; one evaluation a "
+                   "gene instead of the jackknife's refits)")  # fmt: skip
     p.add_argument("--nonneg", action="store_true", help="constrain variances to be >= 0")
     p.add_argument(
         "--noise",
@@ -542,7 +545,8 @@ def run_fit(args) -> None:
     if data.n_cells is None and args.noise is None:
         print(f"ctmm-jax fit: warning: {noise.plugin_warning(data)}", file=sys.stderr)
     options = dict(noise=noise.resolve(data, args.noise),
-                   jackknife=args.jackknife, information=args.information, nonneg=args.nonneg,
+                   jackknife=args.jackknife, robust=args.robust,
+                   information=args.information, nonneg=args.nonneg,
                    chunk_size=args.chunk_size, max_iter=args.max_iter, tol=args.tol,
                    memory=args.memory)  # fmt: skip
     G = data.shape[0]

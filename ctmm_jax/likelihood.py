@@ -408,6 +408,25 @@ def moments(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Moments:
     return Moments(f.nll, f.cond, score, info, Q - info, f.beta, f.mme_inv[:p, :p])
 
 
+def donor_scores(phi: jax.Array, d: GeneData, reml: bool | jax.Array):
+    """Each donor's part of the score in the kernel weights and of GLS's estimating equation:
+    s_ik = 1/2 [tr((Pj)_ii E_ki) - u_i^T E_ki u_i] (N, n_kernels) and g_i = Z_i^T u_i (N, p),
+    which sum over donors to the score (`moments`) and to X^T Sigma^-1 (y - X beta) = 0. Without
+    random covariates only: their kernels couple donors. For the sandwich covariance
+    (robust.py); evaluated once per gene, on the general (Cholesky) path."""
+    f = factor(phi, d._replace(diag_j=None), reml)
+    N, b = d.y.shape
+    FU = d.donor_columns
+    q = f.S.shape[0]
+    Nj = jnp.where(reml, f.mme_inv, jnp.zeros((q, q)))
+    P = f.W - _projected_blocks(f.WX1, Nj, FU)
+    E = d.all_kernels()
+    E = jnp.broadcast_to(E, (E.shape[0], N, b, b))
+    s = 0.5 * (jnp.einsum("nab,knba->nk", P, E) - jnp.einsum("na,knab,nb->nk", f.u, E, f.u))
+    g = jnp.concatenate([jnp.einsum("nap,na->np", d.X, f.u), f.u.sum(1)[:, None] * FU], 1)
+    return s, g
+
+
 def _projected_blocks(WX1, Nj, FU):
     """H_i = (W Z Nj Z^T W)_ii = (W X)_i A (W X)_i^T + v_i w_i^T + w_i v_i^T + h_i w_i w_i^T with
     A the (p_b, p_b) block of Nj, v_i = (W X)_i Nj_bd d_i and h_i = d_i^T Nj_dd d_i."""

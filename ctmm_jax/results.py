@@ -13,6 +13,7 @@ from . import inference, models, status
 from .estimators import Estimates, final_status
 from .jackknife import Jackknife
 from .nulltest import NullFit
+from .robust import Sandwich
 from .status import Status
 
 JK_MAX_FAILED = 0.05  # jackknife p values need at least 95% of the replicates to end ok
@@ -42,6 +43,7 @@ COLUMNS: list[tuple[str, str, str, str]] = [
     ("status_null", "object", "outcome of the null model's fit (p_V is NaN unless ok)", ""),
     ("n_jk_failed", "int64", "jackknife replicates that did not end ok", "count"),
     ("<x>_jk", "", "<x> from the jackknife (donors, or groups of donors, left out)", "as <x>"),
+    ("<x>_sw", "", "<x> from the donor-clustered sandwich covariance", "as <x>"),
     ("ll", "float64", "GxEMM REML log-likelihood of the standardised trait", "nats"),
     ("p_ct_beta", "float64", "Wald F test of equal cell-type means", "p value"),
     ("p_hom2", "float64", "one-sided Wald t test of hom2 = 0", "p value"),
@@ -100,9 +102,10 @@ def _describe(column: str) -> tuple[str, str, str]:
         if "<x>" not in pattern:
             return dtype, meaning, units
         x = match.group(1)
-        if pattern == "<x>_jk":  # the jackknife version of another column
+        if pattern in ("<x>_jk", "<x>_sw"):  # the jackknife / sandwich version of another
             inner = _describe(x)
-            return inner[0], f"{inner[1]}, from the jackknife", inner[2]
+            how = "the jackknife" if pattern == "<x>_jk" else "the sandwich covariance"
+            return inner[0], f"{inner[1]}, from {how}", inner[2]
         if units == "as <x>":
             units = _describe(x)[2]
         return dtype, meaning.replace("<x>", x), units.replace("<x>", x)
@@ -170,6 +173,7 @@ class FitResult:
         cls, data, model, method, information, est: Estimates, unidentified, n_par: int,
         jackknife: Jackknife | None = None, covariates=None, random=None,
         null: NullFit | None = None, noise: str = "plugin", batching: dict | None = None,
+        robust: Sandwich | None = None,
     ) -> FitResult:  # fmt: skip
         G, N, C = data.shape
         cts = list(data.celltypes)
@@ -227,6 +231,12 @@ class FitResult:
             cols.update(_se_columns(columns, cts, jk_var, jk_beta, "_jk"))
             cols.update({f"p_{k}_jk": v for k, v in pvalues_jk.items()})
             cols["n_jk_failed"] = jackknife.n_failed
+        if robust is not None:
+            pv = inference.wald_pvalues(model, phi, robust.var_cov, ct_beta, robust.ct_beta_cov,
+                                        df)  # fmt: skip
+            cols.update(_se_columns(columns, cts, robust.var_cov, robust.ct_beta_cov, "_sw"))
+            cols.update({f"p_{k}_sw": np.where(codes == Status.OK, v, np.nan)
+                         for k, v in pv.items()})  # fmt: skip
         table = pd.DataFrame(cols, index=pd.Index(data.genes, name="gene"))
         table = _typed(with_qvalues(table))
         return cls(

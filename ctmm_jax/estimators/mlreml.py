@@ -120,6 +120,16 @@ def _finish_gene(theta, y, noise, mask, design, *, model, C, reml, nonneg, obser
     return GeneFit(phi, jnp.linalg.inv(info), m.beta, m.beta_cov, m.cond)
 
 
+def _meat_gene(phi, y, noise, mask, design, *, model, C, reml):
+    """sum_i s_i s_i^T of the donors' score contributions in phi (s_i = J^T s_w,i, J = dw/dphi;
+    likelihood.donor_scores) and sum_i g_i g_i^T of their GLS contributions."""
+    d = _gene(y, noise, mask, design)
+    weights = partial(models.kernel_weights, model=model, C=C)
+    s_w, g = likelihood.donor_scores(weights(phi), d, reml)
+    s = s_w @ jax.jacfwd(weights)(phi)
+    return s.T @ s, g.T @ g
+
+
 def _gls_gene(w, y, noise, mask, design):
     """GLS beta, its covariance and cond at kernel weights w (ML factor: no REML term)."""
     f = likelihood.factor(w, _gene(y, noise, mask, design), False)
@@ -159,6 +169,12 @@ def finish_chunk(theta, y, noise, mask, design, **keys) -> GeneFit:
     return over_genes(partial(_finish_gene, **keys), 4, design)(theta, y, noise, mask, design)
 
 
+@partial(jax.jit, static_argnames=("model", "C", "reml"))
+def meat_chunk(phi, y, noise, mask, design, **keys):
+    """The sandwich's meats of a batch (`_meat_gene`) at parameters phi (G, n_var)."""
+    return over_genes(partial(_meat_gene, **keys), 4, design)(phi, y, noise, mask, design)
+
+
 @jax.jit
 def gls_chunk(w, y, noise, mask, design):
     """GLS of a batch at kernel weights w (G, n_kernels + n_rand)."""
@@ -181,6 +197,17 @@ def gls(blocks: Blocks, problems: Problems, phi: np.ndarray, *, model: str, C: i
 
     def batch(i):
         return gls_chunk(jnp.asarray(w[i]), *_data(blocks, problems, i))
+
+    idx = np.arange(len(problems.gene))
+    return batching.map_batches(batch, idx, batching.bucket(len(idx), chunk_size))
+
+
+def meats(blocks: Blocks, problems: Problems, phi: np.ndarray, *, model, C, reml, chunk_size):
+    """(M_phi (P, n_var, n_var), M_beta (P, p, p)) of every problem at phi (`meat_chunk`)."""
+
+    def batch(i):
+        return meat_chunk(jnp.asarray(phi[i]), *_data(blocks, problems, i), model=model, C=C,
+                          reml=reml)  # fmt: skip
 
     idx = np.arange(len(problems.gene))
     return batching.map_batches(batch, idx, batching.bucket(len(idx), chunk_size))
