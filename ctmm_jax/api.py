@@ -15,6 +15,7 @@ from .estimators.mlreml import MaximumLikelihood
 from .jackknife import donor_groups
 from .jackknife import jackknife as run_jackknife
 from .nulltest import fit_null
+from .progress import Progress, fit_call
 from .results import FitResult
 from .robust import sandwich
 
@@ -51,6 +52,7 @@ def fit(
     noise: str | None = None,
     jackknife: bool | int = False,
     robust: bool = False,
+    progress: bool | Progress = False,
     information: str = "expected",
     nonneg: bool = False,
     he_beta: str = "ols",
@@ -80,6 +82,8 @@ def fit(
         robust: also add the donor-clustered sandwich standard errors and Wald p values
             (`se_*_sw`, `p_*_sw`; robust.py): one evaluation per gene where the jackknife
             refits N (or k) times. ML/REML without random covariates.
+        progress: show a progress bar on stderr (True), or advance the given
+            progress.Progress (the CLI's, over several calls); its ETA counts run time only.
         information: "expected" (Fisher; as the original CTMM) or "observed" (autodiff Hessian
             of the NLL) for the standard errors and Wald tests of ML/REML.
         nonneg: constrain variances to be >= 0 (softplus; full V = L L^T). By default any
@@ -154,6 +158,42 @@ def fit(
             f"{n_par} parameters; the jackknife needs more donors than parameters: use more "
             "donors, more groups or a smaller model."
         )
+    spec = models.get(model)
+    refits_null = method != "he" and spec.null is not None
+    bar = Progress(G, f"{model} {method}") if progress is True else (progress or None)
+    with fit_call(bar, G, 1 + refits_null + (groups is not None)):
+        result = _fit(data, model, method, blocks, covars, random, s2_var, noise, groups, n_par,
+                      information=information, nonneg=nonneg, he_beta=he_beta,
+                      chunk_size=chunk_size, max_iter=max_iter, tol=tol, robust=robust,
+                      budget=budget)  # fmt: skip
+    if progress is True:
+        bar.close()
+    return result
+
+
+def _fit(
+    data,
+    model,
+    method,
+    blocks,
+    covars,
+    random,
+    s2_var,
+    noise,
+    groups,
+    n_par,
+    *,
+    information,
+    nonneg,
+    he_beta,
+    chunk_size,
+    max_iter,
+    tol,
+    robust,
+    budget,
+) -> FitResult:
+    """The estimators behind `fit`, on validated inputs."""
+    G, N, C = data.shape
     estimator = _estimator(
         method, model, C, information=information, nonneg=nonneg, he_beta=he_beta,
         chunk_size=int(chunk_size), max_iter=int(max_iter), tol=float(tol),

@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-genes",
         type=int,
         default=2048,
-        help="genes per fit call (progress bar step; default 2048)",
+        help="genes per fit call (default 2048)",
     )
     p.add_argument(
         "--chunk-size",
@@ -524,8 +524,6 @@ def _load_data(args):
 
 
 def run_fit(args) -> None:
-    from tqdm import tqdm
-
     _check_output(args.output)
     _use_cache(args.cache)
     for flag in ("batch_genes", "chunk_size", "max_iter"):
@@ -538,6 +536,7 @@ def run_fit(args) -> None:
     random = dict(_read_covariate(s, "--random") for s in args.random)
     from . import noise
     from .api import fit  # imports JAX: after the quick checks of the inputs
+    from .progress import Progress
     from .results import column_dictionary, with_qvalues
 
     if data.n_cells is None and args.noise == "pooled":
@@ -552,14 +551,15 @@ def run_fit(args) -> None:
     G = data.shape[0]
     start = time.perf_counter()
     tables = []
-    with tqdm(total=G, unit="gene", disable=args.quiet or G <= args.batch_genes,
-              desc=f"{args.shape} {args.model} {args.method}") as bar:  # fmt: skip
+    bar = Progress(G, f"{args.shape} {args.model} {args.method}", enabled=not args.quiet)
+    try:
         for lo in range(0, G, args.batch_genes):
             part = data.select_genes(slice(lo, lo + args.batch_genes))
-            result = fit(part, args.model, args.method, **options,
+            result = fit(part, args.model, args.method, **options, progress=bar,
                          fixed_covars=fixed or None, random_covars=random or None)  # fmt: skip
             tables.append(result.table)
-            bar.update(part.shape[0])
+    finally:
+        bar.close()
     table = with_qvalues(pd.concat(tables))  # q values over all the genes, not per batch
     seconds = time.perf_counter() - start
     meanings = column_dictionary(table.columns).set_index("column")["meaning"]

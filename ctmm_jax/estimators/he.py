@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import batching
+from .. import batching, progress
 from ..blocks import Blocks, Design
 from ..status import Status
 from . import Estimates, Problems
@@ -219,5 +219,6 @@ class MethodOfMoments:
             )
         finite = np.all(np.isfinite(phi), axis=1) & np.all(np.isfinite(beta), axis=1)
         P = len(problems.gene)
+        progress.report(P, P)
         outcome = np.where(finite, Status.OK, Status.NOT_FINITE)
         return Estimates(phi, None, beta, None, None, np.zeros(P, int), outcome, cond)

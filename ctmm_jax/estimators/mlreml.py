@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import batching, likelihood, models
+from .. import batching, likelihood, models, progress
 from ..blocks import Blocks, Design, residual_variance, start_values
 from ..likelihood import GeneData
 from ..optimize import MAX_HALVINGS, OptState, fisher_scoring, init_state
@@ -263,9 +263,12 @@ class MaximumLikelihood:
             return init_chunk(y, noise, mask, phi0, design, **keys)
 
         state = batching.map_batches(init, np.arange(n_prob), size)
+        reported = 0
         while True:
             active = np.isin(state.status, (Status.RUNNING, Status.STALLED))
             active &= state.n_iter < self.max_iter
+            progress.report(n_prob - int(active.sum()) - reported, n_prob)
+            reported = n_prob - int(active.sum())
             stalled = np.flatnonzero(active & (state.status == Status.STALLED))
             running = np.flatnonzero(active & (state.status == Status.RUNNING))
             if len(running) + len(stalled) == 0:
