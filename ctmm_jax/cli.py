@@ -461,7 +461,8 @@ def run_pseudobulk(args) -> None:
             import anndata
         except ImportError:
             raise ImportError('reading .h5ad needs: pip install "ctmm_jax[anndata]".') from None
-        pb = preprocess.from_anndata(anndata.read_h5ad(source), layer=args.layer, **kw)
+        adata = anndata.read_h5ad(source, backed="r")  # streamed: never all in memory
+        pb = preprocess.from_anndata(adata, layer=args.layer, **kw)
     else:
         if args.cells is None:
             raise UserError("--cells: give the cell table (donor and cell type of each cell).")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -189,13 +190,35 @@ def _csc_columns(X, j0: int, j1: int) -> sparse.csc_matrix:
 
 
 def _column_blocks(X, chunk_size: int) -> Iterator[tuple[slice, object]]:
-    """(columns, float64 block) over chunks of `chunk_size` genes: sparse blocks stay sparse."""
+    """(columns, float64 block) over chunks of `chunk_size` genes: sparse blocks stay sparse
+    (also those read from a backed sparse matrix)."""
     for j in range(0, X.shape[1], chunk_size):
         cols = slice(j, min(j + chunk_size, X.shape[1]))
         if sparse.issparse(X):
             yield cols, _csc_columns(X, cols.start, cols.stop)
+            continue
+        block = X[:, cols]
+        if sparse.issparse(block):
+            block = sparse.csc_matrix(block, dtype=np.float64)
+            block.sum_duplicates()
+            yield cols, block
         else:
-            yield cols, np.asarray(X[:, cols], dtype=np.float64)
+            yield cols, np.asarray(block, dtype=np.float64)
+
+
+def _backed_format(X) -> str | None:
+    """'csr' or 'csc' for a sparse matrix on disk (anndata's backed datasets), else None."""
+    fmt = getattr(X, "format", None)
+    if not sparse.issparse(X) and hasattr(X, "to_memory") and fmt in ("csr", "csc"):
+        return fmt
+    return None
+
+
+def _row_blocks(X, size: int) -> Iterator[tuple[slice, object]]:
+    """(rows, block) over blocks of `size` cells of a row-sliceable matrix."""
+    for i in range(0, X.shape[0], size):
+        rows = slice(i, min(i + size, X.shape[0]))
+        yield rows, X[rows]
 
 
 def _square(block):
@@ -210,23 +233,43 @@ def _dense(a) -> np.ndarray:
 
 
 def _group_moments(X, At, chunk_size: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-    """Per-group sums S = A X and sums of squares Q = A (X * X), one chunk of genes at a time.
-
-    Computed as (X_chunk^T At)^T: a CSC chunk's transpose is CSR, so the sparse product needs no
-    format conversion of the chunk.
+    """Per-group sums S = (A X)^T and sums of squares Q = (A (X * X))^T, gene by group, one
+    chunk of genes at a time (a CSC chunk's transpose is CSR, so the sparse product needs no
+    format conversion of the chunk).
 
     Args:
         X: (cells, G) canonical scipy.sparse CSC (no duplicate entries), or a dense array.
         At: (cells, groups) CSR indicator A^T.
     Returns:
-        S, Q: (groups, G). Temporaries are (cells, chunk_size) at most: a sparse block's
+        S, Q: (G, groups). Temporaries are (cells, chunk_size) at most: a sparse block's
         nonzeros, or a dense block and its square.
     """
-    S = np.empty((At.shape[1], X.shape[1]))
-    Q = np.empty((At.shape[1], X.shape[1]))
+    S = np.empty((X.shape[1], At.shape[1]))
+    Q = np.empty((X.shape[1], At.shape[1]))
     for cols, block in _column_blocks(X, chunk_size):
-        S[:, cols] = _dense(block.T @ At).T
-        Q[:, cols] = _dense(_square(block).T @ At).T
+        S[cols] = _dense(block.T @ At)
+        Q[cols] = _dense(_square(block).T @ At)
+    return S, Q
+
+
+def _row_moments(rows: Iterator, At, G: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_group_moments` over blocks of cells (rows) instead of genes, for a matrix streamed
+    from disk by rows (a backed CSR .h5ad): rows yields (row slice, (cells, G) block); each
+    block's sums are added into S and Q (G, groups), so only one block is in memory."""
+    S = np.zeros((G, At.shape[1]))
+    Q = np.zeros((G, At.shape[1]))
+    for rs, block in rows:
+        A = At[rs]
+        if sparse.issparse(block):
+            block = sparse.csr_matrix(block, dtype=np.float64)
+            block.sum_duplicates()
+            for out, b in ((S, block), (Q, block.multiply(block))):
+                prod = (b.T @ A).tocoo()  # (G, groups), no duplicate entries
+                out[prod.row, prod.col] += prod.data
+        else:
+            block = np.asarray(block, dtype=np.float64)
+            S += _dense(A.T @ block).T
+            Q += _dense(A.T @ block**2).T
     return S, Q
 
 
@@ -238,15 +281,32 @@ def _cell_stats(S: np.ndarray, Q: np.ndarray, n: np.ndarray) -> tuple[np.ndarray
     negative when all the group's values are equal).
 
     Args:
-        S, Q: (..., G) sums and sums of squares; n: (...) group sizes.
+        S, Q: (..., groups) sums and sums of squares; n: (groups,) group sizes.
     Returns:
-        mean: (..., G), NaN where n = 0; ctnu: (..., G), NaN where n < 2 (undefined).
+        mean: NaN where n = 0; ctnu: NaN where n < 2 (undefined); both shaped as S.
     """
-    n = np.broadcast_to(n[..., None], S.shape).astype(np.float64)
+    n = np.broadcast_to(n, S.shape).astype(np.float64)
     mean = np.divide(S, n, out=np.full(S.shape, np.nan), where=n > 0)
     ss = np.maximum(Q - S * np.where(n > 0, mean, 0.0), 0.0)
     ctnu = np.divide(ss, (n - 1) * n, out=np.full(S.shape, np.nan), where=n > 1)
     return mean, ctnu
+
+
+def _finish(S, Q, counts, ct_cut: int, chunk_size: int):
+    """ctp, ctnu (G, N, C), op, nu (G, N), P and mask from the moments S, Q (G, N C), written
+    over S and Q chunk by chunk of genes (no second copy of the (G, N, C) arrays)."""
+    (N, C), G = counts.shape, S.shape[0]
+    P = counts / counts.sum(axis=1, keepdims=True)
+    mask = counts > max(ct_cut, 1)
+    n, m = counts.ravel(), mask.ravel()
+    op, nu = np.empty((G, N)), np.empty((G, N))
+    for j in range(0, G, chunk_size):
+        rows = slice(j, min(j + chunk_size, G))
+        mean, ctnu = _cell_stats(S[rows], Q[rows], n)
+        op[rows] = np.einsum("gnc,nc->gn", np.where(n > 0, mean, 0.0).reshape(-1, N, C), P)
+        nu[rows] = np.einsum("gnc,nc->gn", np.where(n > 1, ctnu, 0.0).reshape(-1, N, C), P**2)
+        S[rows], Q[rows] = np.where(m, mean, np.nan), np.where(m, ctnu, np.nan)
+    return S.reshape(G, N, C), Q.reshape(G, N, C), op, nu, P, mask
 
 
 def pseudobulk(
@@ -259,6 +319,7 @@ def pseudobulk(
     ind_cut: int = 0,
     ct_cut: int = 0,
     chunk_size: int = 2000,
+    cell_block: int = 100_000,
 ) -> Pseudobulk:
     """Cell type-specific and overall pseudobulk of single-cell expression, as the original CTMM.
 
@@ -283,6 +344,9 @@ def pseudobulk(
             as str and sorted as str).
         genes: (G,) gene names; default "gene0", "gene1", ...
         chunk_size: genes per chunk; bounds the temporaries (see `_group_moments`).
+        cell_block: cells per block when X is a backed CSR matrix (anndata's backed mode),
+            which is streamed from disk by rows (`_row_moments`): memory is then the
+            (G, N C) sums plus one block, whatever the number of cells.
     Returns:
         Pseudobulk with ctp, ctnu: (G, N, C); counts, P, mask: (N, C); op, nu: (G, N).
     """
@@ -290,7 +354,11 @@ def pseudobulk(
         genes = list(X.columns) if genes is None else genes
         X = X.sparse.to_coo() if all(isinstance(t, pd.SparseDtype) for t in X.dtypes) else (
             X.to_numpy(np.float64))  # fmt: skip
-    X = _as_matrix(X)
+    rows = None
+    if _backed_format(X) == "csr":
+        rows = partial(_row_blocks, X)
+    else:
+        X = _as_matrix(X)
     n_cells, G = X.shape
     if not isinstance(cells, pd.DataFrame):
         raise ValueError(f"cells: expected a pandas DataFrame, got {type(cells).__name__}.")
@@ -299,8 +367,8 @@ def pseudobulk(
             f"cells: has {len(cells)} rows but X has {n_cells} rows (cells); give one row per "
             "cell, in X's row order."
         )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}.")
+    if chunk_size < 1 or cell_block < 1:
+        raise ValueError(f"chunk_size, cell_block: must be >= 1, got {chunk_size}, {cell_block}.")
     gene_names = _gene_names(genes, G)
     donor_of = _labels(cells, donor, "donor")
     type_of = _labels(cells, cell_type, "cell_type")
@@ -320,25 +388,18 @@ def pseudobulk(
     At = sparse.csr_matrix(
         (np.ones(len(group)), (np.flatnonzero(keep), group)), shape=(n_cells, N * C)
     )
-    S, Q = _group_moments(X, At, chunk_size)
+    if rows is None:
+        S, Q = _group_moments(X, At, chunk_size)
+    else:
+        S, Q = _row_moments(rows(cell_block), At, G)
     counts = np.bincount(group, minlength=N * C).reshape(N, C)
-    mean, ctnu = _cell_stats(S.reshape(N, C, G), Q.reshape(N, C, G), counts)
-    mean, ctnu = mean.transpose(2, 0, 1), ctnu.transpose(2, 0, 1)  # (G, N, C)
-
-    P = counts / counts.sum(axis=1, keepdims=True)
-    mask = counts > max(ct_cut, 1)
+    ctp, ctnu, op, nu, P, mask = _finish(S, Q, counts, ct_cut, chunk_size)
     return Pseudobulk(
         genes=gene_names,
         donors=tuple(str(x) for x in donors),
         celltypes=tuple(str(x) for x in cell_types),
-        ctp=np.where(mask, mean, np.nan),
-        ctnu=np.where(mask, ctnu, np.nan),
-        counts=counts,
-        P=P,
-        op=np.einsum("gnc,nc->gn", np.where(counts > 0, mean, 0.0), P),
-        nu=np.einsum("gnc,nc->gn", np.where(counts > 1, ctnu, 0.0), P**2),
-        mask=mask,
-    )
+        ctp=ctp, ctnu=ctnu, counts=counts, P=P, op=op, nu=nu, mask=mask,
+    )  # fmt: skip
 
 
 def std(pb: Pseudobulk) -> Pseudobulk:
@@ -354,7 +415,7 @@ def std(pb: Pseudobulk) -> Pseudobulk:
         raise ValueError("std: needs at least 2 donors to estimate each gene's sd.")
     m = pb.op.mean(axis=1, keepdims=True)
     s = pb.op.std(axis=1, ddof=1, keepdims=True)
-    flat = ~(s[:, 0] > 0)
+    flat = ~(s[:, 0] > 1e-12 * np.abs(m[:, 0]))  # constant up to rounding
     if flat.any():
         raise ValueError(
             f"std: OP is constant across donors for {int(flat.sum())} genes (first "
@@ -373,9 +434,9 @@ def from_anndata(
     adata, *, donor: str = "donor", cell_type: str = "cell_type", layer: str | None = None, **kw
 ) -> Pseudobulk:
     """`pseudobulk` of an AnnData: X = adata.X (or adata.layers[layer]), cells = adata.obs,
-    genes = adata.var_names. A backed sparse X is read into memory still sparse (`to_memory`);
-    a backed dense X is read one chunk of genes at a time. anndata itself is not imported.
-    `kw` go to `pseudobulk` (ind_cut, ct_cut, chunk_size)."""
+    genes = adata.var_names. A backed X (anndata.read_h5ad(path, backed="r")) is streamed from
+    disk: CSR by blocks of cells, CSC and dense by chunks of genes. anndata itself is not
+    imported. `kw` go to `pseudobulk` (ind_cut, ct_cut, chunk_size, cell_block)."""
     if layer is None:
         X = adata.X
     elif layer in adata.layers:
@@ -384,8 +445,6 @@ def from_anndata(
         raise ValueError(
             f"layer: {layer!r} is not in adata.layers (has {list(adata.layers.keys())})."
         )
-    if not sparse.issparse(X) and hasattr(X, "to_memory"):
-        X = X.to_memory()
     return pseudobulk(
         X, adata.obs, donor=donor, cell_type=cell_type, genes=list(adata.var_names), **kw
     )

@@ -329,11 +329,22 @@ def test_from_anndata(data):
     assert_same(by_name, expected)
 
 
-def test_from_anndata_reads_a_backed_sparse_x(data):
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
+def test_from_anndata_streams_a_backed_file(data, fmt, tmp_path):
+    """A backed .h5ad is read from disk in pieces (CSR: blocks of cells, here of 50; CSC and
+    dense: chunks of genes) and gives the in-memory result."""
+    anndata = pytest.importorskip("anndata")
     X, cells = data
-    backed = SimpleNamespace(shape=X.shape, to_memory=lambda: sparse.csr_matrix(X))
-    expected = pseudobulk(X, cells, genes=[f"g{j}" for j in range(G)])
-    assert_same(from_anndata(stand_in_anndata(backed, cells)), expected)
+    stored = X.astype(np.float32) if fmt == "dense" else getattr(sparse, f"{fmt}_matrix")(X)
+    path = tmp_path / "cells.h5ad"
+    obs = cells.astype(str).set_axis(cells.index.astype(str))
+    anndata.AnnData(
+        stored, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(G)])
+    ).write_h5ad(path)
+    backed = anndata.read_h5ad(path, backed="r")
+    expected = pseudobulk(np.asarray(stored, dtype=np.float64) if fmt == "dense" else X, cells,
+                          genes=[f"g{j}" for j in range(G)])  # fmt: skip
+    assert_same(from_anndata(backed, cell_block=50, chunk_size=3), expected, rtol=1e-12)
 
 
 def test_from_anndata_missing_layer(data):
@@ -372,7 +383,7 @@ def test_bad_input(data, change, match):
     [
         ({"genes": ["a", "b"]}, r"genes: got 2 names but X has 7 columns"),
         ({"ind_cut": 75}, r"ind_cut: no donor left; .*ind_cut=75 .*the most is 75"),
-        ({"chunk_size": 0}, "chunk_size: must be >= 1"),
+        ({"chunk_size": 0}, "chunk_size, cell_block: must be >= 1"),
     ],
 )
 def test_bad_options(data, kw, match):
