@@ -319,7 +319,7 @@ def pseudobulk(
     ind_cut: int = 0,
     ct_cut: int = 0,
     chunk_size: int = 2000,
-    cell_block: int = 100_000,
+    cell_block: int = 20_000,
 ) -> Pseudobulk:
     """Cell type-specific and overall pseudobulk of single-cell expression, as the original CTMM.
 

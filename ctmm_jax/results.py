@@ -223,7 +223,9 @@ class FitResult:
         pvalues_jk = None
         if jackknife is not None:
             jk_var, jk_beta = jackknife.var_cov, jackknife.ct_beta_cov
-            pvalues_jk = inference.wald_pvalues(model, phi, jk_var, ct_beta, jk_beta, df)
+            # k groups give the covariance k - 1 degrees of freedom (leave one out: N - 1)
+            df_jk = np.minimum(df, jackknife.present.sum(axis=1) - 1)
+            pvalues_jk = inference.wald_pvalues(model, phi, jk_var, ct_beta, jk_beta, df_jk)
             trusted = (codes == Status.OK) & (
                 jackknife.n_failed <= JK_MAX_FAILED * jackknife.present.sum(axis=1)
             )

@@ -124,8 +124,10 @@ def test_jackknife_needs_enough_donors():
     data = small_data("ctp", N=9, C=3)  # free: n_par = 7, N - 1 = 8 > 7 fine; hom fine
     cj.fit(data, "free", "he", jackknife=True)
     data = small_data("ctp", N=8, C=3)  # N - 1 = 7 <= 7
-    with pytest.raises(ValueError, match="jackknife: leaving a donor out leaves N - 1 = 7"):
+    with pytest.raises(ValueError, match="leaving a group of donors out leaves 7 donors for"):
         cj.fit(data, "free", "he", jackknife=True)
+    with pytest.raises(ValueError, match="leaves 4 donors for n_par = 7"):  # groups of 5
+        cj.fit(small_data("ctp", N=9, C=3), "free", "he", jackknife=2)
 
 
 def test_he_bad_option():

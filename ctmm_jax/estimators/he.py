@@ -33,6 +33,8 @@ from ..status import Status
 from . import Estimates, Problems
 from .mlreml import gls, over_genes
 
+NORMALS_BATCH = 16  # jackknife replicates whose normal equations are computed together
+
 
 class Normal(NamedTuple):
     """Design-only pieces of HE: QtQ (k, k), diag_MKM (k, N, b) = the diagonals of the blocks
@@ -120,11 +122,13 @@ def he_jackknife_chunk(y, noise, design, keep) -> HEFit:
     """Jackknife HE for a batch of genes: (G, R, k) and (G, R, p) for the R replicates of
     keep (R, N) (1: donor kept; leave-one-out: 1 - I_N).
 
-    The shared normal equations of all replicates are computed first (vmapped), then the genes
-    are solved replicate by replicate (lax.map keeps memory at one replicate's residuals)."""
+    The shared normal equations of all replicates are computed first (NORMALS_BATCH at a
+    time), then the genes are solved replicate by replicate (lax.map keeps memory at one
+    replicate's residuals)."""
     b = y.shape[-1]
     masks = jnp.repeat(keep[:, :, None], b, axis=2)  # (R, N, b)
-    normals = jax.vmap(normal, (None, 0))(design, masks)
+    # a few replicates at a time: each normal() holds the kernels of every donor (K N b^2)
+    normals = jax.lax.map(partial(normal, design), masks, batch_size=NORMALS_BATCH)
 
     def replicate(args):
         m, nm = args
