@@ -117,23 +117,29 @@ def he_chunk(y, noise, design) -> HEFit:
     return he_genes(y, noise, design, normal(design))
 
 
-@jax.jit
-def he_jackknife_chunk(y, noise, design, keep) -> HEFit:
-    """Jackknife HE for a batch of genes: (G, R, k) and (G, R, p) for the R replicates of
-    keep (R, N) (1: donor kept; leave-one-out: 1 - I_N).
+def _replicate_masks(keep, b: int):
+    return jnp.repeat(keep[:, :, None], b, axis=2)  # (R, N, b)
 
-    The shared normal equations of all replicates are computed first (NORMALS_BATCH at a
-    time), then the genes are solved replicate by replicate (lax.map keeps memory at one
-    replicate's residuals)."""
-    b = y.shape[-1]
-    masks = jnp.repeat(keep[:, :, None], b, axis=2)  # (R, N, b)
-    # a few replicates at a time: each normal() holds the kernels of every donor (K N b^2)
-    normals = jax.lax.map(partial(normal, design), masks, batch_size=NORMALS_BATCH)
+
+@jax.jit
+def jackknife_normals(design, keep) -> Normal:
+    """The shared normal equations of the R replicates of keep (R, N) (1: donor kept;
+    leave-one-out: 1 - I_N), NORMALS_BATCH at a time (each holds every donor's kernels)."""
+    masks = _replicate_masks(keep, design.X.shape[1])
+    return jax.lax.map(partial(normal, design), masks, batch_size=NORMALS_BATCH)
+
+
+@jax.jit
+def he_jackknife_chunk(y, noise, design, keep, normals: Normal) -> HEFit:
+    """Jackknife HE for a batch of genes: (G, R, k) and (G, R, p) for the R replicates of
+    keep with their normal equations (`jackknife_normals`, computed once for all batches),
+    solved replicate by replicate (lax.map keeps memory at one replicate's residuals)."""
 
     def replicate(args):
         m, nm = args
         return he_genes(y, noise, design, nm, m)
 
+    masks = _replicate_masks(keep, y.shape[-1])
     fits = jax.lax.map(replicate, (masks, normals))  # leading replicate axis
     return HEFit(jnp.swapaxes(fits.phi, 0, 1), jnp.swapaxes(fits.beta, 0, 1))
 
@@ -157,7 +163,7 @@ he_chunk_per_gene = jax.jit(_he_per_gene)
 def he_jackknife_chunk_per_gene(y, noise, mask, design, keep) -> HEFit:
     """`he_jackknife_chunk` with per-gene masks or designs: replicate r multiplies every gene's
     mask by keep[r] (lax.map over replicates, vmap over genes)."""
-    reps = jnp.repeat(keep[:, :, None], y.shape[-1], axis=2)
+    reps = _replicate_masks(keep, y.shape[-1])
     fits = jax.lax.map(lambda rep: _he_per_gene(y, noise, mask * rep, design), reps)
     return HEFit(jnp.swapaxes(fits.phi, 0, 1), jnp.swapaxes(fits.beta, 0, 1))
 
@@ -173,8 +179,11 @@ def run_he_jackknife(
     """Jackknife HE for genes of `blocks`: phi (P, R, k), beta (P, R, p) for the replicates of
     keep (R, N) (Problems.kept)."""
     keep = jnp.asarray(keep)
-    shared = partial(he_jackknife_chunk, keep=keep)
     per_gene = partial(he_jackknife_chunk_per_gene, keep=keep)
+    if blocks.mask is not None or blocks.per_gene:  # `_run` takes the per-gene path
+        return _run(None, per_gene, blocks, genes, chunk_size)
+    normals = jackknife_normals(blocks.design(), keep)
+    shared = partial(he_jackknife_chunk, keep=keep, normals=normals)
     return _run(shared, per_gene, blocks, genes, chunk_size)
 
 
