@@ -184,15 +184,17 @@ def test_fit_options_reach_the_library_and_the_sidecar(run_dir, tmp_path, monkey
     def fake_fit(data, model, method, **options):  # records the options, fits nothing
         calls.append((model, method, options))
         genes = pd.Index(data.genes, name="gene")
-        return SimpleNamespace(table=pd.DataFrame({"converged": True}, index=genes))
+        table = pd.DataFrame({"converged": True}, index=genes)
+        return SimpleNamespace(table=table, batching={"chunk_size": options["chunk_size"]})
 
     monkeypatch.setattr("ctmm_jax.api.fit", fake_fit)
     out = tmp_path / "x.tsv"
     options = ["--information", "observed", "--nonneg", "--max-iter", "7", "--tol", "1e-6",
-               "--chunk-size", "16"]  # fmt: skip
+               "--chunk-size", "16", "--memory", "1GB", "--jackknife", "5", "--robust"]  # fmt: skip
     assert main(["fit", "-q", str(run_dir / "pb.npz"), "--model", "hom", *options,
                  "-o", str(out)]) == 0  # fmt: skip
-    expected = dict(information="observed", nonneg=True, max_iter=7, tol=1e-6, chunk_size=16)
+    expected = dict(information="observed", nonneg=True, max_iter=7, tol=1e-6, chunk_size=16,
+                    memory="1GB", jackknife=5, robust=True)  # fmt: skip
     model, method, passed = calls[0]
     assert (model, method) == ("hom", "reml") and passed.items() >= expected.items()
     assert json.loads(Path(f"{out}.json").read_text()).items() >= expected.items()
