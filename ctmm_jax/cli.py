@@ -360,7 +360,7 @@ def _read_covariate(spec: str, option: str):
         and table.shape[1] == 1
         and not pd.api.types.is_numeric_dtype(table.iloc[:, 0])
     ):
-        return name, table.iloc[:, 0].astype(str)  # labels: one-hot encoded by the fit
+        return name, table.iloc[:, 0]  # labels: one-hot encoded by the fit (NA refused there)
     return name, table
 
 

@@ -452,6 +452,12 @@ class Covariates:
             v = covars[name]
             what = f"{kind} covariate {name!r}"
             if kind == "random" and isinstance(v, pd.Series) and not pd.api.types.is_float_dtype(v):
+                if v.isna().any():  # not a level of its own: the user decides what they are
+                    raise ValueError(
+                        f"{what}: no label for donor(s) {list(v.index[v.isna()].astype(str)[:5])}"
+                        "; give them a label (their own level, if that is what they are) or "
+                        "drop those donors."
+                    )
                 v = pd.get_dummies(v.astype(str), dtype=float)
             if isinstance(v, pd.Series):
                 v = v.to_frame()

@@ -4,6 +4,7 @@ and HE against the dense stacked covariance; jackknife = delete-a-donor; validat
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 import reference
 from helpers import CLOSED_FORM, METHODS, MODELS, OPTIMIZER, SHAPES, random_phi, small_data
@@ -161,3 +162,12 @@ def pd_series(values, index):
 def test_bad_random_covariates(covars, message):
     with pytest.raises(ValueError, match=message):
         cj.fit(small_data("ctp", G=1, N=20, C=3), "hom", "reml", random_covars=covars)
+
+
+def test_missing_random_labels_are_refused():
+    """A donor without a label is not a level of its own (None, NaN or the CLI's NA)."""
+    data = small_data("ctp", N=20)
+    labels = pd.Series(["a", "b"] * 10, index=list(data.donors), dtype=object)
+    labels.iloc[3] = None
+    with pytest.raises(ValueError, match=r"random covariate 'batch': no label for donor\(s\) \["):
+        cj.fit(data, "hom", random_covars={"batch": labels})
