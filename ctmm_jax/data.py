@@ -31,12 +31,28 @@ def _names(names: Sequence | None, n: int, prefix: str, what: str) -> tuple[str,
 
 def _as_float(x, name: str, ndim: int) -> np.ndarray:
     try:
-        a = np.asarray(x, dtype=np.float64)
+        raw = np.asarray(x)
+        complex_values = np.iscomplexobj(raw)
+        a = raw.real.astype(np.float64) if complex_values else raw.astype(np.float64)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name}: could not be read as numbers ({e}).") from None
+    if complex_values:
+        raise ValueError(f"{name}: has complex values; give real numbers.")
     if a.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {a.shape}.")
     return a
+
+
+def _check_sizes(G: int, C: int) -> None:
+    """At least one gene, and two cell types: with one, hom2 J + V is one variance and CTMM's
+    parts are not identified."""
+    if G == 0:
+        raise ValueError("the data have no genes (G = 0); select at least one gene.")
+    if C < 2:
+        raise ValueError(
+            f"the data have {C} cell type(s); CTMM separates variance shared by cell types "
+            "(hom2) from cell type-specific variance (V), which needs at least 2 cell types."
+        )
 
 
 def _where(bad: np.ndarray, axes: Sequence[tuple[str, Sequence[str]]]) -> str:
@@ -147,6 +163,7 @@ class CTPData:
 
     def __post_init__(self):
         G, N, C = self.Y.shape
+        _check_sizes(G, C)
         if self.ctnu.shape != self.Y.shape:
             raise ValueError(f"ctnu: shape {self.ctnu.shape} does not match Y's {self.Y.shape}.")
         if self.P.shape != (N, C):
@@ -301,6 +318,7 @@ class OPData:
             raise ValueError(f"nu: shape {self.nu.shape} does not match y's {self.y.shape}.")
         if self.P.shape[0] != N:
             raise ValueError(f"P: has {self.P.shape[0]} rows (donors) but y has {N} donors.")
+        _check_sizes(G, self.P.shape[1])
         axes = [("gene", self.genes), ("donor", self.donors)]
         _check_finite(self.y, "y", axes)
         _check_finite(self.nu, "nu", axes)

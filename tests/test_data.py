@@ -121,3 +121,17 @@ def test_simulate_is_seeded():
 def test_example_dataset_loads():
     d = cj.load_example()
     assert d.shape == (40, 80, 4)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda Y, ctnu, P: (Y[:, :, :1], ctnu[:, :, :1], P[:, :1] / P[:, :1]), "1 cell type"),
+        (lambda Y, ctnu, P: (Y[:0], ctnu[:0], P), r"no genes \(G = 0\)"),
+        (lambda Y, ctnu, P: (Y + 1j, ctnu, P), "Y: has complex values"),
+    ],
+)
+def test_sizes_and_complex_values_are_refused(change, message):
+    data = cj.simulate(2, 12, 3, seed=0)
+    with pytest.raises(ValueError, match=message):
+        cj.CTPData.from_arrays(*change(data.Y, data.ctnu, data.P))
