@@ -120,8 +120,8 @@ def fit(
         raise ValueError(f"information={information!r}: use 'expected' or 'observed'.")
     if he_beta not in ("ols", "gls"):
         raise ValueError(f"he_beta={he_beta!r}: use 'ols' or 'gls'.")
-    if int(chunk_size) < 1 or int(max_iter) < 1 or not tol > 0:
-        raise ValueError("chunk_size and max_iter must be >= 1 and tol > 0.")
+    _check_options(chunk_size=chunk_size, max_iter=max_iter, tol=tol,
+                   fixed_covars=fixed_covars, random_covars=random_covars)  # fmt: skip
     budget = batching.parse_memory(batching.DEFAULT_MEMORY if memory is None else memory)
     if not jax.config.jax_enable_x64:
         raise ValueError(
@@ -223,6 +223,21 @@ def _fit(
                   "working_bytes_per_gene": blocks.working_bytes()},
         robust=sw,
     )  # fmt: skip
+
+
+def _check_options(*, chunk_size, max_iter, tol, fixed_covars, random_covars) -> None:
+    """ValueError naming the option: whole numbers >= 1, tol > 0, covariates as dicts."""
+    for name, value in (("chunk_size", chunk_size), ("max_iter", max_iter)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name}={value!r}: give a whole number >= 1.")
+    if isinstance(tol, bool) or not isinstance(tol, int | float | np.number) or not tol > 0:
+        raise ValueError(f"tol={tol!r}: give a number > 0.")
+    for name, value in (("fixed_covars", fixed_covars), ("random_covars", random_covars)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(
+                f"{name}: expected a dict of name -> covariate (e.g. {{'pca': pcs}}), got "
+                f"{type(value).__name__}."
+            )
 
 
 def _estimator(method, model, C, *, information, nonneg, he_beta, chunk_size, max_iter, tol):

@@ -201,3 +201,18 @@ def test_scale_equivariance(shape, method):
     assert_allclose(r1.phi, a**2 * r0.phi, rtol=1e-6)
     assert_allclose(r1.beta, a * r0.beta, rtol=1e-6)
     assert_allclose(r1.table.p_ct_beta, r0.table.p_ct_beta, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(chunk_size="x"), r"chunk_size='x': give a whole number >= 1"),
+        (dict(max_iter=0), r"max_iter=0: give a whole number >= 1"),
+        (dict(tol="small"), r"tol='small': give a number > 0"),
+        (dict(fixed_covars=[1, 2]), r"fixed_covars: expected a dict of name -> covariate"),
+        (dict(random_covars="batch.tsv"), r"random_covars: expected a dict"),
+    ],
+)
+def test_options_are_checked_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cj.fit(small_data("ctp"), "hom", **kwargs)
