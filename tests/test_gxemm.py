@@ -178,6 +178,7 @@ def test_bad_input_is_refused_before_fitting():
         (dict(Z=np.vstack([np.zeros((1, 2)), Z[1:]])), "Z: row 0 is all zeros"),
         (dict(X=np.ones((30, 1))), "nearly collinear"),
         (dict(y=np.where(np.arange(30) == 3, np.nan, y)), "y: contains NaN"),
+        (dict(y=np.zeros((0, 30))), r"y: no traits \(shape \(0, N\)\)"),
         (dict(gtype="iid", etype="free"), "iid \\+ het noise is not very meaningful"),
         (dict(K=None), "exactly one of K"),
     ]

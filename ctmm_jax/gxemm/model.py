@@ -67,6 +67,8 @@ def check_inputs(y, X, K, Z, S, gtype: str, etype: str) -> Inputs:
     y = y[None] if y.ndim == 1 else y
     if y.ndim != 2:
         raise ValueError(f"y: expected (N,) or (traits, N), got shape {y.shape}.")
+    if y.shape[0] == 0:
+        raise ValueError("y: no traits (shape (0, N)); give at least one.")
     if np.isnan(y).any() or not np.all(np.isfinite(y)):
         raise ValueError("y: contains NaN or inf; drop those individuals (from y, X, K and Z).")
     T, N = y.shape
