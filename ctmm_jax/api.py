@@ -151,8 +151,8 @@ def fit(
             "kernels couple donors); use jackknife=k instead."
         )
     groups = donor_groups(N, jackknife)
-    if groups is not None and N - np.bincount(groups).max() <= n_par:
-        left = N - np.bincount(groups).max()
+    left = N if groups is None else N - np.bincount(groups).max()
+    if groups is not None and left <= n_par:
         raise ValueError(
             f"jackknife: leaving a group of donors out leaves {left} donors for n_par = "
             f"{n_par} parameters; the jackknife needs more donors than parameters: use more "
@@ -161,14 +161,15 @@ def fit(
     spec = models.get(model)
     refits_null = method != "he" and spec.null is not None
     bar = Progress(G, f"{model} {method}") if progress is True else (progress or None)
-    with fit_call(bar, G, 1 + refits_null + (groups is not None)):
-        result = _fit(data, model, method, blocks, covars, random, s2_var, noise, groups, n_par,
-                      information=information, nonneg=nonneg, he_beta=he_beta,
-                      chunk_size=chunk_size, max_iter=max_iter, tol=tol, robust=robust,
-                      budget=budget)  # fmt: skip
-    if progress is True:
-        bar.close()
-    return result
+    try:
+        with fit_call(bar, G, 1 + refits_null + (groups is not None)):
+            return _fit(data, model, method, blocks, covars, random, s2_var, noise, groups,
+                        n_par, information=information, nonneg=nonneg, he_beta=he_beta,
+                        chunk_size=chunk_size, max_iter=max_iter, tol=tol, robust=robust,
+                        budget=budget)  # fmt: skip
+    finally:
+        if progress is True:
+            bar.close()
 
 
 def _fit(
