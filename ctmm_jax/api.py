@@ -86,9 +86,12 @@ def fit(
             progress.Progress (the CLI's, over several calls); its ETA counts run time only.
         information: "expected" (Fisher; as the original CTMM) or "observed" (autodiff Hessian
             of the NLL) for the standard errors and Wald tests of ML/REML.
-        nonneg: constrain variances to be >= 0 (softplus; full V = L L^T). By default any
-            value is allowed while every donor's covariance is positive definite. ML/REML
-            only: HE estimates are unconstrained.
+        nonneg: constrain variances to be >= 0 (bounds kept by projected Newton steps: a
+            variance can end exactly at 0, converged when its score points out of the
+            constrained set; full: V = L L^T). By default any value is allowed while every
+            donor's covariance is positive definite. The LRT of V (`p_V_lrt`) then uses the
+            chi-square mixture of a null on the boundary. ML/REML only: HE estimates are
+            unconstrained.
         he_beta: fixed effects of HE: "ols" or "gls" (GLS at the HE variances, as the
             original CTMM; NaN where those are not positive definite).
         fixed_covars: name -> (N, k) fixed covariates (arrays, pandas frames indexed by donor,
@@ -208,7 +211,7 @@ def _fit(
         null = fit_null(
             data, model, blocks, covars, random, unidentified, s2_var, est, codes,
             reml=method == "reml", max_iter=int(max_iter), tol=float(tol),
-            chunk_size=int(chunk_size),
+            chunk_size=int(chunk_size), nonneg=bool(nonneg),
         )  # fmt: skip
     jk = None
     if groups is not None:

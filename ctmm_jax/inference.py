@@ -14,6 +14,7 @@ effects.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
@@ -123,13 +124,18 @@ def jackknife_cov(reps: np.ndarray, present: np.ndarray | None = None) -> np.nda
     return ((n[:, 0] - 1) / n[:, 0])[:, :, None] * np.einsum("gni,gnj->gij", dev, dev)
 
 
-def lrt(l1, l0, k):
-    """Likelihood-ratio test: p = chi2.sf(2 (l1 - l0), k).
+def lrt(l1, l0, k, boundary: bool = False):
+    """Likelihood-ratio test: p = chi2.sf(2 (l1 - l0), k); with `boundary` (k variances tested
+    at 0 in a fit that keeps them >= 0, nonneg=True) the chi-bar-square mixture of Self and
+    Liang (1987), p = sum_j binom(k, j) 2^-k chi2.sf(T, j) (chi2_0: a point mass at 0). The
+    binomial weights are exact for uncorrelated estimates of the k variances and an
+    approximation otherwise.
 
     Args:
         l1, l0: (G,) or scalar log-likelihoods of the larger and of the nested model, e.g.
             `free.table["loglik"]` and `hom.table["loglik"]`.
-        k: difference in number of parameters (scalar or (G,)).
+        k: difference in number of parameters (int).
+        boundary: the nested model's k parameters lie on the boundary of the larger one's.
     Returns:
         (G,) p values: a pandas Series named "p_lrt" with the index of l1 (or l0) when either is
         a Series, else a NumPy array. Two Series must share their index (no silent alignment).
@@ -138,7 +144,14 @@ def lrt(l1, l0, k):
     if len(series) == 2 and not l1.index.equals(l0.index):
         raise ValueError("l0: its index differs from l1's; pass both from fits of the same genes.")
     diff = np.asarray(l1, dtype=np.float64) - np.asarray(l0, dtype=np.float64)
-    p = stats.chi2.sf(2.0 * diff, k)
+    stat = 2.0 * diff
+    if boundary:
+        j = np.arange(1, int(k) + 1)
+        weights = np.array([math.comb(int(k), int(i)) for i in j]) / 2.0 ** int(k)
+        tail = stats.chi2.sf(np.asarray(stat)[..., None], j) @ weights
+        p = np.where(stat > 0, tail, np.where(np.isnan(stat), np.nan, 1.0))
+    else:
+        p = stats.chi2.sf(stat, k)
     return pd.Series(p, index=series[0].index, name="p_lrt") if series else p
 
 

@@ -14,10 +14,11 @@ combination of fixed C x C kernels with weights that are a map of the model's pa
 | lowrank | hom2, l_1..l_C           | hom2 J_C + l l^T        | [hom2, vech(l l^T)]       |
 
 `lowrank` is a shared donor effect with cell-type loadings l (V of rank 1) on top of hom2.
-The likelihood takes the kernel weights w; the optimizer sees an unconstrained theta. By
-default phi = theta (any value while every donor's covariance is positive definite, as the
-original CTMM); `nonneg=True` maps theta through softplus for the variances (`positive`) and
-gives the full V as L L^T with a softplus diagonal. Adding a model is one `ModelSpec` here;
+The likelihood takes the kernel weights w; the optimizer works in coordinates theta. By
+default phi = theta, unconstrained (any value while every donor's covariance is positive
+definite, as the original CTMM); `nonneg=True` keeps the variances (`positive`) and the r2 >= 0
+as bounds that the optimizer's projected Newton steps respect (a variance can be exactly 0),
+and gives the full V as L L^T with a softplus diagonal. Adding a model is one `ModelSpec` here;
 the likelihood, optimizer, start values, table columns and Wald tests read it.
 """
 
@@ -47,9 +48,9 @@ class ModelSpec(NamedTuple):
     model's `n_parts` parts gets (the original CTMM's start values); tests: C -> {name:
     parameter indices} of its Wald tests (one index: one-sided t, several: F; design.md 5);
     weights: (phi, C) -> kernel weights w, None when w = phi (linear models; only those have
-    HE); positive: C -> which parameters nonneg=True keeps positive (softplus);
-    constrain/unconstrain: (theta, C) <-> phi under nonneg, when softplus on `positive` is not
-    the map; columns: cell types -> the table columns of each parameter (default: its name);
+    HE); positive: C -> which parameters nonneg=True keeps >= 0 (default all);
+    constrain/unconstrain: (theta, C) <-> phi under nonneg, for a model whose constraint is not
+    a bound on its parameters (full: V positive semi-definite); columns: cell types -> the table columns of each parameter (default: its name);
     null: the model nested in this one with its `tests`["V"] parameters at 0 (the other
     parameters, in order, are the null model's), for the score and LR tests of V, or None;
     diag_test: the model's test of V is a score test of diag(v_1..v_C) added to its own
@@ -224,31 +225,50 @@ def _positive(spec: ModelSpec, C: int) -> np.ndarray:
     return np.ones(spec.n_var(C), bool) if spec.positive is None else spec.positive(C)
 
 
-def to_natural(theta: jax.Array, model: str, C: int, nonneg: bool) -> jax.Array:
-    """Unconstrained theta (n_var + n_rand,) -> phi: the model's parameters, then the
-    random-covariate variances r2 (softplus too when nonneg)."""
+def bounded(model: str, C: int, n_rand: int, nonneg: bool) -> np.ndarray | None:
+    """(n_var + n_rand,) bool: the optimizer's coordinates theta bounded below by 0 (the
+    `positive` parameters and the r2 under nonneg, where theta = phi; none for a model with
+    its own `constrain` map), or None when nothing is bounded."""
     if not nonneg:
-        return theta
+        return None
     spec = get(model)
     k = spec.n_var(C)
-    r2 = jax.nn.softplus(theta[k:])
-    if spec.constrain is not None:
-        return jnp.concatenate([spec.constrain(theta[:k], C), r2])
-    phi = jnp.where(_positive(spec, C), jax.nn.softplus(theta[:k]), theta[:k])
-    return jnp.concatenate([phi, r2])
+    own = np.zeros(k, bool) if spec.constrain is not None else _positive(spec, C)
+    out = np.concatenate([own, np.ones(n_rand, bool)])
+    return out if out.any() else None
+
+
+def identity_map(model: str, nonneg: bool) -> bool:
+    """Whether theta is the kernel weights w itself (a linear model without a constrain map):
+    the objective then needs no chain rule."""
+    spec = get(model)
+    return spec.linear and (not nonneg or spec.constrain is None)
+
+
+def to_natural(theta: jax.Array, model: str, C: int, nonneg: bool) -> jax.Array:
+    """Optimizer coordinates theta (n_var + n_rand,) -> phi: the model's parameters, then the
+    random-covariate variances r2. theta = phi, except under nonneg for a model with its own
+    `constrain` map (full: V = L L^T with a softplus diagonal); the bounds of the other
+    models are kept by the optimizer (`bounded`, optimize.fisher_scoring)."""
+    spec = get(model)
+    if not nonneg or spec.constrain is None:
+        return theta
+    k = spec.n_var(C)
+    return jnp.concatenate([spec.constrain(theta[:k], C), theta[k:]])
 
 
 def from_natural(phi: jax.Array, model: str, C: int, nonneg: bool) -> jax.Array:
-    """Inverse of `to_natural`; phi must be strictly inside the constrained set when nonneg."""
+    """Inverse of `to_natural`, and under nonneg the projection onto the constrained set
+    (bounded coordinates clipped at 0; full's V must be positive definite)."""
     if not nonneg:
         return phi
     spec = get(model)
     k = spec.n_var(C)
-    r2 = _softplus_inv(phi[k:])
-    if spec.unconstrain is not None:
-        return jnp.concatenate([spec.unconstrain(phi[:k], C), r2])
-    theta = jnp.where(_positive(spec, C), _softplus_inv(phi[:k]), phi[:k])
-    return jnp.concatenate([theta, r2])
+    lower = bounded(model, C, phi.shape[0] - k, nonneg)
+    theta = phi if lower is None else jnp.where(lower, jnp.maximum(phi, 0.0), phi)
+    if spec.constrain is None:
+        return theta
+    return jnp.concatenate([spec.unconstrain(theta[:k], C), theta[k:]])
 
 
 def from_natural_batch(phi, model: str, C: int, nonneg: bool) -> jax.Array:

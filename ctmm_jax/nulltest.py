@@ -33,13 +33,16 @@ class NullFit(NamedTuple):
     """The null model's fit of every gene, and the larger model's score of V there.
     model: the null model; status: (G,) status.Status codes of the null fit; loglik: (G,) its
     log-likelihood; score: (G, k) d nll / d V of the larger model at the null fit (k tested
-    parameters); score_var: (G, k, k) the score's variance (`score_variance`)."""
+    parameters); score_var: (G, k, k) the score's variance (`score_variance`); boundary:
+    whether V = 0 is on the boundary of the fitted parameter space (nonneg: the LRT's null
+    distribution is then a chi-square mixture, inference.lrt)."""
 
     model: str
     status: np.ndarray
     loglik: np.ndarray
     score: np.ndarray
     score_var: np.ndarray
+    boundary: bool = False
 
 
 def _gene_moments(w, y, noise, mask, a, design, *, reml):
@@ -106,14 +109,16 @@ def _units(K: int, idx) -> np.ndarray:
 def fit_null(
     data, model: str, blocks: Blocks, covariates, random, unidentified: np.ndarray,
     s2_var: np.ndarray | None, fit, codes: np.ndarray, *, reml: bool, max_iter: int,
-    tol: float, chunk_size: int,
+    tol: float, chunk_size: int, nonneg: bool = False,
 ) -> NullFit:  # fmt: skip
     """The null fit behind `model`'s test of V, and the score of V with its variance there
     (`score_variance`), evaluated on `model`'s `blocks` (its kernels).
 
     A model with a nested null (spec.null: free and iid, null hom) fits the null model to every
-    gene (same covariates, ML or REML, variances unconstrained so that its score is 0 at the
-    optimum); V is its `tests`["V"] parameters. A model with `diag_test` (lowrank) is its own
+    gene (same covariates, ML or REML, and the same constraints: under nonneg the null's
+    variances are >= 0 too, so that the LRT compares nested fits; where hom2 ends at 0 the
+    score test is approximate, its nuisance score not being 0); V is its `tests`["V"]
+    parameters. A model with `diag_test` (lowrank) is its own
     null: V = diag(v_1..v_C) added to its covariance, tested at `fit` (the model's fit, status
     `codes`). s2_var: (G, C) the variance of the pooled within-pair variances (noise.apply), or
     None when the noise is taken as known."""
@@ -127,8 +132,8 @@ def fit_null(
     if spec.null is not None:
         null = spec.null
         blocks0 = to_blocks(data, null, covariates.matrix, random.matrix, random.groups)
-        estimator = MaximumLikelihood(null, C, reml=reml, max_iter=max_iter, tol=tol,
-                                      chunk_size=chunk_size)  # fmt: skip
+        estimator = MaximumLikelihood(null, C, reml=reml, nonneg=nonneg, max_iter=max_iter,
+                                      tol=tol, chunk_size=chunk_size)  # fmt: skip
         fit = estimator.fit(blocks0, Problems(np.arange(G)))
         codes = final_status(fit, unidentified)
         w = np.asarray(models.embed_null(np.asarray(fit.phi), model, C))
@@ -159,4 +164,4 @@ def fit_null(
     s, var = score_variance(np.asarray(score), np.asarray(info), _units(K, tested), D,
                             _units(K, n_k + np.arange(n_s2)), s2_var)  # fmt: skip
     loglik = fit.loglik if fit.loglik is not None else np.full(G, np.nan)
-    return NullFit(null, codes, np.asarray(loglik), s, var)
+    return NullFit(null, codes, np.asarray(loglik), s, var, boundary=nonneg)

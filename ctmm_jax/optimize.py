@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import linalg
@@ -37,11 +38,29 @@ MAX_HALVINGS = 40
 NEWTON_DEC = 1.0
 
 
-def _direction(g: jax.Array, info: jax.Array) -> jax.Array:
-    """I^-1 g via Cholesky; NaN when I is not positive definite."""
+def _direction(g: jax.Array, info: jax.Array, free: jax.Array | None = None) -> jax.Array:
+    """I^-1 g via Cholesky; NaN when I is not positive definite. With `free` (n,) bool, the
+    reduced system I_FF d_F = g_F on the free coordinates, d = 0 on the others."""
+    if free is not None:
+        both = free[:, None] & free[None, :]
+        info, g = jnp.where(both, info, jnp.eye(g.shape[0])), jnp.where(free, g, 0.0)
     L = linalg.cholesky(info)
     z = linalg.solve_lower(L, g[:, None])
     return linalg.solve_lower(L, z, transpose=True)[:, 0]
+
+
+def free_set(theta, g, info, lower) -> jax.Array:
+    """The coordinates a bound-constrained step moves (KKT active set, Bertsekas' projected
+    Newton): all but those at their bound 0 whose descent direction points out of the box,
+    first by the gradient (g_k > 0), then by the reduced direction (d_k > 0)."""
+    at_bound = lower & (theta <= 0)
+    free = ~(at_bound & (g > 0))
+    return free & ~(at_bound & (_direction(g, info, free) > 0))
+
+
+def project(theta: jax.Array, lower: jax.Array | None) -> jax.Array:
+    """theta with the `lower`-bounded coordinates clipped at 0."""
+    return theta if lower is None else jnp.where(lower, jnp.maximum(theta, 0.0), theta)
 
 
 def init_state(value: Callable, theta0: jax.Array) -> OptState:
@@ -60,6 +79,7 @@ def fisher_scoring(
     tol: float,
     boundary_cond: float,
     max_halvings: jax.Array | int = MAX_HALVINGS,
+    lower: np.ndarray | None = None,
 ) -> OptState:
     """Iterate from `state` while it is RUNNING and n_iter < until.
 
@@ -74,13 +94,21 @@ def fisher_scoring(
     halving costs the whole batch an NLL evaluation, so large batches use a small
     `max_halvings`: a gene that finds no decrease within it returns STALLED (theta unchanged)
     for the caller to continue in a small batch with the full MAX_HALVINGS.
+
+    `lower` (n,) bool marks coordinates bounded below by 0 (nonneg variances). Then the step
+    is projected Newton: the directions solve the reduced systems on the free set
+    (`free_set`), the trial points are projected onto the box (theta - a d clipped at 0), and
+    dec is the score test statistic over the free coordinates, so a variance at 0 whose score
+    points outward is a KKT optimum: converged, with an estimate exactly 0.
     """
+    bounded = lower is not None
 
     def step(s: OptState) -> OptState:
         g, info, hess = score_info(s.theta)
-        d_fisher = _direction(g, info)
+        free = free_set(s.theta, g, info, jnp.asarray(lower)) if bounded else None
+        d_fisher = _direction(g, info, free)
         dec = g @ d_fisher
-        d_newton = _direction(g, hess)
+        d_newton = _direction(g, hess, free)
         use_newton = (dec < NEWTON_DEC) & jnp.all(jnp.isfinite(d_newton))
         d = jnp.where(use_newton, d_newton, d_fisher)
         converged = dec < tol
@@ -88,13 +116,14 @@ def fisher_scoring(
 
         def halve(c):
             a = c[0] / 2
-            return (a, *value(s.theta - a * d))
+            return (a, *value(project(s.theta - a * d, lower)))
 
         def worse(c):
             a, f, _ = c
             return ~(f <= s.nll) & (a > 2.0 ** -jnp.asarray(max_halvings, a.dtype))
 
-        a, f, cond = lax.while_loop(worse, halve, (jnp.ones(()), *value(s.theta - d)))
+        first = (jnp.ones(()), *value(project(s.theta - d, lower)))
+        a, f, cond = lax.while_loop(worse, halve, first)
         accept = (f <= s.nll) & ~converged & ~singular
         walled = accept & (a <= 2.0**-8) & (cond > boundary_cond)
         no_descent = jnp.where(max_halvings >= MAX_HALVINGS, Status.NO_DESCENT, Status.STALLED)
@@ -104,7 +133,7 @@ def fisher_scoring(
             Status.RUNNING,
         )
         return OptState(
-            theta=jnp.where(accept, s.theta - a * d, s.theta),
+            theta=jnp.where(accept, project(s.theta - a * d, lower), s.theta),
             nll=jnp.where(accept, f, s.nll),
             dec=dec,
             n_iter=s.n_iter + jnp.where(accept, 1, 0),

@@ -263,7 +263,7 @@ def _pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df, codes, loglik, null)
         return {"hom2": out["hom2"], "V": np.where(null_ok, score, np.nan),
                 "ct_beta": out["ct_beta"]}  # fmt: skip
     idx = models.get(model).tests(ct_beta.shape[1])["V"]
-    lrt = inference.lrt(loglik, null.loglik, len(idx))
+    lrt = inference.lrt(loglik, null.loglik, len(idx), boundary=null.boundary)
     return {
         "hom2": out["hom2"],
         "V": np.where(null_ok, score, np.nan),

@@ -139,6 +139,47 @@ def test_nonneg(model):
     assert_allclose(a.phi, b.phi, **OPTIMIZER)
 
 
+@pytest.mark.parametrize("shape, G, N", [("ctp", 3, 40), ("op", 4, 50)])
+def test_nonneg_reaches_the_bounded_dense_optimum(shape, G, N):
+    """True V = 0, nonneg=True (issue 18 #0): every gene converges; the estimates satisfy the
+    KKT conditions of the dense REML likelihood (a variance at its bound is exactly 0 with a
+    derivative of the NLL >= 0, the others have derivative 0), and the log-likelihood is the
+    dense one at the estimates, no lower than SciPy's L-BFGS-B optimum under the same bounds."""
+    data = small_data(shape, G=G, N=N, C=3, seed=13, V=np.zeros((3, 3)))
+    res = cj.fit(data, "free", "reml", nonneg=True)
+    assert (res.table.status == "ok").all(), res.table.message
+    assert (res.phi >= 0).all()
+    at_bound = res.phi == 0
+    assert at_bound[:, 1:].any()
+
+    for g in range(G):
+
+        def nll(phi, g=g):
+            return -reference.loglik(data, g, phi[0], np.diag(phi[1:]), "reml")
+
+        phi = res.phi[g]
+        assert_allclose(-nll(phi), res.loglik[g], rtol=1e-10)
+        h = 1e-6  # one-sided differences at the bound, central inside
+        up = np.array([nll(phi + h * e) for e in np.eye(4)])
+        down = np.array([nll(phi - h * e) if p > h else nll(phi) for p, e in zip(phi, np.eye(4))])
+        step = np.where(phi > h, 2 * h, h)
+        grad = (up - down) / step
+        assert np.all(grad[at_bound[g]] > -1e-5), grad
+        assert np.all(np.abs(grad[~at_bound[g]]) < 1e-4), grad
+        opt = optimize.minimize(nll, np.full(4, 0.1), method="L-BFGS-B", bounds=[(0, None)] * 4,
+                                options=dict(ftol=1e-15, gtol=1e-10))  # fmt: skip
+        assert nll(phi) <= opt.fun + 1e-8
+
+
+def test_lrt_on_the_boundary():
+    """nonneg LRT: the chi-bar-square mixture sum_j binom(k, j) 2^-k chi2_j (Self & Liang)."""
+    assert_allclose(cj.lrt(-10.0, -12.0, 1, boundary=True), 0.5 * stats.chi2.sf(4.0, 1))
+    T = 5.0
+    expected = (3 * stats.chi2.sf(T, 1) + 3 * stats.chi2.sf(T, 2) + stats.chi2.sf(T, 3)) / 8
+    assert_allclose(cj.lrt(0.0, -T / 2, 3, boundary=True), expected, rtol=1e-12)
+    assert cj.lrt(-1.0, -1.0, 3, boundary=True) == 1.0  # T = 0: the point mass
+
+
 def test_lrt():
     assert_allclose(cj.lrt(-10.0, -12.0, 2), stats.chi2.sf(4.0, 2))
 

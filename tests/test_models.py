@@ -29,12 +29,16 @@ def test_nonneg_round_trip(model):
         phi = np.eye(C)[np.triu_indices(C)] * 0.5 + 0.1
     theta = models.from_natural(jnp.asarray(phi), model, C, nonneg=True)
     assert_allclose(models.to_natural(theta, model, C, nonneg=True), phi, **CLOSED_FORM)
-    # any theta maps into the constrained set
     out = models.to_natural(jnp.full(models.n_var(model, C), -3.0), model, C, nonneg=True)
-    if model == "full":
+    if model == "full":  # any theta maps into the constrained set
         assert np.linalg.eigvalsh(np.asarray(models.unpack(out, model, C).V)).min() >= 0
-    else:
-        assert (np.asarray(out) > 0).all()
+        assert models.bounded(model, C, 0, nonneg=True) is None
+    else:  # theta = phi, bounded by the optimizer; from_natural projects onto the bounds
+        lower = models.bounded(model, C, 2, nonneg=True)
+        assert lower.all() and len(lower) == models.n_var(model, C) + 2
+        below = jnp.full(models.n_var(model, C), -3.0)
+        assert (np.asarray(models.from_natural(below, model, C, nonneg=True)) == 0).all()
+    assert models.bounded(model, C, 2, nonneg=False) is None
 
 
 def test_unknown_model():

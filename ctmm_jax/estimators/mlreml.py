@@ -48,7 +48,7 @@ def objective(d: GeneData, *, model: str, C: int, reml: bool, nonneg: bool) -> O
 
     def score_info(theta):
         m = likelihood.moments(weights(theta), d, reml)
-        if not nonneg and models.get(model).linear:  # static: w = theta
+        if models.identity_map(model, nonneg):  # static: w = theta
             return m.score, m.info, m.hess
         J, curv = jax.jacfwd(weights)(theta), jax.hessian(weights)(theta)
         hess = J.T @ m.hess @ J + jnp.einsum("k,kij->ij", m.score, curv)
@@ -97,9 +97,10 @@ def _advance_gene(
     state = state._replace(
         status=jnp.where(state.status == Status.STALLED, Status.RUNNING, state.status)
     )
+    lower = models.bounded(model, C, state.theta.shape[0] - models.n_var(model, C), nonneg)
     return fisher_scoring(
         obj.value, obj.score_info, state, until,
-        tol=tol, boundary_cond=BOUNDARY_COND, max_halvings=max_halvings,
+        tol=tol, boundary_cond=BOUNDARY_COND, max_halvings=max_halvings, lower=lower,
     )  # fmt: skip
 
 
