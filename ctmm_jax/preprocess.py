@@ -29,6 +29,7 @@ from scipy import sparse
 from .data import CTPData, OPData
 
 DATASET_FORMAT = "ctmm_jax.pseudobulk/1"
+_SHOW = 5  # ids or positions named in a message
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,79 @@ def _labels(cells: pd.DataFrame, column: str, arg: str) -> np.ndarray:
             f"cells[{column!r}]: {int(col.isna().sum())} cells have no label; drop them first."
         )
     return col.astype(str).to_numpy(dtype=object)
+
+
+def _ids(values) -> np.ndarray:
+    """(n,) cell ids as str (ids are compared as text: 7 and '7' are the same cell)."""
+    return np.asarray(pd.Index(values).astype(str), dtype=object)
+
+
+def _is_default(ids: np.ndarray) -> bool:
+    """ids are 0, 1, ..., n-1 in order: pandas' and anndata's default index, no real ids."""
+    return bool(np.array_equal(ids, np.arange(len(ids)).astype(str).astype(object)))
+
+
+def _repeated(ids: np.ndarray) -> list[str]:
+    counts = pd.Series(ids).value_counts()
+    return list(counts.index[counts > 1][:_SHOW])
+
+
+def _align(
+    cells: pd.DataFrame, row_ids, cell_id: str | None, n_cells: int, x_name: str
+) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """cells in the order of X's rows, and the cells' ids (None when neither side has ids).
+
+    Rows are matched by id when X's rows (`row_ids`) and the cell table (column `cell_id`, else
+    its index) both carry ids and these are the same set. Otherwise, when one side has no
+    ids (X a plain array; a table with the default index 0, 1, ..., n-1), by position; ids
+    that disagree are refused (matching them by position would pair cells silently wrong).
+    """
+    if cell_id is not None:
+        if cell_id not in cells.columns:
+            raise ValueError(
+                f"cells: no column {cell_id!r} (cell_id, the cell ids); available columns: "
+                f"{list(cells.columns)}."
+            )
+        if cells[cell_id].isna().any():
+            raise ValueError(
+                f"cells[{cell_id!r}]: {int(cells[cell_id].isna().sum())} cells have no id."
+            )
+        theirs, where = _ids(cells[cell_id]), f"cells[{cell_id!r}]"
+    else:
+        theirs, where = _ids(cells.index), "cells.index"
+    ours = None if row_ids is None else _ids(row_ids)
+    if ours is not None and len(ours) != n_cells:
+        raise ValueError(f"row_ids: got {len(ours)} ids but {x_name} has {n_cells} rows (cells).")
+    if ours is not None and not (_is_default(ours) and _is_default(theirs)):
+        unique = pd.Index(theirs).is_unique and pd.Index(ours).is_unique
+        position = pd.Index(theirs).get_indexer(ours) if unique else None
+        if len(theirs) == len(ours) and position is not None and (position >= 0).all():
+            return cells.iloc[position], ours  # the same cells: in X's order
+        if not (_is_default(ours) or _is_default(theirs)):
+            for ids, name in ((ours, f"{x_name}'s row ids"), (theirs, where)):
+                if twice := _repeated(ids):
+                    raise ValueError(
+                        f"{name}: cell ids must be unique to match {x_name}'s rows to the cell "
+                        f"table; repeated: {twice}."
+                    )
+            only_x = ours[~pd.Index(ours).isin(theirs)]
+            only_cells = theirs[~pd.Index(theirs).isin(ours)]
+            raise ValueError(
+                f"{x_name} and cells: the cell ids differ ({x_name}'s row ids vs {where}): "
+                f"{len(only_x)} of {x_name}'s {len(ours)} cells are not in the cell table "
+                f"(e.g. {list(only_x[:_SHOW])}), {len(only_cells)} of its {len(theirs)} rows "
+                f"are not in {x_name} (e.g. {list(only_cells[:_SHOW])}). Rows are matched by "
+                "cell id when both carry ids; subset both to the same cells (or drop the "
+                "table's ids, cells.reset_index(drop=True), to match by position)."
+            )
+    if len(cells) != n_cells:
+        raise ValueError(
+            f"cells: has {len(cells)} rows but {x_name} has {n_cells} rows (cells); give one "
+            f"row per cell, in {x_name}'s row order (or give both cell ids to match them by)."
+        )
+    if ours is not None and not _is_default(ours):
+        return cells, ours
+    return cells, (None if _is_default(theirs) else theirs)
 
 
 def _gene_names(genes: Sequence | None, G: int) -> tuple[str, ...]:
@@ -316,10 +390,13 @@ def pseudobulk(
     donor: str = "donor",
     cell_type: str = "cell_type",
     genes: Sequence | None = None,
+    row_ids: Sequence | None = None,
+    cell_id: str | None = None,
     ind_cut: int = 0,
     ct_cut: int = 0,
     chunk_size: int = 2000,
     cell_block: int = 20_000,
+    x_name: str = "X",
 ) -> Pseudobulk:
     """Cell type-specific and overall pseudobulk of single-cell expression, as the original CTMM.
 
@@ -336,22 +413,33 @@ def pseudobulk(
     missing pairs, we use the pairs' own cells, so op_i is exactly the mean of all donor i's
     cells. In nu, single-cell pairs add no term (their variance is undefined).
 
+    Matching cells to X's rows: by cell id when both sides carry ids, X's `row_ids` (a
+    DataFrame X: its index) and the table's `cell_id` column (default: its index); the table
+    is then reordered to X's rows, and ids that are not the same set on both sides are refused
+    (ValueError naming a few). By position only when one side has no ids: X a plain matrix
+    without `row_ids`, or a table with pandas' default index 0, 1, ..., n-1 (also anndata's
+    default obs_names "0", "1", ...).
+
     Args:
         X: (cells, G) expression: a NumPy array, any scipy.sparse matrix or array (converted to
             CSC once, never densified), a pandas DataFrame (genes = its columns; all-sparse
             columns stay sparse) or a 2-D sliceable array-like (read by column chunks).
-        cells: one row per row of X, with the `donor` and `cell_type` columns (labels are used
-            as str and sorted as str).
+        cells: one row per cell, with the `donor` and `cell_type` columns (labels are used
+            as str and sorted as str); in X's row order unless both carry cell ids (above).
         genes: (G,) gene names; default "gene0", "gene1", ...
+        row_ids: (cells,) ids of X's rows (AnnData obs_names, 10x barcodes), matched as str.
+        cell_id: the column of `cells` holding the cell ids; default its index.
         chunk_size: genes per chunk; bounds the temporaries (see `_group_moments`).
         cell_block: cells per block when X is a backed CSR matrix (anndata's backed mode),
             which is streamed from disk by rows (`_row_moments`): memory is then the
             (G, N C) sums plus one block, whatever the number of cells.
+        x_name: how messages name X (the command line gives the file name).
     Returns:
         Pseudobulk with ctp, ctnu: (G, N, C); counts, P, mask: (N, C); op, nu: (G, N).
     """
     if isinstance(X, pd.DataFrame):  # cells x genes table: genes from its columns
         genes = list(X.columns) if genes is None else genes
+        row_ids = X.index if row_ids is None else row_ids
         X = X.sparse.to_coo() if all(isinstance(t, pd.SparseDtype) for t in X.dtypes) else (
             X.to_numpy(np.float64))  # fmt: skip
     rows = None
@@ -362,14 +450,10 @@ def pseudobulk(
     n_cells, G = X.shape
     if not isinstance(cells, pd.DataFrame):
         raise ValueError(f"cells: expected a pandas DataFrame, got {type(cells).__name__}.")
-    if len(cells) != n_cells:
-        raise ValueError(
-            f"cells: has {len(cells)} rows but X has {n_cells} rows (cells); give one row per "
-            "cell, in X's row order."
-        )
     if chunk_size < 1 or cell_block < 1:
         raise ValueError(f"chunk_size, cell_block: must be >= 1, got {chunk_size}, {cell_block}.")
     gene_names = _gene_names(genes, G)
+    cells, _ = _align(cells, row_ids, cell_id, n_cells, x_name)
     donor_of = _labels(cells, donor, "donor")
     type_of = _labels(cells, cell_type, "cell_type")
 
@@ -431,23 +515,37 @@ def std(pb: Pseudobulk) -> Pseudobulk:
 
 
 def from_anndata(
-    adata, *, donor: str = "donor", cell_type: str = "cell_type", layer: str | None = None, **kw
+    adata,
+    *,
+    donor: str = "donor",
+    cell_type: str = "cell_type",
+    layer: str | None = None,
+    cells: pd.DataFrame | None = None,
+    **kw,
 ) -> Pseudobulk:
     """`pseudobulk` of an AnnData: X = adata.X (or adata.layers[layer]), cells = adata.obs,
     genes = adata.var_names. A backed X (anndata.read_h5ad(path, backed="r")) is streamed from
     disk: CSR by blocks of cells, CSC and dense by chunks of genes. anndata itself is not
-    imported. `kw` go to `pseudobulk` (ind_cut, ct_cut, chunk_size, cell_block)."""
+    imported.
+
+    cells: a cell table to use instead of adata.obs (donor and cell type from another file),
+    matched to adata's cells by obs_names = its index (or its `cell_id` column), as in
+    `pseudobulk`. `kw` go to `pseudobulk` (cell_id, ind_cut, ct_cut, chunk_size,
+    cell_block, x_name)."""
     if layer is None:
-        X = adata.X
+        X, name = adata.X, "adata.X"
     elif layer in adata.layers:
-        X = adata.layers[layer]
+        X, name = adata.layers[layer], f"adata.layers[{layer!r}]"
     else:
         raise ValueError(
             f"layer: {layer!r} is not in adata.layers (has {list(adata.layers.keys())})."
         )
-    return pseudobulk(
-        X, adata.obs, donor=donor, cell_type=cell_type, genes=list(adata.var_names), **kw
-    )
+    kw.setdefault("x_name", name)
+    if cells is None:  # obs is X's own cell table: nothing to match
+        cells = adata.obs
+    else:
+        kw.setdefault("row_ids", adata.obs_names)
+    return pseudobulk(X, cells, donor=donor, cell_type=cell_type, genes=list(adata.var_names), **kw)
 
 
 def normalize_log1p(counts, target: float = 1e4, total=None):

@@ -400,3 +400,68 @@ def test_repr_is_short_and_names_the_shape(data):
         f"Pseudobulk({G} genes x 6 donors x 3 cell types, {COUNTS.sum()} cells, "
         f"{n_pairs}/18 (donor, cell type) pairs observed)"
     )
+
+
+# ------------------------------------------------------------------ issue 18 #5: cell ids
+
+
+def barcodes(n):
+    return [f"AAAC{i:05d}-1" for i in range(n)]
+
+
+def test_cell_table_is_matched_by_id_not_position(data):
+    """Issue 18 #5: a shuffled cell table with the cells' ids gives the unshuffled result,
+    whether the ids are its index or a column, and X's ids come from row_ids, a DataFrame's
+    index or an AnnData's obs_names."""
+    X, cells = data
+    ids = barcodes(len(X))
+    expected = pseudobulk(X, cells)
+    shuffled = cells.set_axis(ids).sample(frac=1, random_state=1)
+    assert_same(pseudobulk(X, shuffled, row_ids=ids), expected)
+    in_column = shuffled.rename_axis("barcode").reset_index()  # default index: no ids
+    assert_same(pseudobulk(X, in_column, row_ids=ids, cell_id="barcode"), expected)
+    table = pd.DataFrame(X, index=ids, columns=[f"gene{j}" for j in range(G)])
+    assert_same(pseudobulk(table, shuffled), expected)
+    adata = SimpleNamespace(X=X, obs=cells.set_axis(ids), var_names=pd.Index(expected.genes),
+                            obs_names=pd.Index(ids), layers={})  # fmt: skip
+    assert_same(from_anndata(adata, cells=shuffled), expected)
+    # ids compared as text: integer ids match anndata's str obs_names
+    numbered = cells.set_axis(np.arange(len(X)) + 10).iloc[::-1]
+    assert_same(pseudobulk(X, numbered, row_ids=[str(i + 10) for i in range(len(X))]), expected)
+
+
+def test_position_is_used_only_when_one_side_has_no_ids(data):
+    X, cells = data
+    expected = pseudobulk(X, cells)
+    ids = barcodes(len(X))
+    assert_same(pseudobulk(X, cells.set_axis(ids)), expected)  # X without ids
+    assert_same(pseudobulk(X, cells, row_ids=ids), expected)  # default index 0..n-1
+    default_obs = [str(i) for i in range(len(X))]  # anndata's default obs_names
+    assert_same(pseudobulk(X, cells.set_axis(ids), row_ids=default_obs), expected)
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        (
+            lambda ids: ids[:-3] + ["x1", "x2", "x3"],
+            r"X and cells: the cell ids differ \(X's row ids vs cells.index\): 3 of X's 326 "
+            r"cells are not in the cell table \(e.g. \['x1', 'x2', 'x3'\]\), 3 of its 326 rows "
+            r"are not in X \(e.g. \['AAAC00323-1', ",
+        ),
+        (lambda ids: ids[:-1] + ids[:1], r"X's row ids: cell ids must be unique.*'AAAC00000-1'"),
+    ],
+)
+def test_cell_ids_that_disagree_are_refused(data, ids, match):
+    X, cells = data
+    with pytest.raises(ValueError, match=match):
+        pseudobulk(X, cells.set_axis(barcodes(len(X))), row_ids=ids(barcodes(len(X))))
+
+
+def test_cell_table_with_more_cells_is_refused_by_id(data):
+    X, cells = data
+    bigger = pd.concat([cells, cells.iloc[:2]]).set_axis(barcodes(len(X) + 2))
+    with pytest.raises(ValueError, match=r"0 of X's 326 cells .* 2 of its 328 rows are not in X"):
+        pseudobulk(X, bigger, row_ids=barcodes(len(X)))
+    with pytest.raises(ValueError, match="cells: no column 'barcode' .*cell_id"):
+        pseudobulk(X, cells, row_ids=barcodes(len(X)), cell_id="barcode")
