@@ -248,6 +248,7 @@ def test_console_script_is_declared():
                                                                   "ctmm_jax.cli:run")  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore::ctmm_jax.preprocess.ExpressionWarning")  # raw counts
 def test_counts_and_cell_table_input(tmp_path):
     """simulate .npz (counts + cell table + gene list) -> pseudobulk equals the library's."""
     assert main(["simulate", "-q", "-o", str(tmp_path / "c.npz"), "--n-genes", "7",
