@@ -15,10 +15,13 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from . import cellfiles
 
 EXAMPLES = """\
 examples:
@@ -133,19 +136,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("pseudobulk", run_pseudobulk, "single cells -> a pseudobulk dataset (.npz)")
     p.add_argument(
         "input",
-        help="cells x genes expression: .h5ad (AnnData), .npz (scipy "
-        "sparse), .mtx[.gz] (Matrix Market) or .tsv/.csv (header = genes)",
+        help="cells x genes expression: .h5ad (AnnData), a 10x folder (matrix.mtx[.gz], "
+        "features.tsv[.gz], barcodes.tsv[.gz]), .npz (scipy sparse), .mtx[.gz] (Matrix "
+        "Market) or .tsv/.csv (header = genes, first column = cell ids)",
     )
     p.add_argument(
         "--cells",
-        help="cell table (.tsv/.csv, header, one row per cell in the "
-        "matrix's order); needed unless the input is .h5ad",
+        help="cell table (.tsv/.csv, header, one row per cell; with .h5ad input: instead of "
+        "obs); matched to the matrix's cells by id when both have ids (--cell-id), else by "
+        "row order; needed unless the input is .h5ad",
     )
-    p.add_argument("--gene-names", help="text file, one gene name per line (.npz/.mtx input)")
+    p.add_argument(
+        "--cell-id",
+        metavar="COLUMN",
+        help="column of --cells with the cell ids (default: a first column with an empty "
+        "header, as pandas' to_csv writes the index)",
+    )
+    p.add_argument(
+        "--gene-names",
+        help="gene names of .npz/.mtx input: one per line, or a 10x features.tsv[.gz] "
+        "(gene id, symbol, type; --var-names picks the column)",
+    )
+    p.add_argument(
+        "--var-names",
+        choices=cellfiles.VAR_NAMES,
+        default="gene_symbols",
+        help="10x features: name genes by symbol (repeats made unique: X, X-1, ...; "
+        "default, as scanpy) or by gene id",
+    )
+    p.add_argument(
+        "--barcodes",
+        help="cell ids of .npz/.mtx input, one per line (e.g. 10x barcodes.tsv[.gz])",
+    )
     p.add_argument(
         "--genes-by-cells",
         action="store_true",
-        help="the matrix is genes x cells (as 10x .mtx files)",
+        help="the matrix is genes x cells (as 10x .mtx files; a 10x folder is read so anyway)",
+    )
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="the input holds raw counts: use log1p(counts / cell total * 10,000) (scanpy's "
+        "normalize_total + log1p), computed as the cells stream",
     )
     p.add_argument("--layer", help="AnnData layer to use instead of X (e.g. a log-normalised one)")
     p.add_argument("--donor", default="donor", help="donor column of the cell table")
@@ -301,38 +333,51 @@ def _read_table(path: Path, what: str, **kw) -> pd.DataFrame:
         return pd.read_parquet(path)
     sep = "," if _is(path, ".csv", ".csv.gz") else "\t"
     try:
-        return pd.read_csv(path, sep=sep, **kw)
+        return pd.read_csv(path, sep=sep, encoding="utf-8-sig", **kw)
     except (ValueError, pd.errors.ParserError) as err:
         raise UserError(
             f"{what}: cannot read {path} as a {sep!r}-separated table ({err})."
         ) from err
 
 
-def _read_matrix(path: Path, genes_by_cells: bool):
-    """(cells x genes matrix, gene names or None) from .npz, .mtx[.gz] or .tsv/.csv."""
-    from scipy import io, sparse
+def _read_matrix(path: Path, args):
+    """(cells x genes matrix, gene names or None, cell ids or None) from a 10x folder, .npz,
+    .mtx[.gz] or .tsv/.csv."""
+    from scipy import sparse
 
+    if path.is_dir():
+        if args.gene_names or args.barcodes:
+            raise UserError("--gene-names, --barcodes: a 10x folder has its own; drop them.")
+        return cellfiles.read_10x(path, args.var_names)
     if _is(path, ".npz"):
         try:
             X = sparse.load_npz(path)
         except (ValueError, OSError) as err:
             raise UserError(f"{path}: not a scipy.sparse .npz matrix ({err}).") from None
-        names = None
+        names = ids = None
     elif _is(path, ".mtx", ".mtx.gz"):
-        X, names = sparse.csr_matrix(io.mmread(path)), None
+        X, names, ids = cellfiles.read_mtx(path), None, None
     elif _is(path, ".tsv", ".csv", ".tsv.gz", ".csv.gz", ".txt"):
-        table = _read_table(path, "input", index_col=0)
-        X, names = table.to_numpy(np.float64), [str(c) for c in table.columns]
+        table = _read_table(path, "input", index_col=0, dtype={0: str})
+        X, names, ids = table.to_numpy(np.float64), [str(c) for c in table.columns], table.index
     else:
-        raise UserError(f"input: {path.name}: use .h5ad, .npz, .mtx[.gz], .tsv or .csv.")
-    return (X.T if genes_by_cells else X), names
+        raise UserError(f"input: {path.name}: use .h5ad, a 10x folder, .npz, .mtx, .tsv or .csv.")
+    X = X.T if args.genes_by_cells else X
+    if args.gene_names:
+        names, keep = cellfiles.read_features(_existing(args.gene_names, "--gene-names"),
+                                              args.var_names)  # fmt: skip
+        if keep is not None and len(keep) == X.shape[1]:  # 10x features: genes only
+            X, names = X[:, np.flatnonzero(keep)], list(np.asarray(names)[keep])
+    if args.barcodes:
+        ids = cellfiles.read_lines(_existing(args.barcodes, "--barcodes"))
+    return X, names, ids
 
 
 def _read_gene_list(value: str) -> list[str]:
     """--genes: a file with one name per line, or comma-separated names."""
     p = Path(value)
     if p.is_file():
-        names = [s.strip() for s in p.read_text().splitlines()]
+        names = [s.strip() for s in p.read_text(encoding="utf-8-sig").splitlines()]
     else:
         names = [s.strip() for s in value.split(",")]
     names = [s for s in names if s]
@@ -451,26 +496,36 @@ def _say(args, message: str) -> None:
 def run_pseudobulk(args) -> None:
     from . import preprocess
 
-    source = _existing(args.input, "input")
+    source = _existing(args.input, "input") if not Path(args.input).is_dir() else Path(args.input)
     kw = dict(donor=args.donor, cell_type=args.cell_type, ind_cut=args.ind_cut,
-              ct_cut=args.ct_cut, chunk_size=args.chunk_size)  # fmt: skip
+              ct_cut=args.ct_cut, chunk_size=args.chunk_size, cell_id=args.cell_id,
+              normalize="log1p" if args.normalize else None)  # fmt: skip
     if not _is(Path(args.output), ".npz"):
         raise UserError(f"-o {args.output}: the dataset is written as .npz; name it *.npz.")
-    if _is(source, ".h5ad"):
-        try:
-            import anndata
-        except ImportError:
-            raise ImportError('reading .h5ad needs: pip install "ctmm_jax[anndata]".') from None
-        adata = anndata.read_h5ad(source, backed="r")  # streamed: never all in memory
-        pb = preprocess.from_anndata(adata, layer=args.layer, **kw)
-    else:
-        if args.cells is None:
-            raise UserError("--cells: give the cell table (donor and cell type of each cell).")
-        X, names = _read_matrix(source, args.genes_by_cells)
-        cells = _read_table(_existing(args.cells, "--cells"), "--cells")
-        if args.gene_names:
-            names = _read_gene_list(str(_existing(args.gene_names, "--gene-names")))
-        pb = preprocess.pseudobulk(X, cells, genes=names, **kw)
+    cells = None if args.cells is None else cellfiles.read_cells(
+        _existing(args.cells, "--cells"), "--cells")  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", preprocess.ExpressionWarning)
+        if _is(source, ".h5ad"):
+            adata = cellfiles.read_h5ad(source)  # backed: streamed, never all in memory
+            name = source.name if args.layer is None else f"{source.name} layer {args.layer!r}"
+            try:
+                pb = preprocess.from_anndata(adata, layer=args.layer, cells=cells,
+                                             x_name=name, **kw)  # fmt: skip
+            except OSError as err:  # HDF5 cannot read a block: a damaged file
+                message = f"{source}: cannot read its data ({err}); the file may be corrupt."
+                raise UserError(message) from None
+        else:
+            if cells is None:
+                raise UserError("--cells: give the cell table (donor and cell type of each cell).")
+            X, names, ids = _read_matrix(source, args)
+            pb = preprocess.pseudobulk(X, cells, genes=names, row_ids=ids, x_name=source.name,
+                                       **kw)  # fmt: skip
+    for w in caught:  # ours as one line each; others as Python shows them
+        if issubclass(w.category, preprocess.ExpressionWarning):
+            print(f"ctmm-jax pseudobulk: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     pb.save(args.output)
     G, N, C = pb.ctp.shape
     zero = int((pb.mask & ~pb.observed).sum())

@@ -18,8 +18,9 @@ chunks of genes, so a sparse X is never densified.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
 import numpy as np
@@ -29,6 +30,13 @@ from scipy import sparse
 from .data import CTPData, OPData
 
 DATASET_FORMAT = "ctmm_jax.pseudobulk/1"
+NORMALIZE_TARGET = 1e4  # normalize="log1p": counts per 10,000 (scanpy's target_sum=1e4)
+_SHOW = 5  # ids or positions named in a message
+
+
+class ExpressionWarning(UserWarning):
+    """`pseudobulk` about the values of X: raw counts averaged as they are, negative values,
+    or normalize='log1p' given values that are not counts."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,79 @@ def _labels(cells: pd.DataFrame, column: str, arg: str) -> np.ndarray:
     return col.astype(str).to_numpy(dtype=object)
 
 
+def _ids(values) -> np.ndarray:
+    """(n,) cell ids as str (ids are compared as text: 7 and '7' are the same cell)."""
+    return np.asarray(pd.Index(values).astype(str), dtype=object)
+
+
+def _is_default(ids: np.ndarray) -> bool:
+    """ids are 0, 1, ..., n-1 in order: pandas' and anndata's default index, no real ids."""
+    return bool(np.array_equal(ids, np.arange(len(ids)).astype(str).astype(object)))
+
+
+def _repeated(ids: np.ndarray) -> list[str]:
+    counts = pd.Series(ids).value_counts()
+    return list(counts.index[counts > 1][:_SHOW])
+
+
+def _align(
+    cells: pd.DataFrame, row_ids, cell_id: str | None, n_cells: int, x_name: str
+) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """cells in the order of X's rows, and the cells' ids (None when neither side has ids).
+
+    Rows are matched by id when X's rows (`row_ids`) and the cell table (column `cell_id`, else
+    its index) both carry ids and these are the same set. Otherwise, when one side has no
+    ids (X a plain array; a table with the default index 0, 1, ..., n-1), by position; ids
+    that disagree are refused (matching them by position would pair cells silently wrong).
+    """
+    if cell_id is not None:
+        if cell_id not in cells.columns:
+            raise ValueError(
+                f"cells: no column {cell_id!r} (cell_id, the cell ids); available columns: "
+                f"{list(cells.columns)}."
+            )
+        if cells[cell_id].isna().any():
+            raise ValueError(
+                f"cells[{cell_id!r}]: {int(cells[cell_id].isna().sum())} cells have no id."
+            )
+        theirs, where = _ids(cells[cell_id]), f"cells[{cell_id!r}]"
+    else:
+        theirs, where = _ids(cells.index), "cells.index"
+    ours = None if row_ids is None else _ids(row_ids)
+    if ours is not None and len(ours) != n_cells:
+        raise ValueError(f"row_ids: got {len(ours)} ids but {x_name} has {n_cells} rows (cells).")
+    if ours is not None and not (_is_default(ours) and _is_default(theirs)):
+        unique = pd.Index(theirs).is_unique and pd.Index(ours).is_unique
+        position = pd.Index(theirs).get_indexer(ours) if unique else None
+        if len(theirs) == len(ours) and position is not None and (position >= 0).all():
+            return cells.iloc[position], ours  # the same cells: in X's order
+        if not (_is_default(ours) or _is_default(theirs)):
+            for ids, name in ((ours, f"{x_name}'s row ids"), (theirs, where)):
+                if twice := _repeated(ids):
+                    raise ValueError(
+                        f"{name}: cell ids must be unique to match {x_name}'s rows to the cell "
+                        f"table; repeated: {twice}."
+                    )
+            only_x = ours[~pd.Index(ours).isin(theirs)]
+            only_cells = theirs[~pd.Index(theirs).isin(ours)]
+            raise ValueError(
+                f"{x_name} and cells: the cell ids differ ({x_name}'s row ids vs {where}): "
+                f"{len(only_x)} of {x_name}'s {len(ours)} cells are not in the cell table "
+                f"(e.g. {list(only_x[:_SHOW])}), {len(only_cells)} of its {len(theirs)} rows "
+                f"are not in {x_name} (e.g. {list(only_cells[:_SHOW])}). Rows are matched by "
+                "cell id when both carry ids; subset both to the same cells (or drop the "
+                "table's ids, cells.reset_index(drop=True), to match by position)."
+            )
+    if len(cells) != n_cells:
+        raise ValueError(
+            f"cells: has {len(cells)} rows but {x_name} has {n_cells} rows (cells); give one "
+            f"row per cell, in {x_name}'s row order (or give both cell ids to match them by)."
+        )
+    if ours is not None and not _is_default(ours):
+        return cells, ours
+    return cells, (None if _is_default(theirs) else theirs)
+
+
 def _gene_names(genes: Sequence | None, G: int) -> tuple[str, ...]:
     if genes is None:
         return tuple(f"gene{j}" for j in range(G))
@@ -232,7 +313,123 @@ def _dense(a) -> np.ndarray:
     return a.toarray() if sparse.issparse(a) else np.asarray(a)
 
 
-def _group_moments(X, At, chunk_size: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class _Scan:
+    """What X's values show, collected from the blocks as pseudobulk streams them (no pass of
+    its own): the non-finite entries (how many, the first positions), the negative entries, and
+    whether every value is an integer (raw counts)."""
+
+    n_nonfinite: int = 0
+    first: list[tuple[int, int]] = field(default_factory=list)  # (row, column) in X
+    n_negative: int = 0
+    integer: bool = True
+
+    def see(self, block, rows: slice, cols: slice) -> None:
+        """Record one float64 block, X[rows, cols] (sparse: its stored entries)."""
+        values = block.data if sparse.issparse(block) else block
+        finite = np.isfinite(values)
+        if not finite.all():
+            self.n_nonfinite += int(values.size - np.count_nonzero(finite))
+            if len(self.first) < _SHOW:
+                if sparse.issparse(block):
+                    coo = block.tocoo()
+                    bad = ~np.isfinite(coo.data)
+                    r, c = coo.row[bad], coo.col[bad]
+                else:
+                    r, c = np.nonzero(~finite)
+                self.first += list(zip(r + rows.start, c + cols.start, strict=True))[:_SHOW]
+            values = values[finite]
+        self.n_negative += int(np.count_nonzero(values < 0))
+        if self.integer:
+            self.integer = bool(np.array_equal(values, np.rint(values)))
+
+    def report(self, x_name: str, ids, genes, normalize: str | None) -> None:
+        """Refuse non-finite values (and negative ones to normalise as counts); warn about raw
+        counts and negative values (ExpressionWarning)."""
+        if self.n_nonfinite:
+            at = ", ".join(
+                f"(cell {ids[r]!r}, gene {genes[c]!r})" if ids is not None
+                else f"(row {r}, gene {genes[c]!r})"
+                for r, c in sorted(self.first)[:_SHOW]
+            )  # fmt: skip
+            raise ValueError(
+                f"{x_name}: {self.n_nonfinite} non-finite values (NaN or inf) in the cell-level "
+                f"expression, e.g. at {at}; a mean over cells would be NaN there. Fix or drop "
+                "those cells or genes first."
+            )
+        if normalize is not None and self.n_negative:
+            raise ValueError(
+                f"{x_name}: {self.n_negative} negative values, but normalize={normalize!r} "
+                "needs raw counts (>= 0); give the counts (e.g. layer='counts'), or normalised "
+                "values without normalize."
+            )
+        if normalize is not None and not self.integer:
+            warnings.warn(
+                f"{x_name}: normalize={normalize!r} expects raw counts, but some values are not "
+                "integers (already normalised? then leave normalize off).",
+                ExpressionWarning,
+                stacklevel=3,
+            )
+        elif normalize is None and self.n_negative:
+            warnings.warn(
+                f"{x_name}: {self.n_negative} negative values. Counts and log-normalised "
+                "expression cannot be negative; fine if X is centred or scaled on purpose, "
+                "otherwise check that X is the matrix you mean (e.g. layer=...).",
+                ExpressionWarning,
+                stacklevel=3,
+            )
+        elif normalize is None and self.integer:
+            warnings.warn(
+                f"{x_name}: every value is a non-negative integer: raw counts? They are averaged "
+                "as they are; CTMM expects normalised expression: pass normalize='log1p' "
+                "(log1p(counts / cell total * 10,000), scanpy's convention; command line: "
+                "--normalize), or normalise X first.",
+                ExpressionWarning,
+                stacklevel=3,
+            )
+
+
+def _log1p_scaled(block, total: np.ndarray, target: float = NORMALIZE_TARGET):
+    """log1p(block_jg * target / total_j) per row j; rows with total 0 stay 0. A sparse block
+    keeps its format and index arrays (zeros stay zero); the input is not modified.
+
+    Args:
+        block: (cells, genes) dense, or scipy.sparse CSR/CSC; total: (cells,)."""
+    scale = np.divide(target, total, out=np.zeros(len(total)), where=total > 0)
+    # negative "counts" give NaN here; pseudobulk refuses them after the pass (_Scan.report)
+    with np.errstate(invalid="ignore"):
+        if not sparse.issparse(block):
+            return np.log1p(block * scale[:, None])
+        if block.format not in ("csr", "csc"):
+            block = block.tocsr()
+        row = block.indices if block.format == "csc" else (
+            np.repeat(np.arange(block.shape[0]), np.diff(block.indptr)))  # fmt: skip
+        data = np.log1p(block.data * scale[row])
+    return type(block)((data, block.indices, block.indptr), shape=block.shape)
+
+
+def _row_totals(X, chunk_size: int) -> np.ndarray:
+    """(cells,) each cell's total over all genes, over chunks of genes (one pass over X)."""
+    total = np.zeros(X.shape[0])
+    for _, block in _column_blocks(X, chunk_size):
+        total += np.asarray(block.sum(axis=1)).ravel()
+    return total
+
+
+def _prepare(block, rows: slice, cols: slice, *, scan: _Scan, normalize: bool, total=None):
+    """A float64 block X[rows, cols] as pseudobulk uses it: recorded by `scan`, then, with
+    `normalize`, log1p-normalised by the cells' totals: `total` (cells,), or the block's row
+    sums when it holds all the genes of its rows (total None)."""
+    scan.see(block, rows, cols)
+    if not normalize:
+        return block
+    t = np.asarray(block.sum(axis=1)).ravel() if total is None else total[rows]
+    return _log1p_scaled(block, t)
+
+
+def _group_moments(
+    X, At, chunk_size: int = 2000, prepare: Callable | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-group sums S = (A X)^T and sums of squares Q = (A (X * X))^T, gene by group, one
     chunk of genes at a time (a CSC chunk's transpose is CSR, so the sparse product needs no
     format conversion of the chunk).
@@ -240,6 +437,7 @@ def _group_moments(X, At, chunk_size: int = 2000) -> tuple[np.ndarray, np.ndarra
     Args:
         X: (cells, G) canonical scipy.sparse CSC (no duplicate entries), or a dense array.
         At: (cells, groups) CSR indicator A^T.
+        prepare: (block, rows, cols) -> block, applied to each block first (`_prepare`).
     Returns:
         S, Q: (G, groups). Temporaries are (cells, chunk_size) at most: a sparse block's
         nonzeros, or a dense block and its square.
@@ -247,15 +445,20 @@ def _group_moments(X, At, chunk_size: int = 2000) -> tuple[np.ndarray, np.ndarra
     S = np.empty((X.shape[1], At.shape[1]))
     Q = np.empty((X.shape[1], At.shape[1]))
     for cols, block in _column_blocks(X, chunk_size):
+        if prepare is not None:
+            block = prepare(block, slice(0, X.shape[0]), cols)
         S[cols] = _dense(block.T @ At)
         Q[cols] = _dense(_square(block).T @ At)
     return S, Q
 
 
-def _row_moments(rows: Iterator, At, G: int) -> tuple[np.ndarray, np.ndarray]:
+def _row_moments(
+    rows: Iterator, At, G: int, prepare: Callable | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """`_group_moments` over blocks of cells (rows) instead of genes, for a matrix streamed
     from disk by rows (a backed CSR .h5ad): rows yields (row slice, (cells, G) block); each
-    block's sums are added into S and Q (G, groups), so only one block is in memory."""
+    block's sums are added into S and Q (G, groups), so only one block is in memory. prepare:
+    as in `_group_moments`."""
     S = np.zeros((G, At.shape[1]))
     Q = np.zeros((G, At.shape[1]))
     for rs, block in rows:
@@ -263,11 +466,15 @@ def _row_moments(rows: Iterator, At, G: int) -> tuple[np.ndarray, np.ndarray]:
         if sparse.issparse(block):
             block = sparse.csr_matrix(block, dtype=np.float64)
             block.sum_duplicates()
+            if prepare is not None:
+                block = prepare(block, rs, slice(0, G))
             for out, b in ((S, block), (Q, block.multiply(block))):
                 prod = (b.T @ A).tocoo()  # (G, groups), no duplicate entries
                 out[prod.row, prod.col] += prod.data
         else:
             block = np.asarray(block, dtype=np.float64)
+            if prepare is not None:
+                block = prepare(block, rs, slice(0, G))
             S += _dense(A.T @ block).T
             Q += _dense(A.T @ block**2).T
     return S, Q
@@ -316,10 +523,14 @@ def pseudobulk(
     donor: str = "donor",
     cell_type: str = "cell_type",
     genes: Sequence | None = None,
+    row_ids: Sequence | None = None,
+    cell_id: str | None = None,
+    normalize: str | None = None,
     ind_cut: int = 0,
     ct_cut: int = 0,
     chunk_size: int = 2000,
     cell_block: int = 20_000,
+    x_name: str = "X",
 ) -> Pseudobulk:
     """Cell type-specific and overall pseudobulk of single-cell expression, as the original CTMM.
 
@@ -336,22 +547,49 @@ def pseudobulk(
     missing pairs, we use the pairs' own cells, so op_i is exactly the mean of all donor i's
     cells. In nu, single-cell pairs add no term (their variance is undefined).
 
+    Matching cells to X's rows: by cell id when both sides carry ids, X's `row_ids` (a
+    DataFrame X: its index) and the table's `cell_id` column (default: its index); the table
+    is then reordered to X's rows, and ids that are not the same set on both sides are refused
+    (ValueError naming a few). By position only when one side has no ids: X a plain matrix
+    without `row_ids`, or a table with pandas' default index 0, 1, ..., n-1 (also anndata's
+    default obs_names "0", "1", ...).
+
+    The values are checked as they stream (no extra pass): NaN or inf anywhere is refused (a
+    ValueError with their number and the first few cells and genes), since a single one makes
+    its pair's mean and its donor's OP NaN. Without `normalize`, an ExpressionWarning says when
+    every value is a non-negative integer (raw counts, averaged as they are: CTMM expects
+    normalised expression) or when some are negative: negative values are only warned about,
+    since centred or scaled expression (e.g. scanpy's `pp.scale`) is negative by design, while
+    counts and log-normalised values never are.
+
     Args:
         X: (cells, G) expression: a NumPy array, any scipy.sparse matrix or array (converted to
             CSC once, never densified), a pandas DataFrame (genes = its columns; all-sparse
             columns stay sparse) or a 2-D sliceable array-like (read by column chunks).
-        cells: one row per row of X, with the `donor` and `cell_type` columns (labels are used
-            as str and sorted as str).
+        cells: one row per cell, with the `donor` and `cell_type` columns (labels are used
+            as str and sorted as str); in X's row order unless both carry cell ids (above).
         genes: (G,) gene names; default "gene0", "gene1", ...
+        row_ids: (cells,) ids of X's rows (AnnData obs_names, 10x barcodes), matched as str.
+        cell_id: the column of `cells` holding the cell ids; default its index.
+        normalize: None (X as it is) or "log1p": X holds raw counts, and each cell's values
+            become log1p(x / cell total * 10,000) (`normalize_log1p`; scanpy's
+            `normalize_total(target_sum=1e4)` then `log1p`) as the blocks stream. Negative
+            values are then refused (counts cannot be negative). The totals are over all of
+            X's genes; a backed CSR matrix gets them from each block of cells, other inputs from
+            one extra pass over X by chunks of genes.
         chunk_size: genes per chunk; bounds the temporaries (see `_group_moments`).
         cell_block: cells per block when X is a backed CSR matrix (anndata's backed mode),
             which is streamed from disk by rows (`_row_moments`): memory is then the
             (G, N C) sums plus one block, whatever the number of cells.
+        x_name: how messages name X (the command line gives the file name).
     Returns:
         Pseudobulk with ctp, ctnu: (G, N, C); counts, P, mask: (N, C); op, nu: (G, N).
     """
+    if normalize not in (None, "log1p"):
+        raise ValueError(f"normalize: expected None or 'log1p', got {normalize!r}.")
     if isinstance(X, pd.DataFrame):  # cells x genes table: genes from its columns
         genes = list(X.columns) if genes is None else genes
+        row_ids = X.index if row_ids is None else row_ids
         X = X.sparse.to_coo() if all(isinstance(t, pd.SparseDtype) for t in X.dtypes) else (
             X.to_numpy(np.float64))  # fmt: skip
     rows = None
@@ -362,14 +600,10 @@ def pseudobulk(
     n_cells, G = X.shape
     if not isinstance(cells, pd.DataFrame):
         raise ValueError(f"cells: expected a pandas DataFrame, got {type(cells).__name__}.")
-    if len(cells) != n_cells:
-        raise ValueError(
-            f"cells: has {len(cells)} rows but X has {n_cells} rows (cells); give one row per "
-            "cell, in X's row order."
-        )
     if chunk_size < 1 or cell_block < 1:
         raise ValueError(f"chunk_size, cell_block: must be >= 1, got {chunk_size}, {cell_block}.")
     gene_names = _gene_names(genes, G)
+    cells, ids = _align(cells, row_ids, cell_id, n_cells, x_name)
     donor_of = _labels(cells, donor, "donor")
     type_of = _labels(cells, cell_type, "cell_type")
 
@@ -388,10 +622,15 @@ def pseudobulk(
     At = sparse.csr_matrix(
         (np.ones(len(group)), (np.flatnonzero(keep), group)), shape=(n_cells, N * C)
     )
+    scan = _Scan()
+    prepare = partial(_prepare, scan=scan, normalize=normalize is not None)
     if rows is None:
-        S, Q = _group_moments(X, At, chunk_size)
+        if normalize is not None:  # chunks of genes: the cells' totals first
+            prepare = partial(prepare, total=_row_totals(X, chunk_size))
+        S, Q = _group_moments(X, At, chunk_size, prepare)
     else:
-        S, Q = _row_moments(rows(cell_block), At, G)
+        S, Q = _row_moments(rows(cell_block), At, G, prepare)
+    scan.report(x_name, ids, gene_names, normalize)
     counts = np.bincount(group, minlength=N * C).reshape(N, C)
     ctp, ctnu, op, nu, P, mask = _finish(S, Q, counts, ct_cut, chunk_size)
     return Pseudobulk(
@@ -431,39 +670,52 @@ def std(pb: Pseudobulk) -> Pseudobulk:
 
 
 def from_anndata(
-    adata, *, donor: str = "donor", cell_type: str = "cell_type", layer: str | None = None, **kw
+    adata,
+    *,
+    donor: str = "donor",
+    cell_type: str = "cell_type",
+    layer: str | None = None,
+    cells: pd.DataFrame | None = None,
+    **kw,
 ) -> Pseudobulk:
     """`pseudobulk` of an AnnData: X = adata.X (or adata.layers[layer]), cells = adata.obs,
     genes = adata.var_names. A backed X (anndata.read_h5ad(path, backed="r")) is streamed from
     disk: CSR by blocks of cells, CSC and dense by chunks of genes. anndata itself is not
-    imported. `kw` go to `pseudobulk` (ind_cut, ct_cut, chunk_size, cell_block)."""
+    imported.
+
+    cells: a cell table to use instead of adata.obs (donor and cell type from another file),
+    matched to adata's cells by obs_names = its index (or its `cell_id` column), as in
+    `pseudobulk`. `kw` go to `pseudobulk` (normalize, cell_id, ind_cut, ct_cut, chunk_size,
+    cell_block, x_name)."""
     if layer is None:
-        X = adata.X
+        X, name = adata.X, "adata.X"
     elif layer in adata.layers:
-        X = adata.layers[layer]
+        X, name = adata.layers[layer], f"adata.layers[{layer!r}]"
     else:
         raise ValueError(
             f"layer: {layer!r} is not in adata.layers (has {list(adata.layers.keys())})."
         )
-    return pseudobulk(
-        X, adata.obs, donor=donor, cell_type=cell_type, genes=list(adata.var_names), **kw
-    )
+    kw.setdefault("x_name", name)
+    if cells is None:  # obs is X's own cell table: nothing to match
+        cells = adata.obs
+    else:
+        kw.setdefault("row_ids", adata.obs_names)
+    return pseudobulk(X, cells, donor=donor, cell_type=cell_type, genes=list(adata.var_names), **kw)
 
 
-def normalize_log1p(counts, target: float = 1e4, total=None):
+def normalize_log1p(counts, target: float = NORMALIZE_TARGET, total=None):
     """log1p(x_jg / n_j * target) with n_j the total count of cell j (the usual library-size
-    normalisation); sparse input stays sparse (zeros stay zero). Cells with no counts stay 0.
+    normalisation; scanpy's `normalize_total(target_sum=1e4)` then `log1p`); sparse input stays
+    sparse (CSR; zeros stay zero). Cells with no counts stay 0. `pseudobulk(...,
+    normalize="log1p")` applies it block by block as X streams.
 
     total: (cells,) n_j, e.g. the cell's UMIs over all genes when `counts` holds a subset;
     default the row sums of `counts`."""
-    sparse_in = sparse.issparse(counts)
-    X = sparse.csr_matrix(counts, dtype=np.float64, copy=True) if sparse_in else (
+    X = sparse.csr_matrix(counts, dtype=np.float64, copy=True) if sparse.issparse(counts) else (
         np.asarray(counts, dtype=np.float64))  # fmt: skip
     total = np.asarray(X.sum(axis=1)).ravel() if total is None else np.asarray(total, float)
     if total.shape != (X.shape[0],):
         raise ValueError(f"total: expected one value per cell ({X.shape[0]}), got {total.shape}.")
-    scale = np.divide(target, total, out=np.zeros_like(total), where=total > 0)
-    if not sparse_in:
-        return np.log1p(X * scale[:, None])
-    X.data = np.log1p(X.data * np.repeat(scale, np.diff(X.indptr)))
-    return X
+    if (n := int(np.count_nonzero((X.data if sparse.issparse(X) else X) < 0))) > 0:
+        raise ValueError(f"counts: {n} negative values; raw counts are >= 0.")
+    return _log1p_scaled(X, total, target)

@@ -6,6 +6,7 @@ again); the other mistakes go through `main(argv)` in this process."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import json
 import subprocess
@@ -17,6 +18,8 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
+from tenx import FEATURES, GEX, SYMBOLS, write_10x
 
 import ctmm_jax as cj
 from ctmm_jax import cli as cli_module
@@ -248,6 +251,7 @@ def test_console_script_is_declared():
                                                                   "ctmm_jax.cli:run")  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore::ctmm_jax.preprocess.ExpressionWarning")  # raw counts
 def test_counts_and_cell_table_input(tmp_path):
     """simulate .npz (counts + cell table + gene list) -> pseudobulk equals the library's."""
     assert main(["simulate", "-q", "-o", str(tmp_path / "c.npz"), "--n-genes", "7",
@@ -336,3 +340,113 @@ def test_gxemm_command_equals_library(tmp_path):
     columns = pd.read_csv(f"{out}.columns.tsv", sep="\t")
     assert list(columns["column"]) == list(expected.columns)
     assert json.loads(Path(f"{out}.json").read_text())["environment"]["x64"] is True
+
+
+# ----------------------------------------- pseudobulk inputs (issue 18 #5, #6, #14, #15)
+
+
+@pytest.fixture
+def tenx(tmp_path):
+    """A 10x v3 folder (gzipped; a repeated symbol, an antibody) with raw counts, and a cell
+    table written by pandas (ids in an unnamed first column) in another order, with a BOM and
+    a donor named "NA"."""
+    counts, cells, _ = simulate_cells(len(FEATURES), 6, 3, seed=4)
+    X = counts.toarray()
+    ids = [f"AAAC{i:05d}-1" for i in range(len(X))]
+    cells = cells[["donor", "cell_type"]].set_axis(ids)
+    cells["donor"] = cells.donor.replace("ind0", "NA")
+    write_10x(tmp_path / "10x", X, ids)
+    text = cells.sample(frac=1, random_state=0).to_csv(sep="\t")
+    (tmp_path / "cells.tsv").write_bytes(("\ufeff" + text).encode())
+    expected = preprocess.pseudobulk(preprocess.normalize_log1p(X[:, GEX]), cells, genes=SYMBOLS)
+    return SimpleNamespace(dir=tmp_path, X=X, ids=ids, cells=cells, expected=expected)
+
+
+def assert_same_dataset(path, expected):
+    got = preprocess.Pseudobulk.load(path)
+    assert (got.genes, got.donors, got.cell_types) == (expected.genes, expected.donors,
+                                                       expected.cell_types)  # fmt: skip
+    for f in ("ctp", "ctnu", "op", "nu", "P"):
+        np.testing.assert_allclose(getattr(got, f), getattr(expected, f), rtol=1e-12, err_msg=f)
+
+
+def test_10x_folder_with_a_shuffled_cell_table_and_normalize(tenx, capsys):
+    """Issue 18 #5, #14, #15: a 10x folder as scanpy reads it, cells matched by barcode (not
+    position), --normalize, a donor "NA" kept; no warning."""
+    d = tenx.dir
+    args = ["pseudobulk", "-q", str(d / "10x"), "--cells", str(d / "cells.tsv"), "--normalize"]
+    assert main([*args, "-o", str(d / "pb.npz")]) == 0
+    assert capsys.readouterr().err == ""
+    assert_same_dataset(d / "pb.npz", tenx.expected)
+    assert "NA" in tenx.expected.donors
+
+
+def test_bare_mtx_with_10x_features_and_barcodes(tenx, capsys):
+    """Issue 18 #14: features.tsv.gz as --gene-names ("can't decode byte 0x8b"), or plain with
+    three columns (whole lines as names), with --barcodes for the ids."""
+    d = tenx.dir
+    features = d / "features.tsv"
+    features.write_bytes(gzip.decompress((d / "10x" / "features.tsv.gz").read_bytes()))
+    for gene_names in (d / "10x" / "features.tsv.gz", features):
+        assert main(["pseudobulk", "-q", str(d / "10x" / "matrix.mtx.gz"), "--genes-by-cells",
+                     "--gene-names", str(gene_names), "--barcodes",
+                     str(d / "10x" / "barcodes.tsv.gz"), "--cells", str(d / "cells.tsv"),
+                     "--normalize", "-o", str(d / "pb.npz")]) == 0  # fmt: skip
+        assert_same_dataset(d / "pb.npz", tenx.expected)
+    assert capsys.readouterr().err == ""
+
+
+def test_raw_counts_get_a_one_line_warning(tenx, capsys):
+    d = tenx.dir
+    assert main(["pseudobulk", "-q", str(d / "10x"), "--cells", str(d / "cells.tsv"),
+                 "-o", str(d / "pb.npz")]) == 0  # fmt: skip
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ctmm-jax pseudobulk: warning: 10x: every")
+    assert "--normalize" in lines[0]
+
+
+def test_h5ad_with_a_cell_table_matched_by_obs_names(tenx, capsys):
+    """Issue 18 #5: --cells with .h5ad input was ignored; it replaces obs, matched by id."""
+    anndata = pytest.importorskip("anndata")
+    d = tenx.dir
+    X = preprocess.normalize_log1p(tenx.X[:, GEX])
+    obs = pd.DataFrame({"donor": "x", "cell_type": "y"}, index=tenx.ids)
+    anndata.AnnData(X, obs=obs, var=pd.DataFrame(index=tenx.expected.genes)).write_h5ad(
+        d / "c.h5ad"
+    )
+    assert main(["pseudobulk", "-q", str(d / "c.h5ad"), "--cells", str(d / "cells.tsv"),
+                 "-o", str(d / "pb.npz")]) == 0  # fmt: skip
+    assert_same_dataset(d / "pb.npz", tenx.expected)
+    other = tenx.cells.set_axis([f"X{i}" for i in range(len(tenx.ids))])
+    other.to_csv(d / "other.tsv", sep="\t")
+    assert main(["pseudobulk", str(d / "c.h5ad"), "--cells", str(d / "other.tsv"),
+                 "-o", str(d / "pb.npz")]) == 1  # fmt: skip
+    line = one_error_line(capsys.readouterr().err, "pseudobulk")
+    assert "c.h5ad and cells: the cell ids differ" in line and "'AAAC00000-1'" in line
+
+
+def test_truncated_h5ad_and_nan_input_name_the_file(tenx, capsys):
+    d = tenx.dir
+    (d / "cut.h5ad").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    assert main(["pseudobulk", str(d / "cut.h5ad"), "-o", str(d / "pb.npz")]) == 1
+    assert "cut.h5ad: cannot read as .h5ad" in one_error_line(capsys.readouterr().err,
+                                                               "pseudobulk")  # fmt: skip
+    anndata = pytest.importorskip("anndata")
+    h5py = pytest.importorskip("h5py")
+    X = sparse.csr_matrix(preprocess.normalize_log1p(tenx.X))
+    anndata.AnnData(X, obs=tenx.cells).write_h5ad(d / "bad.h5ad", compression="gzip")
+    with h5py.File(d / "bad.h5ad") as f:  # zero a compressed block of X's values
+        block = f["X/data"].id.get_chunk_info(0)
+    data = bytearray((d / "bad.h5ad").read_bytes())
+    data[block.byte_offset + 4 : block.byte_offset + block.size] = bytes(block.size - 4)
+    (d / "bad.h5ad").write_bytes(bytes(data))
+    assert main(["pseudobulk", str(d / "bad.h5ad"), "-o", str(d / "pb.npz")]) == 1
+    line = one_error_line(capsys.readouterr().err, "pseudobulk")
+    assert "bad.h5ad: cannot read its data (" in line and "corrupt" in line
+    table = pd.DataFrame(tenx.X, index=tenx.ids, columns=[f"g{j}" for j in range(6)])
+    table.iloc[3, 2] = np.nan
+    table.to_csv(d / "x.tsv", sep="\t")
+    assert main(["pseudobulk", str(d / "x.tsv"), "--cells", str(d / "cells.tsv"),
+                 "-o", str(d / "pb.npz")]) == 1  # fmt: skip
+    line = one_error_line(capsys.readouterr().err, "pseudobulk")
+    assert "x.tsv: 1 non-finite values" in line and "(cell 'AAAC00003-1', gene 'g2')" in line

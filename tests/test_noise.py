@@ -90,6 +90,7 @@ def test_plugin_false_positive_rule_matches_measurements():
         assert abs(noise.plugin_false_positive_rate(N, 4, n) - measured) < 0.1
 
 
+@pytest.mark.filterwarnings("ignore::ctmm_jax.preprocess.ExpressionWarning")  # small counts
 def test_pseudobulk_carries_cell_counts_and_keeps_zero_variance_pairs():
     X = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 5.0], [4.0, 1.0], [0.0, 2.0], [1.0, 2.0]])
     cells = pd.DataFrame({"donor": list("aaabbb"), "cell_type": ["x", "x", "y", "y", "x", "x"]})

@@ -1,5 +1,6 @@
 """Pseudobulk and standardisation (ctmm_jax.preprocess) against pandas groupby references."""
 
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -7,9 +8,14 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
+from ctmm_jax import preprocess
 from ctmm_jax.data import CTPData, OPData
 from ctmm_jax.preprocess import Pseudobulk, from_anndata, normalize_log1p, pseudobulk, std
 from ctmm_jax.simulation import simulate_anndata, simulate_cells
+
+# The cells here are Poisson counts on purpose (the groupby references take any numbers), which
+# pseudobulk warns about; the tests of its warnings catch them with pytest.warns.
+pytestmark = pytest.mark.filterwarnings("ignore::ctmm_jax.preprocess.ExpressionWarning")
 
 # Cells per (donor, cell type): a single-cell pair (d2, NK), a two-cell pair (d3, NK), an empty
 # pair (d4, NK) and a small donor d5 (4 cells). Cell types are listed unsorted on purpose.
@@ -284,6 +290,9 @@ def test_normalize_log1p(data, fmt):
     got = normalize_log1p(X if fmt == "dense" else sparse.csr_matrix(X))
     assert sparse.issparse(got) == (fmt == "csr")
     np.testing.assert_allclose(got.toarray() if fmt == "csr" else got, expected, rtol=1e-14)
+    X[2, 3] = -1.0
+    with pytest.raises(ValueError, match="counts: 1 negative values"):
+        normalize_log1p(X if fmt == "dense" else sparse.csr_matrix(X))
 
 
 def test_simulate_cells_is_seeded_and_structured():
@@ -400,3 +409,176 @@ def test_repr_is_short_and_names_the_shape(data):
         f"Pseudobulk({G} genes x 6 donors x 3 cell types, {COUNTS.sum()} cells, "
         f"{n_pairs}/18 (donor, cell type) pairs observed)"
     )
+
+
+# ------------------------------------------------------------------ issue 18 #5: cell ids
+
+
+def barcodes(n):
+    return [f"AAAC{i:05d}-1" for i in range(n)]
+
+
+def test_cell_table_is_matched_by_id_not_position(data):
+    """Issue 18 #5: a shuffled cell table with the cells' ids gives the unshuffled result,
+    whether the ids are its index or a column, and X's ids come from row_ids, a DataFrame's
+    index or an AnnData's obs_names."""
+    X, cells = data
+    ids = barcodes(len(X))
+    expected = pseudobulk(X, cells)
+    shuffled = cells.set_axis(ids).sample(frac=1, random_state=1)
+    assert_same(pseudobulk(X, shuffled, row_ids=ids), expected)
+    in_column = shuffled.rename_axis("barcode").reset_index()  # default index: no ids
+    assert_same(pseudobulk(X, in_column, row_ids=ids, cell_id="barcode"), expected)
+    table = pd.DataFrame(X, index=ids, columns=[f"gene{j}" for j in range(G)])
+    assert_same(pseudobulk(table, shuffled), expected)
+    adata = SimpleNamespace(X=X, obs=cells.set_axis(ids), var_names=pd.Index(expected.genes),
+                            obs_names=pd.Index(ids), layers={})  # fmt: skip
+    assert_same(from_anndata(adata, cells=shuffled), expected)
+    # ids compared as text: integer ids match anndata's str obs_names
+    numbered = cells.set_axis(np.arange(len(X)) + 10).iloc[::-1]
+    assert_same(pseudobulk(X, numbered, row_ids=[str(i + 10) for i in range(len(X))]), expected)
+
+
+def test_position_is_used_only_when_one_side_has_no_ids(data):
+    X, cells = data
+    expected = pseudobulk(X, cells)
+    ids = barcodes(len(X))
+    assert_same(pseudobulk(X, cells.set_axis(ids)), expected)  # X without ids
+    assert_same(pseudobulk(X, cells, row_ids=ids), expected)  # default index 0..n-1
+    default_obs = [str(i) for i in range(len(X))]  # anndata's default obs_names
+    assert_same(pseudobulk(X, cells.set_axis(ids), row_ids=default_obs), expected)
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        (
+            lambda ids: ids[:-3] + ["x1", "x2", "x3"],
+            r"X and cells: the cell ids differ \(X's row ids vs cells.index\): 3 of X's 326 "
+            r"cells are not in the cell table \(e.g. \['x1', 'x2', 'x3'\]\), 3 of its 326 rows "
+            r"are not in X \(e.g. \['AAAC00323-1', ",
+        ),
+        (lambda ids: ids[:-1] + ids[:1], r"X's row ids: cell ids must be unique.*'AAAC00000-1'"),
+    ],
+)
+def test_cell_ids_that_disagree_are_refused(data, ids, match):
+    X, cells = data
+    with pytest.raises(ValueError, match=match):
+        pseudobulk(X, cells.set_axis(barcodes(len(X))), row_ids=ids(barcodes(len(X))))
+
+
+def test_cell_table_with_more_cells_is_refused_by_id(data):
+    X, cells = data
+    bigger = pd.concat([cells, cells.iloc[:2]]).set_axis(barcodes(len(X) + 2))
+    with pytest.raises(ValueError, match=r"0 of X's 326 cells .* 2 of its 328 rows are not in X"):
+        pseudobulk(X, bigger, row_ids=barcodes(len(X)))
+    with pytest.raises(ValueError, match="cells: no column 'barcode' .*cell_id"):
+        pseudobulk(X, cells, row_ids=barcodes(len(X)), cell_id="barcode")
+
+
+# ------------------------------------------------------- issue 18 #6: NaN/inf in X, every path
+
+
+def backed(X, fmt, tmp_path):
+    """X written to an .h5ad and read back in backed mode: CSR (streamed by blocks of cells),
+    CSC or dense (by chunks of genes)."""
+    anndata = pytest.importorskip("anndata")
+    stored = X if fmt == "dense" else getattr(sparse, f"{fmt}_matrix")(X)
+    path = tmp_path / f"{fmt}.h5ad"
+    obs = pd.DataFrame(index=barcodes(len(X)))
+    var = pd.DataFrame(index=[f"g{j}" for j in range(X.shape[1])])
+    anndata.AnnData(stored, obs=obs, var=var).write_h5ad(path)
+    return anndata.read_h5ad(path, backed="r")
+
+
+FORMATS = ["dense", "csr", "csc", "backed csr", "backed csc", "backed dense"]
+
+
+def as_format(X, fmt, tmp_path):
+    if fmt.startswith("backed"):
+        return backed(X, fmt.split()[1], tmp_path).X
+    return X if fmt == "dense" else getattr(sparse, f"{fmt}_matrix")(X)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nonfinite_expression_is_refused_in_every_reader_path(data, fmt, tmp_path):
+    """Issue 18 #6: one NaN used to drop a (donor, cell type) pair from CTP and its donor from
+    OP without a word; now a ValueError counts them and names the first cells and genes."""
+    X, cells = data
+    X = X.copy()
+    X[5, 3], X[300, 0], X[7, 6] = np.nan, np.inf, -np.inf
+    message = (
+        r"X: 3 non-finite values \(NaN or inf\) in the cell-level expression, e.g. at "
+        r"\(row 5, gene 'gene3'\), \(row 7, gene 'gene6'\), \(row 300, gene 'gene0'\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        pseudobulk(as_format(X, fmt, tmp_path), cells, chunk_size=3, cell_block=50)
+    named = cells.set_axis(barcodes(len(X)))
+    with pytest.raises(ValueError, match=r"counts.h5: 3 non-finite .* \(cell 'AAAC00005-1', gen"):
+        pseudobulk(as_format(X, fmt, tmp_path), named, x_name="counts.h5", cell_block=50)
+
+
+def test_nonfinite_values_are_found_while_streaming(data, tmp_path, monkeypatch):
+    """The check rides on the pass that sums the blocks: a backed CSR file is read once."""
+    X, cells = data
+    X = X.copy()
+    X[320, 2] = np.nan
+    adata = backed(X, "csr", tmp_path)
+    reads = []
+    blocks = preprocess._row_blocks
+    monkeypatch.setattr(preprocess, "_row_blocks", lambda *a: reads.append(1) or blocks(*a))
+    with pytest.raises(ValueError, match=r"adata.X: 1 non-finite .*\(cell 'AAAC00320-1'"):
+        from_anndata(adata, cells=cells.set_axis(barcodes(len(X))), cell_block=100)
+    assert len(reads) == 1
+
+
+# --------------------------------------- issue 18 #14: raw counts, negative values, normalize
+
+
+def test_raw_counts_are_warned_about(data):
+    X, cells = data
+    with pytest.warns(preprocess.ExpressionWarning, match="non-negative integer: raw counts?"):
+        pseudobulk(sparse.csr_matrix(X), cells)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # normalised values: not a word
+        pseudobulk(normalize_log1p(X), cells)
+        pseudobulk(X, cells, normalize="log1p")
+
+
+def test_negative_values_are_warned_about_not_refused(data):
+    """Scaled expression is negative by design: a warning (counts and log-normalised values are
+    never negative), and the pseudobulk is computed."""
+    X, cells = data
+    scaled = (X - X.mean(0)) / X.std(0)
+    with pytest.warns(preprocess.ExpressionWarning, match=r"X: \d+ negative values"):
+        pb = pseudobulk(scaled, cells)
+    np.testing.assert_allclose(pb.op.mean(1), 0.0, atol=0.2)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("chunk_size", [2, 2000])
+def test_normalize_log1p_while_streaming(data, fmt, chunk_size, tmp_path):
+    """normalize='log1p' equals pseudobulk of normalize_log1p(X), in every reader path (cell
+    totals over all genes, also when X is read by chunks of genes)."""
+    X, cells = data
+    X = X.copy()
+    X[4] = 0.0  # a cell without counts stays 0
+    expected = pseudobulk(normalize_log1p(X), cells)
+    got = pseudobulk(as_format(X, fmt, tmp_path), cells, normalize="log1p",
+                     chunk_size=chunk_size, cell_block=50)  # fmt: skip
+    assert_same(got, expected, rtol=1e-12)
+    assert np.all(X[4] == 0.0)  # the input is not modified (X.data is shared with chunks)
+    Xs = sparse.csc_matrix(X)
+    pseudobulk(Xs, cells, normalize="log1p")
+    np.testing.assert_array_equal(Xs.toarray(), X)
+
+
+def test_normalize_refuses_negative_and_warns_about_non_integer_values(data):
+    X, cells = data
+    with pytest.raises(ValueError, match=r"X: 1 negative values, but normalize='log1p' needs"):
+        pseudobulk(np.where(np.arange(X.size).reshape(X.shape) == 9, -1.0, X), cells,
+                   normalize="log1p")  # fmt: skip
+    with pytest.warns(preprocess.ExpressionWarning, match="expects raw counts, but some values"):
+        pseudobulk(normalize_log1p(X), cells, normalize="log1p")
+    with pytest.raises(ValueError, match=r"normalize: expected None or 'log1p', got 'cpm'"):
+        pseudobulk(X, cells, normalize="cpm")

@@ -124,6 +124,7 @@ def test_missing_at_random_reml_unbiased():
         _within_mc_error(t[f"beta_ct{c}"], beta[c])
 
 
+@pytest.mark.filterwarnings("ignore::ctmm_jax.preprocess.ExpressionWarning")  # Gaussian: < 0
 def test_estimated_ctnu_inflates_the_test_of_v():
     """Cells from a Gaussian model with no cell type-specific variance (200 genes, 60 donors,
     about 25 cells per pair): with the true noise variances 1 / n_ic the REML LRT of free vs
