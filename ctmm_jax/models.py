@@ -50,7 +50,8 @@ class ModelSpec(NamedTuple):
     weights: (phi, C) -> kernel weights w, None when w = phi (linear models; only those have
     HE); positive: C -> which parameters nonneg=True keeps >= 0 (default all);
     constrain/unconstrain: (theta, C) <-> phi under nonneg, for a model whose constraint is not
-    a bound on its parameters (full: V positive semi-definite); columns: cell types -> the table columns of each parameter (default: its name);
+    a bound on its parameters (full: V positive semi-definite); columns: cell types -> the
+    table columns of each parameter (default: its name);
     null: the model nested in this one with its `tests`["V"] parameters at 0 (the other
     parameters, in order, are the null model's), for the score and LR tests of V, or None;
     diag_test: the model's test of V is a score test of diag(v_1..v_C) added to its own

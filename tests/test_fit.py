@@ -161,8 +161,9 @@ def test_nonneg_reaches_the_bounded_dense_optimum(shape, G, N):
         assert_allclose(-nll(phi), res.loglik[g], rtol=1e-10)
         h = 1e-6  # one-sided differences at the bound, central inside
         up = np.array([nll(phi + h * e) for e in np.eye(4)])
-        down = np.array([nll(phi - h * e) if p > h else nll(phi) for p, e in zip(phi, np.eye(4))])
-        step = np.where(phi > h, 2 * h, h)
+        inside = phi > h
+        down = np.array([nll(phi - h * e * i) for i, e in zip(inside, np.eye(4), strict=True)])
+        step = np.where(inside, 2 * h, h)
         grad = (up - down) / step
         assert np.all(grad[at_bound[g]] > -1e-5), grad
         assert np.all(np.abs(grad[~at_bound[g]]) < 1e-4), grad
