@@ -131,7 +131,7 @@ def with_oracle_noise(data, true):
 
 
 def run_config(generator, N, n, n_null, n_power, seed, model="free", method="reml", pcs=0,
-               shape="ctp"):  # fmt: skip
+               shape="ctp", nonneg=False):  # fmt: skip
     """Type I error (null genes) and power (the others) of each noise model and test; shape
     "op" fits the overall pseudobulk of the same cells (OPData.from_ctp: nu from ctnu)."""
     a = effect_size(N, n)
@@ -149,7 +149,7 @@ def run_config(generator, N, n, n_null, n_power, seed, model="free", method="rem
             d = cj.OPData.from_ctp(d)
         t0 = time.perf_counter()
         res = cj.fit(d, model, method, noise="plugin" if noise == "oracle" else noise,
-                     fixed_covars=fixed)  # fmt: skip
+                     fixed_covars=fixed, nonneg=nonneg)  # fmt: skip
         seconds = time.perf_counter() - t0
         tab = res.table
         null, alt = tab.iloc[:n_null], tab.iloc[n_null:]
@@ -159,7 +159,7 @@ def run_config(generator, N, n, n_null, n_power, seed, model="free", method="rem
             ok0, ok1 = ~np.isnan(p0), ~np.isnan(p1)
             rows.append(dict(
                 generator=generator, shape=shape, donors=N, cells=n, model=model,
-                method=method, pcs=pcs,
+                method=method, pcs=pcs, nonneg=nonneg,
                 noise=noise, test=test, n_null=int(ok0.sum()), n_power=int(ok1.sum()),
                 alpha05=float(np.mean(p0[ok0] < 0.05)), alpha01=float(np.mean(p0[ok0] < 0.01)),
                 power05=float(np.mean(p1[ok1] < 0.05)) if ok1.any() else float("nan"),
@@ -216,6 +216,11 @@ def main(argv=None) -> None:
         action="store_true",
         help="also free/iid x ML/REML x with/without 4 PCs (gauss, N=100, n=25)",
     )
+    ap.add_argument(
+        "--nonneg",
+        action="store_true",
+        help="fit with nonneg=True (variances >= 0; the LRT's chi-bar-square null)",
+    )
     ap.add_argument("--quick", action="store_true", help="gauss and counts, N=100, n=10 and 50")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json")
@@ -233,11 +238,11 @@ def main(argv=None) -> None:
     rows = []
     for k, (gen, N, n, model, method, pcs) in enumerate(configs):
         r, pvals = run_config(gen, N, n, args.null_genes, args.power_genes, args.seed + k,
-                              model, method, pcs, args.shape)  # fmt: skip
+                              model, method, pcs, args.shape, args.nonneg)  # fmt: skip
         rows += r
         tab = pd.DataFrame(r).pivot(index="noise", columns="test",
                                     values=["alpha05", "alpha01", "power05"])  # fmt: skip
-        print(f"\n{gen} N={N} cells={n:g} {model} {method} pcs={pcs} "
+        print(f"\n{gen} N={N} cells={n:g} {model} {method} pcs={pcs} nonneg={args.nonneg} "
               f"(V of power genes {r[0]['V_power']:.3g})", flush=True)  # fmt: skip
         print(tab.round(3).to_string())
         if args.qq:

@@ -141,8 +141,8 @@ from common import write_json  # noqa: E402
 from jax import lax  # noqa: E402
 
 import ctmm_jax as cj  # noqa: E402
+from ctmm_jax import batching, likelihood, models  # noqa: E402
 from ctmm_jax import blocks as cj_blocks  # noqa: E402
-from ctmm_jax import likelihood, models  # noqa: E402
 from ctmm_jax.estimators import Problems  # noqa: E402
 from ctmm_jax.estimators.mlreml import MaximumLikelihood, objective  # noqa: E402
 
@@ -316,7 +316,8 @@ def run_scenario(name, ctp, *, model, reml, steps):
     # under softplus (theta = -800 gives phi = 0 and back -inf)
     est = MaximumLikelihood(model, C, reml=reml, nonneg=nonneg)
     t0 = time.perf_counter()
-    state = est.optimize(blocks, Problems(np.arange(G)))  # compiled by cj.fit: warm
+    size = batching.bucket(G, est.chunk_size)
+    state = est.optimize(blocks, Problems(np.arange(G)), size)  # compiled by cj.fit: warm
     fs_run = time.perf_counter() - t0
     theta_fs = jnp.asarray(state.theta)
 

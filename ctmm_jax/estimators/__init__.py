@@ -29,6 +29,11 @@ class Problems(NamedTuple):
     phi0: np.ndarray | None = None  # (P, n_var + n_rand)
     groups: np.ndarray | None = None  # (N,) int
 
+    def take(self, i: np.ndarray) -> Problems:
+        """The problems i (indices into these)."""
+        pick = lambda a: None if a is None else a[i]  # noqa: E731
+        return Problems(self.gene[i], pick(self.drop), pick(self.phi0), self.groups)
+
     def kept(self, i: np.ndarray, N: int) -> np.ndarray:
         """(len(i), N) 1.0 for the donors problems i keep, 0.0 for those they leave out."""
         groups = np.arange(N) if self.groups is None else self.groups

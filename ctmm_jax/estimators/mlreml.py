@@ -184,7 +184,8 @@ def gls_chunk(w, y, noise, mask, design):
 
 ROUND_ITERS = 8  # iterations per round before the problems still running are regrouped
 BIG_BATCH_HALVINGS = 1  # step halvings per iteration allowed in full-size batches
-SMALL_BATCH = 16  # batches up to this size are not split further
+SMALL_BATCH = 16  # batches up to this size are not split further; the canonical width
+SETTLED = (Status.OK, Status.NO_VARIATION, Status.INFEASIBLE_START)  # not run again
 
 
 def _data(blocks: Blocks, problems: Problems, i: np.ndarray):
@@ -233,29 +234,48 @@ class MaximumLikelihood:
         return dict(model=self.model, C=self.C, reml=self.reml, nonneg=self.nonneg)
 
     def fit(self, blocks: Blocks, problems: Problems) -> Estimates:
-        state = self.optimize(blocks, problems)
+        """Every fit of `problems`. Fits that end unsettled (not ok, not constant, not
+        infeasible at the start: stopped at the boundary, out of iterations or step halvings)
+        are run again, from their start, in batches of exactly SMALL_BATCH: XLA's arithmetic
+        differs in the last bits between batch widths, and near the positive-definite wall
+        the ill-conditioned steps amplify that to ~1e-6, so only a canonical width makes
+        their reported values independent of chunk_size (converged fits agree to ~1e-12
+        whatever the width)."""
+        n_prob = len(problems.gene)
+        size = batching.bucket(n_prob, self.chunk_size)
+        state = self.optimize(blocks, problems, size)
+        redo = np.flatnonzero(~np.isin(state.status, SETTLED))
+        if size != SMALL_BATCH and len(redo):
+            again = self.optimize(blocks, problems.take(redo), SMALL_BATCH)
+            for dst, src in zip(state, again, strict=True):
+                dst[redo] = src
         keys = self._keys
-        size = batching.bucket(len(problems.gene), self.chunk_size)
 
-        def finish(i):
-            theta = jnp.asarray(state.theta[i])
-            return finish_chunk(theta, *_data(blocks, problems, i), **keys, observed=self.observed)
+        def finish(i, at):
+            theta = jnp.asarray(state.theta[at[i]])
+            return finish_chunk(theta, *_data(blocks, problems, at[i]), **keys,
+                                observed=self.observed)  # fmt: skip
 
-        fits = batching.map_batches(finish, np.arange(len(problems.gene)), size)
+        rest = np.setdiff1d(np.arange(n_prob), redo) if size != SMALL_BATCH else np.arange(n_prob)
+        parts = []
+        for at, width in ((rest, size), (np.setdiff1d(np.arange(n_prob), rest), SMALL_BATCH)):
+            if len(at):
+                parts.append((at, batching.map_batches(partial(finish, at=at), np.arange(len(at)),
+                                                       width)))  # fmt: skip
+        fits = batching.gather(parts, n_prob)
         return Estimates(
             fits.phi, fits.var_cov, fits.beta, fits.beta_cov, -state.nll, state.n_iter,
             state.status, fits.cond,
         )  # fmt: skip
 
-    def optimize(self, blocks: Blocks, problems: Problems) -> OptState:
+    def optimize(self, blocks: Blocks, problems: Problems, size: int) -> OptState:
         """Every fit of `problems`: rounds of ROUND_ITERS iterations, each round on the fits
-        still running, regrouped into batches of the bucketed chunk size (or a sixteenth of it
-        once few are left: two compiled batch shapes). Full-size batches allow
+        still running, regrouped into batches of `size` (or a sixteenth of it once few are
+        left: two compiled batch shapes). Full-size batches allow
         BIG_BATCH_HALVINGS step halvings; fits that need more (STALLED) continue in small
         batches with the full budget. Returns the final optimizer states (host arrays)."""
         n_prob = len(problems.gene)
         keys = self._keys
-        size = batching.bucket(n_prob, self.chunk_size)
         small = size if size <= SMALL_BATCH else size // 16  # few problems: one batch shape
 
         def init(i):
