@@ -28,6 +28,7 @@ import pandas as pd
 from scipy import sparse
 
 from .data import CTPData, OPData
+from .files import atomic_paths
 
 DATASET_FORMAT = "ctmm_jax.pseudobulk/1"
 NORMALIZE_TARGET = 1e4  # normalize="log1p": counts per 10,000 (scanpy's target_sum=1e4)
@@ -118,11 +119,15 @@ class Pseudobulk:
         )  # fmt: skip
 
     def save(self, path) -> None:
-        """Write to a compressed .npz (arrays and names; loads without pickle)."""
+        """Write to a compressed .npz (arrays and names; loads without pickle). `.npz` is added
+        to a name without it (as np.savez). The file is replaced in one step (files.py): an
+        interrupted save leaves the old file, never part of a new one."""
+        path = str(path) if str(path).endswith(".npz") else f"{path}.npz"
         arrays = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("genes", "donors", "celltypes"):
             arrays[name] = np.array(arrays[name], dtype=str)
-        np.savez_compressed(path, format=np.array(DATASET_FORMAT), **arrays)
+        with atomic_paths(path) as (tmp,):
+            np.savez_compressed(tmp, format=np.array(DATASET_FORMAT), **arrays)
 
     @classmethod
     def load(cls, path) -> Pseudobulk:
