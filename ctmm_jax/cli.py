@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import cellfiles
-from .files import atomic_paths, fingerprint, sha256_file
+from .files import NPZ_ERRORS, atomic_paths, fingerprint, sha256_file
 
 EXAMPLES = """\
 examples:
@@ -363,9 +363,13 @@ def _read_matrix(path: Path, args):
         return cellfiles.read_10x(path, args.var_names)
     if _is(path, ".npz"):
         try:
-            X = sparse.load_npz(path)
-        except (ValueError, OSError) as err:
-            raise UserError(f"{path}: not a scipy.sparse .npz matrix ({err}).") from None
+            with open(path, "rb") as handle:  # np.load leaks a path's handle on a bad zip
+                X = sparse.load_npz(handle)
+        except NPZ_ERRORS as err:
+            raise UserError(
+                f"input: {path}: not a scipy.sparse .npz matrix, or truncated or damaged "
+                f"({type(err).__name__}: {err})."
+            ) from None
         names = ids = None
     elif _is(path, ".mtx", ".mtx.gz"):
         X, names, ids = cellfiles.read_mtx(path), None, None
@@ -968,7 +972,14 @@ def _read_numbers(path: str | None, what: str, ndim: int) -> np.ndarray | None:
     if path is None:
         return None
     p = _existing(path, what)
-    return np.load(p) if _is(p, ".npy") else _loadtxt(p, what, ndim)
+    if not _is(p, ".npy"):
+        return _loadtxt(p, what, ndim)
+    try:
+        with open(p, "rb") as handle:
+            return np.load(handle, allow_pickle=False)
+    except NPZ_ERRORS as err:
+        raise UserError(f"{what}: {p}: not a .npy array, or truncated or damaged "
+                        f"({type(err).__name__}: {err}).") from None  # fmt: skip
 
 
 def run_gxemm(args) -> None:

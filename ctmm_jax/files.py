@@ -1,4 +1,5 @@
-"""Whole files on disk: atomic replacement of outputs, and content fingerprints.
+"""Whole files on disk: atomic replacement of outputs, content fingerprints, and the errors that
+reading a damaged .npz archive raises.
 
 An output is written to a temporary file beside it and moved over it in one step (`os.replace`
 is atomic within a folder), so a reader sees the old file or the whole new one, never a part:
@@ -12,9 +13,17 @@ import hashlib
 import json
 import os
 import secrets
+import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+# what reading a truncated or damaged .npz/.npy raises: not a zip archive (BadZipFile), a member
+# that fails its CRC or decompression (BadZipFile, zlib.error), a file that ends early
+# (EOFError), a header or array that does not parse or needs pickle (ValueError), a missing
+# member (KeyError), a read error (OSError)
+NPZ_ERRORS = (ValueError, EOFError, KeyError, OSError, zipfile.BadZipFile, zlib.error)
 
 
 @contextmanager

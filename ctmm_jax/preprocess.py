@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import sparse
 
 from .data import CTPData, OPData
-from .files import atomic_paths
+from .files import NPZ_ERRORS, atomic_paths
 
 DATASET_FORMAT = "ctmm_jax.pseudobulk/1"
 NORMALIZE_TARGET = 1e4  # normalize="log1p": counts per 10,000 (scanpy's target_sum=1e4)
@@ -131,22 +131,64 @@ class Pseudobulk:
 
     @classmethod
     def load(cls, path) -> Pseudobulk:
-        """Read a dataset written by `save` (or `ctmm-jax pseudobulk`)."""
-        wrong = ValueError(
+        """Read a dataset written by `save` (or `ctmm-jax pseudobulk`). A file that is not one,
+        or is truncated or damaged, raises ValueError naming the file and what is wrong."""
+        not_ours = ValueError(
             f"{path}: not a ctmm_jax pseudobulk dataset (make one with `ctmm-jax pseudobulk` "
             "or Pseudobulk.save)."
         )
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if "format" not in f.files or str(f["format"]) != DATASET_FORMAT:
-                    raise wrong
-                names = {"celltypes": "celltypes" if "celltypes" in f.files else "cell_types"}
-                kw = {fl.name: f[names.get(fl.name, fl.name)] for fl in fields(cls)}
-        except (ValueError, EOFError, KeyError) as err:
-            raise wrong from err
+        with open(path, "rb") as handle:  # a missing file: FileNotFoundError, as open's
+            head = handle.read(4)
+            if not head:
+                raise ValueError(f"{path}: the file is empty; write it again.")
+            if head != b"PK\x03\x04":  # every .npz is a zip archive
+                raise not_ours
+            handle.seek(0)
+            try:
+                with np.load(handle, allow_pickle=False) as f:
+                    arrays = {key: f[key] for key in f.files}
+            except NPZ_ERRORS as err:
+                raise ValueError(
+                    f"{path}: truncated or damaged, cannot read it ({type(err).__name__}: "
+                    f"{err}); write it again with `ctmm-jax pseudobulk` or Pseudobulk.save."
+                ) from err
+        if "format" not in arrays or str(arrays["format"]) != DATASET_FORMAT:
+            raise not_ours
+        old = {"celltypes": "celltypes" if "celltypes" in arrays else "cell_types"}
+        keys = {fl.name: old.get(fl.name, fl.name) for fl in fields(cls)}
+        missing = [k for k in keys.values() if k not in arrays]
+        if missing:
+            raise ValueError(
+                f"{path}: a pseudobulk dataset without {missing}; the file is damaged, or was "
+                "not written by Pseudobulk.save."
+            )
+        kw = {name: arrays[key] for name, key in keys.items()}
+        _check_saved(kw, path)
         for name in ("genes", "donors", "celltypes"):
             kw[name] = tuple(str(x) for x in kw[name])
         return cls(**kw)
+
+
+def _check_saved(arrays: dict, path) -> None:
+    """The shapes and kinds of a loaded dataset's arrays, so that a damaged or hand-made file
+    fails here, naming the file, not later in a fit."""
+    for name in ("genes", "donors", "celltypes"):
+        a = arrays[name]
+        if a.ndim != 1 or a.dtype.kind not in "US":
+            raise ValueError(
+                f"{path}: {name} must be a 1-D array of names, got {a.dtype} with shape "
+                f"{a.shape}; the file is damaged."
+            )
+    G, N, C = (len(arrays[n]) for n in ("genes", "donors", "celltypes"))
+    shapes = dict(ctp=(G, N, C), ctnu=(G, N, C), counts=(N, C), P=(N, C), op=(G, N),
+                  nu=(G, N), mask=(N, C))  # fmt: skip
+    for name, shape in shapes.items():
+        a = arrays[name]
+        if a.shape != shape or a.dtype.kind not in ("b" if name == "mask" else "iuf"):
+            raise ValueError(
+                f"{path}: {name} has dtype {a.dtype} and shape {a.shape}, expected shape "
+                f"{shape} ({G} genes, {N} donors, {C} cell types); the file is damaged."
+            )
 
 
 def _as_matrix(X):

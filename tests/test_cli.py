@@ -270,6 +270,32 @@ def test_a_missing_output_folder_is_created_and_said(tmp_path, capsys):
     assert sorted(os.listdir(out.parent)) == ["c.cells.tsv", "c.genes.txt", "c.npz"]
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("fit", "cut.npz", "-o", "x.tsv"), "cut.npz: truncated or damaged"),
+        (("fit", "empty.npz", "-o", "x.tsv"), "empty.npz: the file is empty"),
+        (("pseudobulk", "cut.npz", "--cells", "cells.tsv", "-o", "x.npz"),
+         "input: cut.npz: not a scipy.sparse .npz matrix, or truncated or damaged"),
+        (("pseudobulk", "cut.h5ad", "-o", "x.npz"), "cut.h5ad: cannot read as .h5ad"),
+        (("gxemm", "--y", "cut.npy", "--K", "K.txt", "--Z", "Z.txt", "-o", "x.tsv"),
+         "--y: cut.npy: not a .npy array, or truncated or damaged"),
+    ],
+)  # fmt: skip
+def test_damaged_inputs_are_one_line_errors(run_dir, tmp_path, monkeypatch, capsys, args, message):
+    """Issue 18 #9: truncated .npz, .h5ad and .npy inputs name the file (no traceback)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(run_dir / "pb.npz", "cut.npz")
+    shutil.copy(run_dir / "cells.h5ad", "cut.h5ad")
+    np.save("cut.npy", np.arange(100.0))
+    for name in ("cut.npz", "cut.h5ad", "cut.npy"):
+        cut(Path(name))
+    Path("empty.npz").write_bytes(b"")
+    Path("cells.tsv").write_text("donor\tcell_type\nd1\tB\n")
+    assert main(list(args)) == 1
+    assert message in one_error_line(capsys.readouterr().err, args[0])
+
+
 def test_a_mistake_in_a_real_process_is_one_line_and_exit_code_1(run_dir):
     done = cli("fit", "missing.npz", "-o", "x.tsv", cwd=run_dir)
     assert done.returncode == 1
