@@ -2,7 +2,7 @@
 
 Every subcommand reads files, calls the library and writes files; a mistake in the input ends
 the run with one line on stderr (`ctmm-jax <command>: error: ...`) and exit code 1, never a
-traceback (`--debug` shows it).
+traceback (`--debug` shows it); Ctrl-C ends it with one line and exit code 130.
 
 Outputs are written to a temporary file and moved into place in one step (files.py), so an
 interrupted or failed run leaves no partial file; an existing output is replaced only with
@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import time
+import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except KeyboardInterrupt:
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"ctmm-jax {args.command}: interrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as err:
@@ -112,8 +113,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The console script and `python -m ctmm_jax`."""
-    sys.exit(main())
+    """The console script and `python -m ctmm_jax`. An interrupted run (Ctrl-C, exit code 130)
+    leaves at once with os._exit, after flushing its messages: the interpreter's normal
+    teardown while XLA's threads are still compiling can crash (a segfault, exit 139). Its
+    outputs are already safe: an interrupted write removes its temporary file (files.py)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # outside main's handler (while the parser is built)
+        print("ctmm-jax: interrupted", file=sys.stderr)
+        code = 130
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,8 @@
 """The `ctmm-jax` command line: round trip in subprocesses, chunked = unchunked, the outputs
 equal the library's, and common mistakes end in one line on stderr (never a traceback).
 
-Only the round trip and one mistake run in real processes (each compiles its JAX programs
-again); the other mistakes go through `main(argv)` in this process."""
+Only the round trip, one mistake and Ctrl-C run in real processes (each compiles its JAX
+programs again); the other mistakes go through `main(argv)` in this process."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -565,6 +567,26 @@ def test_merge_refuses_a_chunk_whose_rewrite_was_interrupted(tmp_path, monkeypat
                  str(tmp_path / "m.tsv")]) == 1  # fmt: skip
     message = f"{tmp_path / '2.tsv'}: its content does not match the sha256 in 2.tsv.json"
     assert message in one_error_line(capsys.readouterr().err, "merge")
+
+
+def test_ctrl_c_while_compiling_exits_130_with_one_line_and_no_output(run_dir, tmp_path):
+    """Issue 18 #10: SIGINT while JAX compiles printed a traceback, then the interpreter's
+    teardown segfaulted (exit 139). Now: exit 130, one line, no output file."""
+    out = tmp_path / "x.tsv"
+    argv = ["fit", str(run_dir / "pb.npz"), "--model", "full", "--cache", "off", "-o", str(out)]
+    process = subprocess.Popen([sys.executable, "-m", "ctmm_jax", *argv],
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        started = process.stderr.readline()  # the 'compiling' line: the fit has begun
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        rest = process.communicate(timeout=300)[1]
+    finally:
+        process.kill()
+    assert "compiling" in started, started
+    assert process.returncode == 130, rest
+    assert rest.splitlines() == ["ctmm-jax fit: interrupted"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_gxemm_command_equals_library(tmp_path):
