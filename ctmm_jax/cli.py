@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cells",
         help="cell table (.tsv/.csv, header, one row per cell; with .h5ad input: instead of "
         "obs); matched to the matrix's cells by id when both have ids (--cell-id), else by "
-        "row order; needed unless the input is .h5ad",
+        "row order; needed unless the input is .h5ad. Its donor and cell-type columns are "
+        "read as text: only empty cells are missing (a donor named NA is a donor); all-integer "
+        "ids are ordered as numbers (2 before 10)",
     )
     p.add_argument(
         "--cell-id",
@@ -262,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=FILE",
         help="fixed covariates (e.g. PCs): a table with the donor id in the first "
-        "column and a header, or the original's headerless numbers in donor order",
+        "column (read as text: only empty cells are missing) and a header, or the original's "
+        "headerless numbers in donor order",
     )
     p.add_argument(
         "--random",
@@ -270,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=FILE",
         help="random covariates (e.g. batch): a table donor -> label (one-hot "
-        "encoded) or a numeric design, as --fixed",
+        "encoded; labels read as text, only empty cells are missing) or a numeric design, "
+        "as --fixed",
     )
     p.add_argument("--genes", help="genes to fit: comma-separated names or a file (one per line)")
     p.add_argument(
@@ -352,17 +356,33 @@ def _is(path: Path, *suffixes: str) -> bool:
     return any(name.endswith(s) for s in suffixes)
 
 
-def _read_table(path: Path, what: str, **kw) -> pd.DataFrame:
-    """A .tsv/.csv (or .parquet) table with a header."""
+def _read_table(path: Path, what: str, *, labels=(), index: bool = False) -> pd.DataFrame:
+    """A .tsv/.csv (or .parquet) table with a header; with `index`, its first column is the row
+    index. `labels` (column names or positions) are label columns: donor ids, cell types, gene
+    names, batches. They are read as text, with only empty cells missing, so a donor named 'NA'
+    or '007' stays 'NA' or '007'; other columns as pandas reads them ('NA', 'nan', ... are
+    missing values). A byte-order mark (utf-8-sig) is dropped."""
     if _is(path, ".parquet"):
-        return pd.read_parquet(path)
+        return pd.read_parquet(path)  # typed: labels are what was written, the index too
     sep = "," if _is(path, ".csv", ".csv.gz") else "\t"
     try:
-        return pd.read_csv(path, sep=sep, encoding="utf-8-sig", **kw)
+        table = pd.read_csv(path, sep=sep, encoding="utf-8-sig",
+                            converters={c: str for c in labels})  # fmt: skip
     except (ValueError, pd.errors.ParserError) as err:
         raise UserError(
             f"{what}: cannot read {path} as a {sep!r}-separated table ({err})."
         ) from err
+    for c in labels:
+        if isinstance(c, int) and c >= table.shape[1]:
+            continue
+        name = table.columns[c] if isinstance(c, int) else c
+        if name in table:
+            table[name] = table[name].mask(table[name] == "")  # an empty cell: missing
+    if index:
+        if table.shape[1] == 0:
+            raise UserError(f"{what}: {path} has no columns.")
+        table = table.set_index(table.columns[0])
+    return table
 
 
 def _read_matrix(path: Path, args):
@@ -387,7 +407,7 @@ def _read_matrix(path: Path, args):
     elif _is(path, ".mtx", ".mtx.gz"):
         X, names, ids = cellfiles.read_mtx(path), None, None
     elif _is(path, ".tsv", ".csv", ".tsv.gz", ".csv.gz", ".txt"):
-        table = _read_table(path, "input", index_col=0, dtype={0: str})
+        table = _read_table(path, "input", labels=[0], index=True)
         X, names, ids = table.to_numpy(np.float64), [str(c) for c in table.columns], table.index
     else:
         raise UserError(f"input: {path.name}: use .h5ad, a 10x folder, .npz, .mtx, .tsv or .csv.")
@@ -403,10 +423,14 @@ def _read_matrix(path: Path, args):
 
 
 def _read_gene_list(value: str) -> list[str]:
-    """--genes: a file with one name per line, or comma-separated names."""
+    """--genes: a file with one name per line (a byte-order mark dropped), or comma-separated
+    names."""
     p = Path(value)
     if p.is_file():
-        names = [s.strip() for s in p.read_text(encoding="utf-8-sig").splitlines()]
+        try:
+            names = [s.strip() for s in p.read_text(encoding="utf-8-sig").splitlines()]
+        except UnicodeDecodeError as err:
+            raise UserError(f"{value}: not a UTF-8 text file of gene names ({err}).") from None
     else:
         names = [s.strip() for s in value.split(",")]
     names = [s for s in names if s]
@@ -422,19 +446,21 @@ def _read_covariate(spec: str, option: str):
         raise UserError(f"{option} {spec!r}: write NAME=FILE, e.g. {option} pca=pcs.tsv.")
     p = _existing(path, f"{option} {name}")
     try:  # the original's format: whitespace-separated numbers, donors in the data's order
-        np.loadtxt(p, ndmin=2)
+        np.loadtxt(p, ndmin=2, encoding="utf-8-sig")
         return name, str(p)
     except ValueError:
         pass
-    table = _read_table(p, f"{option} {name}", index_col=0)
+    what = f"{option} {name}"
+    table = _read_table(p, what, labels=[0], index=True)
     if table.shape[1] == 0:
-        raise UserError(f"{option} {name}: {p} has one column; give the donor id, then values.")
+        raise UserError(f"{what}: {p} has one column; give the donor id, then values.")
     if (
         option == "--random"
         and table.shape[1] == 1
         and not pd.api.types.is_numeric_dtype(table.iloc[:, 0])
     ):
-        return name, table.iloc[:, 0]  # labels: one-hot encoded by the fit (NA refused there)
+        # labels, one-hot encoded by the fit (NA refused there): read as text, as the ids
+        return name, _read_table(p, what, labels=[0, 1], index=True).iloc[:, 0]
     return name, table
 
 
@@ -858,7 +884,7 @@ def _read_part(path: str) -> Part:
             "changed or cut short after `fit` wrote it (e.g. by another run killed while "
             "writing); run `fit` again for it."
         )
-    table = _read_table(table_path, "merge input", index_col=0)
+    table = _read_table(table_path, "merge input", labels=[0], index=True)
     if len(table) != facts["rows"]:
         raise UserError(f"{path}: has {len(table)} rows, its sidecar says {facts['rows']}.")
     if list(table.columns) != facts["columns"]:

@@ -18,6 +18,7 @@ chunks of genes, so a sparse X is never densified.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -31,6 +32,7 @@ from .data import CTPData, OPData
 from .files import NPZ_ERRORS, atomic_paths
 
 DATASET_FORMAT = "ctmm_jax.pseudobulk/1"
+INTEGER = re.compile(r"[+-]?[0-9]+")  # a label ordered as a number (_levels)
 NORMALIZE_TARGET = 1e4  # normalize="log1p": counts per 10,000 (scanpy's target_sum=1e4)
 _SHOW = 5  # ids or positions named in a message
 
@@ -297,6 +299,19 @@ def _align(
     if ours is not None and not _is_default(ours):
         return cells, ours
     return cells, (None if _is_default(theirs) else theirs)
+
+
+def _levels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct labels in order, and each label's position among them. Labels that are all
+    integers ('1', '2', '10', e.g. donor ids or cluster numbers) are ordered as numbers, not as
+    text ('1', '10', '2'); others as text."""
+    levels, inverse = np.unique(labels, return_inverse=True)
+    if all(INTEGER.fullmatch(x) for x in levels):
+        order = sorted(range(len(levels)), key=lambda j: (int(levels[j]), levels[j]))
+        rank = np.empty(len(order), dtype=np.intp)
+        rank[order] = np.arange(len(order))
+        levels, inverse = levels[order], rank[inverse]
+    return levels, inverse
 
 
 def _gene_names(genes: Sequence | None, G: int) -> tuple[str, ...]:
@@ -614,7 +629,8 @@ def pseudobulk(
             CSC once, never densified), a pandas DataFrame (genes = its columns; all-sparse
             columns stay sparse) or a 2-D sliceable array-like (read by column chunks).
         cells: one row per cell, with the `donor` and `cell_type` columns (labels are used
-            as str and sorted as str); in X's row order unless both carry cell ids (above).
+            as str; sorted as numbers when all of a column's labels are integers, '2' before
+            '10', else as text); in X's row order unless both carry cell ids (above).
         genes: (G,) gene names; default "gene0", "gene1", ...
         row_ids: (cells,) ids of X's rows (AnnData obs_names, 10x barcodes), matched as str.
         cell_id: the column of `cells` holding the cell ids; default its index.
@@ -662,8 +678,8 @@ def pseudobulk(
             f"ind_cut: no donor left; every donor has <= ind_cut={ind_cut} cells (the most is "
             f"{most}). Lower ind_cut."
         )
-    donors, d = np.unique(donor_of[keep], return_inverse=True)
-    cell_types, c = np.unique(type_of[keep], return_inverse=True)
+    donors, d = _levels(donor_of[keep])
+    cell_types, c = _levels(type_of[keep])
     N, C = len(donors), len(cell_types)
     group = d * C + c
     At = sparse.csr_matrix(

@@ -589,6 +589,34 @@ def test_ctrl_c_while_compiling_exits_130_with_one_line_and_no_output(run_dir, t
     assert os.listdir(tmp_path) == []
 
 
+def test_labels_are_text_and_byte_order_marks_are_dropped(tmp_path, monkeypatch, capsys):
+    """Issue 18 #15: integer donor ids are ordered as numbers; a donor named NA is a donor
+    (only an empty cell is missing); a byte-order mark does not stick to the first name of a
+    cell table or gene list."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", "-q", "-o", "c.npz", "--n-genes", "7", "--n-donors", "6",
+                 "--seed", "2"]) == 0  # fmt: skip
+    cells = pd.read_csv("c.cells.tsv", sep="\t", index_col=0)
+    genes = Path("c.genes.txt").read_text()
+    Path("genes.txt").write_text(genes, encoding="utf-8-sig")
+    pseudobulk = ["pseudobulk", "-q", "c.npz", "--cells", "cells.tsv", "--gene-names",
+                  "genes.txt", "--normalize", "-o", "pb.npz", "--force"]  # fmt: skip
+    numbers = {f"ind{i}": d for i, d in enumerate(["10", "2", "1", "30", "4", "100"])}
+    for ids, donors in (
+        (numbers, ("1", "2", "4", "10", "30", "100")),
+        ({**numbers, "ind5": "NA"}, ("1", "10", "2", "30", "4", "NA")),  # not all integers
+    ):
+        cells.assign(donor=cells["donor"].map(ids)).to_csv("cells.tsv", sep="\t",
+                                                            encoding="utf-8-sig")  # fmt: skip
+        assert main(pseudobulk) == 0
+        saved = preprocess.Pseudobulk.load("pb.npz")
+        assert saved.donors == donors and saved.genes == tuple(genes.split())
+    unlabelled = cells["donor"].where(np.arange(len(cells)) > 0, "")  # the first cell's: empty
+    cells.assign(donor=unlabelled).to_csv("cells.tsv", sep="\t")
+    assert main(pseudobulk) == 1
+    assert "1 cells have no label" in one_error_line(capsys.readouterr().err, "pseudobulk")
+
+
 def test_gxemm_command_equals_library(tmp_path):
     y, X, K, Z = (a for a in gxemm.simulate(80, seed=4)[:4])
     for name, a in (("y", y), ("X", X), ("K", K), ("Z", Z)):

@@ -2,6 +2,7 @@
 
 import re
 import warnings
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -302,6 +303,23 @@ def test_a_damaged_dataset_is_a_value_error_naming_the_file(data, tmp_path):
         path = tmp_path / f"{name}.npz"
         with pytest.raises(ValueError, match=re.escape(f"{path}: {problem}")):
             Pseudobulk.load(path)
+
+
+def test_integer_labels_are_ordered_as_numbers(data):
+    """Issue 18 #15: donor ids 1, 2, 10 in that order (as text: 1, 10, 2); values follow their
+    donors. Labels that are not all integers keep the text order."""
+    X, cells = data
+    ids = dict(zip(DONORS, ["10", "2", "1", "30", "4", "100"], strict=True))
+    pb = pseudobulk(X, cells.assign(donor=cells["donor"].map(ids)))
+    assert pb.donors == ("1", "2", "4", "10", "30", "100")
+    by_name = pseudobulk(X, cells)
+    order = [DONORS.index(d) for d in ("d2", "d1", "d4", "d0", "d3", "d5")]
+    assert_same(pb, replace(by_name, donors=pb.donors, ctp=by_name.ctp[:, order],
+                            ctnu=by_name.ctnu[:, order], counts=by_name.counts[order],
+                            P=by_name.P[order], op=by_name.op[:, order],
+                            nu=by_name.nu[:, order], mask=by_name.mask[order]))  # fmt: skip
+    mixed = pseudobulk(X, cells.assign(donor=cells["donor"].map({**ids, "d5": "x"})))
+    assert mixed.donors == ("1", "10", "2", "30", "4", "x")
 
 
 @pytest.mark.parametrize("fmt", ["dense", "csr"])
