@@ -2,9 +2,15 @@
 
 Every subcommand reads files, calls the library and writes files; a mistake in the input ends
 the run with one line on stderr (`ctmm-jax <command>: error: ...`) and exit code 1, never a
-traceback (`--debug` shows it). Each output table gets a sidecar `<output>.json` with the run's
-settings, the package version and (fit, gxemm) the JAX setup, and `<output>.columns.tsv`, a
-dictionary of its columns; `merge` uses the settings to check that chunk outputs belong together.
+traceback (`--debug` shows it); Ctrl-C ends it with one line and exit code 130.
+
+Outputs are written to a temporary file and moved into place in one step (files.py), so an
+interrupted or failed run leaves no partial file; an existing output is replaced only with
+`--force`, and a missing output folder is created (and said). Each output table gets a sidecar
+`<output>.json`, written last, with the run's settings, the package version, (fit, gxemm) the JAX
+setup, the sha256 of each input file, the table's rows, columns and sha256, and a fingerprint of
+the settings; and `<output>.columns.tsv`, a dictionary of its columns. `merge` checks each chunk
+against its sidecar and the chunks against each other before it writes anything.
 JAX is imported only by the commands that compute, so `--help` and most mistakes are quick.
 """
 
@@ -13,15 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
+import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from . import cellfiles
+from .files import NPZ_ERRORS, atomic_paths, fingerprint, sha256_file
 
 EXAMPLES = """\
 examples:
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except KeyboardInterrupt:
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"ctmm-jax {args.command}: interrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as err:
@@ -102,8 +113,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The console script and `python -m ctmm_jax`."""
-    sys.exit(main())
+    """The console script and `python -m ctmm_jax`. An interrupted run (Ctrl-C, exit code 130)
+    leaves at once with os._exit, after flushing its messages: the interpreter's normal
+    teardown while XLA's threads are still compiling can crash (a segfault, exit 139). Its
+    outputs are already safe: an interrupted write removes its temporary file (files.py)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # outside main's handler (while the parser is built)
+        print("ctmm-jax: interrupted", file=sys.stderr)
+        code = 130
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         # SUPPRESS: when not given here, keep the value of `ctmm-jax --debug COMMAND`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="on an error, show the traceback")  # fmt: skip
+        p.add_argument("--force", action="store_true",
+                       help="replace output files that exist (default: refuse)")  # fmt: skip
         if computes:
             p.add_argument("--cache", metavar="DIR", help=CACHE_HELP)
         p.set_defaults(run=run)
@@ -144,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cells",
         help="cell table (.tsv/.csv, header, one row per cell; with .h5ad input: instead of "
         "obs); matched to the matrix's cells by id when both have ids (--cell-id), else by "
-        "row order; needed unless the input is .h5ad",
+        "row order; needed unless the input is .h5ad. Its donor and cell-type columns are "
+        "read as text: only empty cells are missing (a donor named NA is a donor); all-integer "
+        "ids are ordered as numbers (2 before 10)",
     )
     p.add_argument(
         "--cell-id",
@@ -237,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=FILE",
         help="fixed covariates (e.g. PCs): a table with the donor id in the first "
-        "column and a header, or the original's headerless numbers in donor order",
+        "column (read as text: only empty cells are missing) and a header, or the original's "
+        "headerless numbers in donor order",
     )
     p.add_argument(
         "--random",
@@ -245,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=FILE",
         help="random covariates (e.g. batch): a table donor -> label (one-hot "
-        "encoded) or a numeric design, as --fixed",
+        "encoded; labels read as text, only empty cells are missing) or a numeric design, "
+        "as --fixed",
     )
     p.add_argument("--genes", help="genes to fit: comma-separated names or a file (one per line)")
     p.add_argument(
@@ -327,17 +356,33 @@ def _is(path: Path, *suffixes: str) -> bool:
     return any(name.endswith(s) for s in suffixes)
 
 
-def _read_table(path: Path, what: str, **kw) -> pd.DataFrame:
-    """A .tsv/.csv (or .parquet) table with a header."""
+def _read_table(path: Path, what: str, *, labels=(), index: bool = False) -> pd.DataFrame:
+    """A .tsv/.csv (or .parquet) table with a header; with `index`, its first column is the row
+    index. `labels` (column names or positions) are label columns: donor ids, cell types, gene
+    names, batches. They are read as text, with only empty cells missing, so a donor named 'NA'
+    or '007' stays 'NA' or '007'; other columns as pandas reads them ('NA', 'nan', ... are
+    missing values). A byte-order mark (utf-8-sig) is dropped."""
     if _is(path, ".parquet"):
-        return pd.read_parquet(path)
+        return pd.read_parquet(path)  # typed: labels are what was written, the index too
     sep = "," if _is(path, ".csv", ".csv.gz") else "\t"
     try:
-        return pd.read_csv(path, sep=sep, encoding="utf-8-sig", **kw)
+        table = pd.read_csv(path, sep=sep, encoding="utf-8-sig",
+                            converters={c: str for c in labels})  # fmt: skip
     except (ValueError, pd.errors.ParserError) as err:
         raise UserError(
             f"{what}: cannot read {path} as a {sep!r}-separated table ({err})."
         ) from err
+    for c in labels:
+        if isinstance(c, int) and c >= table.shape[1]:
+            continue
+        name = table.columns[c] if isinstance(c, int) else c
+        if name in table:
+            table[name] = table[name].mask(table[name] == "")  # an empty cell: missing
+    if index:
+        if table.shape[1] == 0:
+            raise UserError(f"{what}: {path} has no columns.")
+        table = table.set_index(table.columns[0])
+    return table
 
 
 def _read_matrix(path: Path, args):
@@ -351,14 +396,18 @@ def _read_matrix(path: Path, args):
         return cellfiles.read_10x(path, args.var_names)
     if _is(path, ".npz"):
         try:
-            X = sparse.load_npz(path)
-        except (ValueError, OSError) as err:
-            raise UserError(f"{path}: not a scipy.sparse .npz matrix ({err}).") from None
+            with open(path, "rb") as handle:  # np.load leaks a path's handle on a bad zip
+                X = sparse.load_npz(handle)
+        except NPZ_ERRORS as err:
+            raise UserError(
+                f"input: {path}: not a scipy.sparse .npz matrix, or truncated or damaged "
+                f"({type(err).__name__}: {err})."
+            ) from None
         names = ids = None
     elif _is(path, ".mtx", ".mtx.gz"):
         X, names, ids = cellfiles.read_mtx(path), None, None
     elif _is(path, ".tsv", ".csv", ".tsv.gz", ".csv.gz", ".txt"):
-        table = _read_table(path, "input", index_col=0, dtype={0: str})
+        table = _read_table(path, "input", labels=[0], index=True)
         X, names, ids = table.to_numpy(np.float64), [str(c) for c in table.columns], table.index
     else:
         raise UserError(f"input: {path.name}: use .h5ad, a 10x folder, .npz, .mtx, .tsv or .csv.")
@@ -374,10 +423,14 @@ def _read_matrix(path: Path, args):
 
 
 def _read_gene_list(value: str) -> list[str]:
-    """--genes: a file with one name per line, or comma-separated names."""
+    """--genes: a file with one name per line (a byte-order mark dropped), or comma-separated
+    names."""
     p = Path(value)
     if p.is_file():
-        names = [s.strip() for s in p.read_text(encoding="utf-8-sig").splitlines()]
+        try:
+            names = [s.strip() for s in p.read_text(encoding="utf-8-sig").splitlines()]
+        except UnicodeDecodeError as err:
+            raise UserError(f"{value}: not a UTF-8 text file of gene names ({err}).") from None
     else:
         names = [s.strip() for s in value.split(",")]
     names = [s for s in names if s]
@@ -393,19 +446,21 @@ def _read_covariate(spec: str, option: str):
         raise UserError(f"{option} {spec!r}: write NAME=FILE, e.g. {option} pca=pcs.tsv.")
     p = _existing(path, f"{option} {name}")
     try:  # the original's format: whitespace-separated numbers, donors in the data's order
-        np.loadtxt(p, ndmin=2)
+        np.loadtxt(p, ndmin=2, encoding="utf-8-sig")
         return name, str(p)
     except ValueError:
         pass
-    table = _read_table(p, f"{option} {name}", index_col=0)
+    what = f"{option} {name}"
+    table = _read_table(p, what, labels=[0], index=True)
     if table.shape[1] == 0:
-        raise UserError(f"{option} {name}: {p} has one column; give the donor id, then values.")
+        raise UserError(f"{what}: {p} has one column; give the donor id, then values.")
     if (
         option == "--random"
         and table.shape[1] == 1
         and not pd.api.types.is_numeric_dtype(table.iloc[:, 0])
     ):
-        return name, table.iloc[:, 0]  # labels: one-hot encoded by the fit (NA refused there)
+        # labels, one-hot encoded by the fit (NA refused there): read as text, as the ids
+        return name, _read_table(p, what, labels=[0, 1], index=True).iloc[:, 0]
     return name, table
 
 
@@ -440,22 +495,79 @@ def _check_output(path: str) -> Path:
     return out
 
 
-def _write_table(table: pd.DataFrame, path: str, settings: dict) -> Path:
-    """Write the table (by extension), its sidecar <path>.json and its column dictionary
-    <path>.columns.tsv (results.column_dictionary)."""
+def _table_files(out: Path) -> list[Path]:
+    """The files written for an output table: the table, its column dictionary, its sidecar
+    (last: merge trusts a table only as its sidecar describes it)."""
+    return [out, Path(f"{out}.columns.tsv"), Path(f"{out}.json")]
+
+
+def _claim_outputs(args, paths: list[Path]) -> None:
+    """Check the files a command will write, before any work: one that exists is replaced only
+    with --force; a missing output folder is created, and said (so a mistyped path is seen at
+    the start, not after the run)."""
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"-o {path}: is a folder; give a file name.")
+        if path.exists() and not args.force:
+            raise UserError(f"{path} exists; pass --force to overwrite it.")
+    folder = paths[0].parent
+    if not folder.is_dir():
+        if folder.exists():
+            raise UserError(f"-o {paths[0]}: {folder} is not a folder.")
+        folder.mkdir(parents=True, exist_ok=True)  # another chunk of an array job may too
+        print(f"ctmm-jax {args.command}: created the output folder {folder}", file=sys.stderr)
+
+
+@contextmanager
+def _replacing(*paths: Path):
+    """files.atomic_paths, with a failed write (a full disk, a file-size limit, no permission)
+    reported as one line naming the output."""
+    try:
+        with atomic_paths(*paths) as temporary:
+            yield temporary
+    except OSError as err:
+        raise UserError(f"{paths[0]}: cannot write it ({err}); no output was replaced.") from None
+
+
+# sidecar keys that describe one output rather than the run: they may differ between the chunks
+# of one run. The others (the settings, the inputs' sha256) must agree; settings_sha256 is their
+# fingerprint. "input" is the dataset's path as given: chunks compare its content (input_sha256).
+PER_OUTPUT = ("output", "input", "chunk", "gene_positions", "n_genes", "n_converged", "seconds",
+              "environment", "batching", "merged", "table", "settings_sha256")  # fmt: skip
+
+
+def _shared_settings(sidecar: dict) -> dict:
+    return {k: v for k, v in sidecar.items() if k not in PER_OUTPUT}
+
+
+def _input_sha256(files: dict[str, str | None]) -> dict[str, str]:
+    """{role: sha256 of the file's content} for the input files given (None: not given)."""
+    return {role: sha256_file(path) for role, path in files.items() if path is not None}
+
+
+def _write_table(table: pd.DataFrame, out: Path, settings: dict) -> Path:
+    """Write the table (by extension), its column dictionary <out>.columns.tsv
+    (results.column_dictionary) and its sidecar <out>.json, each to a temporary file first;
+    they replace the outputs together at the end, the sidecar last (files.atomic_paths).
+
+    The sidecar holds the settings, `table` (the table's file name, rows, columns and sha256)
+    and `settings_sha256` (the fingerprint of the settings that chunks of one run share)."""
     from . import __version__
     from .results import column_dictionary
 
-    out = _check_output(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if _is(out, ".parquet"):
-        table.to_parquet(out)
-    else:
-        table.to_csv(out, sep="," if _is(out, ".csv", ".csv.gz") else "\t")
-    sidecar = {"ctmm_jax_version": __version__, "output": out.name, **settings}
-    Path(f"{out}.json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-    columns = column_dictionary(table.columns)
-    columns.to_csv(f"{out}.columns.tsv", sep="\t", index=False)
+    with _replacing(*_table_files(out)) as (tmp_table, tmp_columns, tmp_sidecar):
+        if _is(out, ".parquet"):
+            table.to_parquet(tmp_table)
+        else:
+            table.to_csv(tmp_table, sep="," if _is(out, ".csv", ".csv.gz") else "\t")
+        column_dictionary(table.columns).to_csv(tmp_columns, sep="\t", index=False)
+        sidecar = {"ctmm_jax_version": __version__, "output": out.name, **settings}
+        sidecar = json.loads(json.dumps(sidecar, default=str))  # as merge will read it back
+        sidecar["table"] = {"file": out.name, "rows": len(table),
+                            "columns": [str(c) for c in table.columns],
+                            "sha256": sha256_file(tmp_table)}  # fmt: skip
+        sidecar["settings_sha256"] = fingerprint(_shared_settings(sidecar))
+        tmp_sidecar.write_text(json.dumps(sidecar, indent=2) + "\n")
     return out
 
 
@@ -500,8 +612,10 @@ def run_pseudobulk(args) -> None:
     kw = dict(donor=args.donor, cell_type=args.cell_type, ind_cut=args.ind_cut,
               ct_cut=args.ct_cut, chunk_size=args.chunk_size, cell_id=args.cell_id,
               normalize="log1p" if args.normalize else None)  # fmt: skip
-    if not _is(Path(args.output), ".npz"):
+    out = Path(args.output)
+    if not _is(out, ".npz"):
         raise UserError(f"-o {args.output}: the dataset is written as .npz; name it *.npz.")
+    _claim_outputs(args, [out])
     cells = None if args.cells is None else cellfiles.read_cells(
         _existing(args.cells, "--cells"), "--cells")  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
@@ -526,7 +640,10 @@ def run_pseudobulk(args) -> None:
             print(f"ctmm-jax pseudobulk: warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    pb.save(args.output)
+    try:
+        pb.save(out)  # replaced in one step (files.atomic_paths)
+    except OSError as err:
+        raise UserError(f"{out}: cannot write it ({err}); no output was replaced.") from None
     G, N, C = pb.ctp.shape
     zero = int((pb.mask & ~pb.observed).sum())
     _say(args, f"wrote {args.output}: {G} genes, {N} donors, {C} cell types; "
@@ -535,8 +652,22 @@ def run_pseudobulk(args) -> None:
          "(missing only in fits with --noise plugin).")  # fmt: skip
 
 
+def _chunk_bounds(total: int, chunk: tuple[int, int] | None) -> tuple[int, int]:
+    """Positions lo:hi of chunk I of N among `total` genes: N parts as equal as can be, the
+    first total % N one gene longer (np.array_split's rule); `fit --chunk` and `merge` both
+    use this."""
+    if chunk is None:
+        return 0, total
+    i, n = chunk
+    size, longer = divmod(total, n)
+    lo = (i - 1) * size + min(i - 1, longer)
+    return lo, lo + size + (i <= longer)
+
+
 def _load_data(args):
-    """CTPData/OPData from the dataset (gene selection, chunk, std) or original-format files."""
+    """CTPData/OPData from the dataset (gene selection, chunk, std) or original-format files,
+    and the sidecar's record of the gene selection: the selected genes (their number and
+    fingerprint, before chunking), the chunk and the positions of its genes among them."""
     from . import preprocess
     from .data import CTPData, OPData
 
@@ -548,48 +679,71 @@ def _load_data(args):
             raise UserError("--genes, --chunk and --std need a dataset (the files hold one gene).")
         y, P = _existing(args.y, "--y"), _existing(args.P, "--P")
         if args.shape == "ctp":
-            return CTPData.from_files(y=y, P=P, ctnu=_existing(args.ctnu, "--ctnu")), {}
-        return OPData.from_files(y=y, P=P, nu=_existing(args.nu, "--nu")), {}
-    if args.y is not None:
-        raise UserError("give either a dataset or --y/--P files, not both.")
-    try:
-        pb = preprocess.Pseudobulk.load(_existing(args.dataset, "dataset"))
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    genes = np.array(pb.genes)
-    idx = np.arange(len(genes))
-    if args.genes:
-        wanted = _read_gene_list(args.genes)
-        unknown = [g for g in wanted if g not in set(pb.genes)]
-        if unknown:
-            raise UserError(
-                f"--genes: {len(unknown)} of {len(wanted)} genes are not in {args.dataset} "
-                f"(e.g. {unknown[0]!r}); its genes are named like {pb.genes[0]!r}."
-            )
-        position = {g: j for j, g in enumerate(pb.genes)}
-        idx = np.array([position[g] for g in dict.fromkeys(wanted)])
-    if chunk is not None:
-        idx = np.array_split(idx, chunk[1])[chunk[0] - 1]
-        if len(idx) == 0:
-            raise UserError(f"--chunk {args.chunk}: more chunks than genes ({len(genes)}).")
-    pb = pb.select_genes(idx)
-    if args.std:
-        pb = preprocess.std(pb)
-    data = pb.to_ctp() if args.shape == "ctp" else pb.to_op()
-    return data, {"chunk": args.chunk}
+            data = CTPData.from_files(y=y, P=P, ctnu=_existing(args.ctnu, "--ctnu"))
+        else:
+            data = OPData.from_files(y=y, P=P, nu=_existing(args.nu, "--nu"))
+        selected = list(data.genes)
+        lo, hi = 0, len(selected)
+    else:
+        if args.y is not None:
+            raise UserError("give either a dataset or --y/--P files, not both.")
+        try:
+            pb = preprocess.Pseudobulk.load(_existing(args.dataset, "dataset"))
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        idx = np.arange(len(pb.genes))
+        if args.genes:
+            wanted = _read_gene_list(args.genes)
+            unknown = [g for g in wanted if g not in set(pb.genes)]
+            if unknown:
+                raise UserError(
+                    f"--genes: {len(unknown)} of {len(wanted)} genes are not in {args.dataset} "
+                    f"(e.g. {unknown[0]!r}); its genes are named like {pb.genes[0]!r}."
+                )
+            position = {g: j for j, g in enumerate(pb.genes)}
+            idx = np.array([position[g] for g in dict.fromkeys(wanted)])
+        selected = [pb.genes[j] for j in idx]
+        lo, hi = _chunk_bounds(len(idx), chunk)
+        if hi == lo:
+            raise UserError(f"--chunk {args.chunk}: more chunks than genes ({len(idx)}).")
+        pb = pb.select_genes(idx[lo:hi])
+        if args.std:
+            pb = preprocess.std(pb)
+        data = pb.to_ctp() if args.shape == "ctp" else pb.to_op()
+    record = {"chunk": args.chunk, "gene_positions": [int(lo), int(hi)],
+              "genes_selected": {"n": len(selected), "sha256": fingerprint(selected)}}  # fmt: skip
+    return data, record
+
+
+def _fit_inputs(args) -> dict[str, str | None]:
+    """The input files of `fit`, by role (their content's sha256 goes to the sidecar)."""
+    if args.dataset is not None:
+        files = {"dataset": args.dataset}
+    else:
+        noise = {"ctnu": args.ctnu} if args.shape == "ctp" else {"nu": args.nu}
+        files = {"y": args.y, "P": args.P, **noise}
+    for option in ("fixed", "random"):
+        for spec in getattr(args, option):
+            name, _, path = spec.partition("=")
+            files[f"--{option} {name}"] = path
+    if args.genes and Path(args.genes).is_file():
+        files["--genes"] = args.genes
+    return files
 
 
 def run_fit(args) -> None:
-    _check_output(args.output)
+    out = _check_output(args.output)
+    _claim_outputs(args, _table_files(out))
     _use_cache(args.cache)
     for flag in ("batch_genes", "chunk_size", "max_iter"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')}: must be >= 1.")
     if not args.tol > 0:
         raise UserError("--tol: must be > 0.")
-    data, extra = _load_data(args)
+    data, record = _load_data(args)
     fixed = dict(_read_covariate(s, "--fixed") for s in args.fixed)
     random = dict(_read_covariate(s, "--random") for s in args.random)
+    inputs = _input_sha256(_fit_inputs(args))
     from . import noise
     from .api import fit  # imports JAX: after the quick checks of the inputs
     from .progress import Progress
@@ -622,68 +776,200 @@ def run_fit(args) -> None:
     settings = {
         "command": "fit",
         "input": args.dataset or {"y": args.y, "P": args.P, "ctnu": args.ctnu, "nu": args.nu},
+        "input_sha256": inputs,
         "shape": args.shape, "model": args.model, "method": args.method, **options,
-        "std": args.std, "fixed": args.fixed, "random": args.random, "genes": args.genes, **extra,
-        "batching": result.batching,
+        "std": args.std, "fixed": args.fixed, "random": args.random, "genes": args.genes,
+        **record, "batching": result.batching,
         "n_genes": int(G), "n_converged": int(table["converged"].sum()),
         "tests": {c: meanings[c] for c in table.columns if c.startswith("p_")},
         "seconds": round(seconds, 3), "environment": _jax_setup(),
     }  # fmt: skip
-    out = _write_table(table, args.output, settings)
+    _write_table(table, out, settings)
     _say(args, f"wrote {out}: {G} genes ({settings['n_converged']} converged) in {seconds:.1f} s.")
 
 
-# settings that differ between the chunks of one run
-PER_CHUNK = ("output", "chunk", "n_genes", "n_converged", "seconds", "environment", "batching")
+# ------------------------------------------------------------------------------------ merge
+
+CHUNK_LABEL = re.compile(r"([0-9]+)/([0-9]+)")
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class Part(NamedTuple):
+    """One merge input, checked against its sidecar."""
+
+    path: str
+    meta: dict  # the sidecar
+    chunk: tuple[int, int] | None  # (I, N)
+    table: pd.DataFrame
+
+
+def _read_sidecar(sidecar: Path) -> dict:
+    """The sidecar's JSON object, or a UserError naming the file and what is wrong."""
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{sidecar}: not valid JSON ({err}); run `fit` again for it.") from None
+    if not isinstance(meta, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(meta), "a number"
+        )
+        raise UserError(
+            f"{sidecar}: {kind}, not the JSON object `fit` writes; run `fit` again for it."
+        )
+    return meta
+
+
+def _sidecar_error(sidecar: Path, what: str) -> UserError:
+    return UserError(f"{sidecar}: {what} (written by an older ctmm_jax, or edited by hand); "
+                     "run `fit` again for it.")  # fmt: skip
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_sidecar(meta: dict, sidecar: Path) -> tuple[int, int] | None:
+    """Check that a `fit` sidecar has what merge relies on, of the right types; returns its
+    chunk (I, N), or None for an unchunked fit."""
+    label = meta.get("chunk")
+    match = CHUNK_LABEL.fullmatch(label) if isinstance(label, str) else None
+    chunk = (int(match[1]), int(match[2])) if match else None
+    if label is not None and not (chunk and 1 <= chunk[0] <= chunk[1]):
+        raise _sidecar_error(sidecar, f"chunk label {label!r} is not I/N with 1 <= I <= N")
+    facts = meta.get("table")
+    if not (
+        isinstance(facts, dict)
+        and _is_count(facts.get("rows"))
+        and isinstance(facts.get("columns"), list)
+        and all(isinstance(c, str) for c in facts["columns"])
+        and isinstance(facts.get("sha256"), str)
+        and HEX64.fullmatch(facts["sha256"])
+    ):
+        raise _sidecar_error(sidecar, "no valid record of its table's rows, columns and sha256")
+    positions = meta.get("gene_positions")
+    selected = meta.get("genes_selected")
+    if not (
+        isinstance(positions, list)
+        and len(positions) == 2
+        and all(_is_count(x) for x in positions)
+        and isinstance(selected, dict)
+        and _is_count(selected.get("n"))
+        and isinstance(selected.get("sha256"), str)
+    ):
+        raise _sidecar_error(sidecar, "no valid record of the genes it holds")
+    inputs = meta.get("input_sha256")
+    if not (isinstance(inputs, dict) and all(isinstance(v, str) for v in inputs.values())):
+        raise _sidecar_error(sidecar, "no valid sha256 of its input files")
+    if meta.get("settings_sha256") != fingerprint(_shared_settings(meta)):
+        raise _sidecar_error(sidecar, "its settings do not match their fingerprint")
+    return chunk
+
+
+def _read_part(path: str) -> Part:
+    """A merge input: its sidecar read and checked, then the table checked against it (sha256,
+    rows, columns)."""
+    table_path = _existing(path, "merge input")
+    sidecar = Path(f"{table_path}.json")
+    if not sidecar.is_file():
+        raise UserError(f"{path}: no sidecar {sidecar.name}; merge takes outputs of `fit`.")
+    meta = _read_sidecar(sidecar)
+    if meta.get("command") != "fit":
+        raise UserError(f"{path}: not an output of `ctmm-jax fit` ({sidecar.name} says "
+                        f"command {meta.get('command')!r}).")  # fmt: skip
+    chunk = _check_sidecar(meta, sidecar)
+    facts = meta["table"]
+    if sha256_file(table_path) != facts["sha256"]:
+        raise UserError(
+            f"{path}: its content does not match the sha256 in {sidecar.name}: the table was "
+            "changed or cut short after `fit` wrote it (e.g. by another run killed while "
+            "writing); run `fit` again for it."
+        )
+    table = _read_table(table_path, "merge input", labels=[0], index=True)
+    if len(table) != facts["rows"]:
+        raise UserError(f"{path}: has {len(table)} rows, its sidecar says {facts['rows']}.")
+    if list(table.columns) != facts["columns"]:
+        missing = [c for c in facts["columns"] if c not in table.columns]
+        raise UserError(f"{path}: its columns differ from those in its sidecar "
+                        f"(missing: {missing[:5]}).")  # fmt: skip
+    start, stop = meta["gene_positions"]
+    if "converged" not in table:
+        raise UserError(f"{path}: not the columns of a `fit` table (no 'converged').")
+    if stop - start != len(table):
+        raise UserError(f"{path}: has {len(table)} genes, its sidecar's gene positions "
+                        f"{start}:{stop} say {stop - start}.")  # fmt: skip
+    return Part(path, meta, chunk, table)
+
+
+def _check_parts(parts: list[Part]) -> list[Part]:
+    """Check that the parts are the chunks of one run, every chunk once; returns them in chunk
+    order."""
+    first = parts[0]
+    for part in parts[1:]:
+        a, b = first.meta["input_sha256"], part.meta["input_sha256"]
+        if a != b:
+            differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            raise UserError(f"{part.path}: fitted to other input files than {first.path} "
+                            f"(the content of {differ} differs).")  # fmt: skip
+        s, s0 = _shared_settings(part.meta), _shared_settings(first.meta)
+        if s != s0:
+            diff = sorted(k for k in s.keys() | s0.keys() if s.get(k) != s0.get(k))
+            raise UserError(f"{part.path}: fitted with other settings than {first.path} ({diff}).")
+    unchunked = [p for p in parts if p.chunk is None]
+    if unchunked and len(unchunked) < len(parts):
+        raise UserError(f"{unchunked[0].path}: not a chunk (fitted without --chunk); merge the "
+                        "chunks of one run.")  # fmt: skip
+    if len(unchunked) > 1:
+        raise UserError(f"{unchunked[1].path}: a second unchunked output; merge the chunks of "
+                        "one run.")  # fmt: skip
+    if not unchunked:
+        n = first.chunk[1]
+        by_chunk = {}
+        for part in parts:
+            if part.chunk[1] != n:
+                raise UserError(f"{part.path}: chunk {part.meta['chunk']} of another run than "
+                                f"{first.path} (chunk {first.meta['chunk']}).")  # fmt: skip
+            if part.chunk in by_chunk:
+                raise UserError(f"{part.path}: chunk {part.meta['chunk']} is given twice (also "
+                                f"as {by_chunk[part.chunk].path}).")  # fmt: skip
+            by_chunk[part.chunk] = part
+        missing = [i for i in range(1, n + 1) if (i, n) not in by_chunk]
+        if missing:
+            raise UserError(f"missing chunks {missing} of {n}: run `fit --chunk I/{n}` for them.")
+        parts = [by_chunk[i, n] for i in range(1, n + 1)]
+    total = first.meta["genes_selected"]["n"]
+    for part in parts:
+        lo, hi = _chunk_bounds(total, part.chunk)
+        start, stop = part.meta["gene_positions"]
+        if (start, stop) != (lo, hi):
+            label = f"chunk {part.meta['chunk']}" if part.chunk else "an unchunked fit"
+            raise UserError(f"{part.path}: as {label} of {total} genes it should hold genes "
+                            f"{lo + 1}-{hi}, its sidecar says {start + 1}-{stop}.")  # fmt: skip
+    return parts
 
 
 def run_merge(args) -> None:
-    _check_output(args.output)
-    parts = []
-    for path in args.inputs:
-        table_path = _existing(path, "merge input")
-        sidecar = Path(f"{table_path}.json")
-        if not sidecar.is_file():
-            raise UserError(f"{path}: no sidecar {sidecar.name}; merge takes outputs of `fit`.")
-        meta = json.loads(sidecar.read_text())
-        if not isinstance(meta, dict) or meta.get("command") != "fit":
-            raise UserError(f"{path}: not an output of `ctmm-jax fit`.")
-        parts.append((meta, table_path))
-    settings = [{k: v for k, v in m.items() if k not in PER_CHUNK} for m, _ in parts]
-    for (_, path), s in zip(parts, settings, strict=True):
-        if s != settings[0]:
-            diff = sorted(k for k in s | settings[0] if s.get(k) != settings[0].get(k))
-            raise UserError(f"{path}: fitted with other settings than {parts[0][1]} ({diff}).")
-    chunks = [m.get("chunk") for m, _ in parts]
-    if any(c is not None for c in chunks):
-        if any(c is None for c in chunks):
-            raise UserError("mix of chunked and unchunked outputs; merge the chunks of one run.")
-        index = [_parse_chunk(str(c)) for c in chunks]
-        n = {k for _, k in index}
-        if len(n) > 1:
-            raise UserError(f"chunks of different runs (N = {sorted(n)}).")
-        n = n.pop()
-        seen = sorted(i for i, _ in index)
-        if len(set(seen)) != len(seen):
-            raise UserError(f"a chunk is given twice ({seen}).")
-        missing = sorted(set(range(1, n + 1)) - set(seen))
-        if missing:
-            raise UserError(f"missing chunks {missing} of {n}: run `fit --chunk I/{n}` for them.")
-        parts = [p for _, p in sorted(zip(index, parts, strict=True))]
-    tables = [_read_table(p, "merge input", index_col=0) for _, p in parts]
-    for (_, path), t in zip(parts, tables, strict=True):
-        if "converged" not in t or list(t.columns) != list(tables[0].columns):
-            raise UserError(f"{path}: not the columns of a `fit` table like {parts[0][1]}.")
-    table = pd.concat(tables)
-    if table.index.duplicated().any():
-        raise UserError(f"gene {table.index[table.index.duplicated()][0]!r} is in two inputs.")
+    out = _check_output(args.output)
+    _claim_outputs(args, _table_files(out))
+    parts = _check_parts([_read_part(path) for path in args.inputs])
+    table = pd.concat([p.table for p in parts])
+    selected = parts[0].meta["genes_selected"]
+    if fingerprint([str(g) for g in table.index]) != selected["sha256"]:
+        raise UserError(
+            f"the chunks' genes, in chunk order, are not the {selected['n']} genes their fits "
+            "selected (their fingerprint differs): a chunk was changed after `fit` wrote it."
+        )
     from .results import with_qvalues
 
     table = with_qvalues(table)  # over all the genes: a chunk's q values count its genes only
-    merged = {**settings[0], "chunk": None, "merged": [str(p) for _, p in parts],
+    first = parts[0].meta
+    merged = {**_shared_settings(first), "input": first.get("input"), "chunk": None,
+              "gene_positions": [0, len(table)], "merged": [p.path for p in parts],
               "n_genes": len(table), "n_converged": int(table["converged"].sum())}  # fmt: skip
-    out = _write_table(table, args.output, merged)
+    _write_table(table, out, merged)
     _say(args, f"wrote {out}: {len(table)} genes from {len(parts)} tables.")
+
+
+# ------------------------------------------------------------------------- simulate, gxemm
 
 
 def run_simulate(args) -> None:
@@ -697,15 +983,20 @@ def run_simulate(args) -> None:
     if min(shape) < 1:
         raise UserError("--n-genes, --n-donors and --n-celltypes must be >= 1.")
     if _is(out, ".h5ad"):
+        _claim_outputs(args, [out])
         adata = simulate_anndata(*shape, **kw)
-        adata.write_h5ad(out)
+        with _replacing(out) as (tmp,):
+            adata.write_h5ad(tmp)
         n_cells = adata.n_obs
     elif _is(out, ".npz"):
-        counts, cells, genes = simulate_cells(*shape, **kw)
-        sparse.save_npz(out, counts)
         stem = str(out)[: -len(".npz")]
-        cells.to_csv(f"{stem}.cells.tsv", sep="\t")
-        Path(f"{stem}.genes.txt").write_text("\n".join(genes) + "\n")
+        files = [out, Path(f"{stem}.cells.tsv"), Path(f"{stem}.genes.txt")]
+        _claim_outputs(args, files)
+        counts, cells, genes = simulate_cells(*shape, **kw)
+        with _replacing(*files) as (tmp_counts, tmp_cells, tmp_genes):
+            sparse.save_npz(tmp_counts, counts)
+            cells.to_csv(tmp_cells, sep="\t")
+            tmp_genes.write_text("\n".join(genes) + "\n")
         n_cells = counts.shape[0]
     else:
         raise UserError(f"-o {args.output}: use .h5ad (AnnData) or .npz (sparse counts).")
@@ -720,26 +1011,36 @@ def _read_numbers(path: str | None, what: str, ndim: int) -> np.ndarray | None:
     if path is None:
         return None
     p = _existing(path, what)
-    return np.load(p) if _is(p, ".npy") else _loadtxt(p, what, ndim)
+    if not _is(p, ".npy"):
+        return _loadtxt(p, what, ndim)
+    try:
+        with open(p, "rb") as handle:
+            return np.load(handle, allow_pickle=False)
+    except NPZ_ERRORS as err:
+        raise UserError(f"{what}: {p}: not a .npy array, or truncated or damaged "
+                        f"({type(err).__name__}: {err}).") from None  # fmt: skip
 
 
 def run_gxemm(args) -> None:
-    _check_output(args.output)
+    out = _check_output(args.output)
+    _claim_outputs(args, _table_files(out))
     _use_cache(args.cache)
     y = _read_numbers(args.y, "--y", 1)
     y = y.T if y.ndim == 2 else y[None]  # traits as rows
     K, Z = _read_numbers(args.K, "--K", 2), _read_numbers(args.Z, "--Z", 2)
     X = _read_numbers(args.X, "--X", 2)
+    inputs = _input_sha256({"y": args.y, "K": args.K, "Z": args.Z, "X": args.X})
     from .gxemm import fit  # imports JAX: after reading the inputs
 
     start = time.perf_counter()
     result = fit(y, X, K, Z, gtype=args.gtype, etype=args.etype, method=args.method)
     table = result.table.set_axis(pd.Index([f"trait{t}" for t in range(y.shape[0])], name="trait"))
     settings = {"command": "gxemm", "y": args.y, "K": args.K, "Z": args.Z, "X": args.X,
+                "input_sha256": inputs,
                 "gtype": args.gtype, "etype": args.etype, "method": args.method,
                 "df": int(result.df), "seconds": round(time.perf_counter() - start, 3),
                 "environment": _jax_setup()}  # fmt: skip
-    out = _write_table(table, args.output, settings)
+    _write_table(table, out, settings)
     _say(args, f"wrote {out}: {len(table)} traits ({int(table['converged'].sum())} converged).")
 
 

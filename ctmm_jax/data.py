@@ -119,8 +119,9 @@ def _check_proportions(P: np.ndarray, donors, celltypes) -> None:
 
 
 def _loadtxt(path, name: str, ndim: int) -> np.ndarray:
+    """A whitespace-separated number table (.gz too); a byte-order mark is dropped."""
     try:
-        a = np.loadtxt(path, dtype=np.float64, ndmin=ndim)
+        a = np.loadtxt(path, dtype=np.float64, ndmin=ndim, encoding="utf-8-sig")
     except OSError as e:
         raise ValueError(f"{name}: cannot read {path!s} ({e}).") from None
     except ValueError as e:

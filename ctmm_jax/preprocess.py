@@ -18,6 +18,7 @@ chunks of genes, so a sparse X is never densified.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -28,8 +29,10 @@ import pandas as pd
 from scipy import sparse
 
 from .data import CTPData, OPData
+from .files import NPZ_ERRORS, atomic_paths
 
 DATASET_FORMAT = "ctmm_jax.pseudobulk/1"
+INTEGER = re.compile(r"[+-]?[0-9]+")  # a label ordered as a number (_levels)
 NORMALIZE_TARGET = 1e4  # normalize="log1p": counts per 10,000 (scanpy's target_sum=1e4)
 _SHOW = 5  # ids or positions named in a message
 
@@ -118,30 +121,76 @@ class Pseudobulk:
         )  # fmt: skip
 
     def save(self, path) -> None:
-        """Write to a compressed .npz (arrays and names; loads without pickle)."""
+        """Write to a compressed .npz (arrays and names; loads without pickle). `.npz` is added
+        to a name without it (as np.savez). The file is replaced in one step (files.py): an
+        interrupted save leaves the old file, never part of a new one."""
+        path = str(path) if str(path).endswith(".npz") else f"{path}.npz"
         arrays = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("genes", "donors", "celltypes"):
             arrays[name] = np.array(arrays[name], dtype=str)
-        np.savez_compressed(path, format=np.array(DATASET_FORMAT), **arrays)
+        with atomic_paths(path) as (tmp,):
+            np.savez_compressed(tmp, format=np.array(DATASET_FORMAT), **arrays)
 
     @classmethod
     def load(cls, path) -> Pseudobulk:
-        """Read a dataset written by `save` (or `ctmm-jax pseudobulk`)."""
-        wrong = ValueError(
+        """Read a dataset written by `save` (or `ctmm-jax pseudobulk`). A file that is not one,
+        or is truncated or damaged, raises ValueError naming the file and what is wrong."""
+        not_ours = ValueError(
             f"{path}: not a ctmm_jax pseudobulk dataset (make one with `ctmm-jax pseudobulk` "
             "or Pseudobulk.save)."
         )
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if "format" not in f.files or str(f["format"]) != DATASET_FORMAT:
-                    raise wrong
-                names = {"celltypes": "celltypes" if "celltypes" in f.files else "cell_types"}
-                kw = {fl.name: f[names.get(fl.name, fl.name)] for fl in fields(cls)}
-        except (ValueError, EOFError, KeyError) as err:
-            raise wrong from err
+        with open(path, "rb") as handle:  # a missing file: FileNotFoundError, as open's
+            head = handle.read(4)
+            if not head:
+                raise ValueError(f"{path}: the file is empty; write it again.")
+            if head != b"PK\x03\x04":  # every .npz is a zip archive
+                raise not_ours
+            handle.seek(0)
+            try:
+                with np.load(handle, allow_pickle=False) as f:
+                    arrays = {key: f[key] for key in f.files}
+            except NPZ_ERRORS as err:
+                raise ValueError(
+                    f"{path}: truncated or damaged, cannot read it ({type(err).__name__}: "
+                    f"{err}); write it again with `ctmm-jax pseudobulk` or Pseudobulk.save."
+                ) from err
+        if "format" not in arrays or str(arrays["format"]) != DATASET_FORMAT:
+            raise not_ours
+        old = {"celltypes": "celltypes" if "celltypes" in arrays else "cell_types"}
+        keys = {fl.name: old.get(fl.name, fl.name) for fl in fields(cls)}
+        missing = [k for k in keys.values() if k not in arrays]
+        if missing:
+            raise ValueError(
+                f"{path}: a pseudobulk dataset without {missing}; the file is damaged, or was "
+                "not written by Pseudobulk.save."
+            )
+        kw = {name: arrays[key] for name, key in keys.items()}
+        _check_saved(kw, path)
         for name in ("genes", "donors", "celltypes"):
             kw[name] = tuple(str(x) for x in kw[name])
         return cls(**kw)
+
+
+def _check_saved(arrays: dict, path) -> None:
+    """The shapes and kinds of a loaded dataset's arrays, so that a damaged or hand-made file
+    fails here, naming the file, not later in a fit."""
+    for name in ("genes", "donors", "celltypes"):
+        a = arrays[name]
+        if a.ndim != 1 or a.dtype.kind not in "US":
+            raise ValueError(
+                f"{path}: {name} must be a 1-D array of names, got {a.dtype} with shape "
+                f"{a.shape}; the file is damaged."
+            )
+    G, N, C = (len(arrays[n]) for n in ("genes", "donors", "celltypes"))
+    shapes = dict(ctp=(G, N, C), ctnu=(G, N, C), counts=(N, C), P=(N, C), op=(G, N),
+                  nu=(G, N), mask=(N, C))  # fmt: skip
+    for name, shape in shapes.items():
+        a = arrays[name]
+        if a.shape != shape or a.dtype.kind not in ("b" if name == "mask" else "iuf"):
+            raise ValueError(
+                f"{path}: {name} has dtype {a.dtype} and shape {a.shape}, expected shape "
+                f"{shape} ({G} genes, {N} donors, {C} cell types); the file is damaged."
+            )
 
 
 def _as_matrix(X):
@@ -250,6 +299,19 @@ def _align(
     if ours is not None and not _is_default(ours):
         return cells, ours
     return cells, (None if _is_default(theirs) else theirs)
+
+
+def _levels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct labels in order, and each label's position among them. Labels that are all
+    integers ('1', '2', '10', e.g. donor ids or cluster numbers) are ordered as numbers, not as
+    text ('1', '10', '2'); others as text."""
+    levels, inverse = np.unique(labels, return_inverse=True)
+    if all(INTEGER.fullmatch(x) for x in levels):
+        order = sorted(range(len(levels)), key=lambda j: (int(levels[j]), levels[j]))
+        rank = np.empty(len(order), dtype=np.intp)
+        rank[order] = np.arange(len(order))
+        levels, inverse = levels[order], rank[inverse]
+    return levels, inverse
 
 
 def _gene_names(genes: Sequence | None, G: int) -> tuple[str, ...]:
@@ -567,7 +629,8 @@ def pseudobulk(
             CSC once, never densified), a pandas DataFrame (genes = its columns; all-sparse
             columns stay sparse) or a 2-D sliceable array-like (read by column chunks).
         cells: one row per cell, with the `donor` and `cell_type` columns (labels are used
-            as str and sorted as str); in X's row order unless both carry cell ids (above).
+            as str; sorted as numbers when all of a column's labels are integers, '2' before
+            '10', else as text); in X's row order unless both carry cell ids (above).
         genes: (G,) gene names; default "gene0", "gene1", ...
         row_ids: (cells,) ids of X's rows (AnnData obs_names, 10x barcodes), matched as str.
         cell_id: the column of `cells` holding the cell ids; default its index.
@@ -615,8 +678,8 @@ def pseudobulk(
             f"ind_cut: no donor left; every donor has <= ind_cut={ind_cut} cells (the most is "
             f"{most}). Lower ind_cut."
         )
-    donors, d = np.unique(donor_of[keep], return_inverse=True)
-    cell_types, c = np.unique(type_of[keep], return_inverse=True)
+    donors, d = _levels(donor_of[keep])
+    cell_types, c = _levels(type_of[keep])
     N, C = len(donors), len(cell_types)
     group = d * C + c
     At = sparse.csr_matrix(

@@ -1,16 +1,21 @@
 """The `ctmm-jax` command line: round trip in subprocesses, chunked = unchunked, the outputs
 equal the library's, and common mistakes end in one line on stderr (never a traceback).
 
-Only the round trip and one mistake run in real processes (each compiles its JAX programs
-again); the other mistakes go through `main(argv)` in this process."""
+Only the round trip, one mistake and Ctrl-C run in real processes (each compiles its JAX
+programs again); the other mistakes go through `main(argv)` in this process."""
 
 from __future__ import annotations
 
 import gzip
 import importlib.metadata
 import json
+import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +30,7 @@ import ctmm_jax as cj
 from ctmm_jax import cli as cli_module
 from ctmm_jax import gxemm, preprocess
 from ctmm_jax.cli import UserError, main
+from ctmm_jax.files import fingerprint, sha256_file
 from ctmm_jax.models import MODELS
 from ctmm_jax.simulation import simulate_cells
 
@@ -110,6 +116,188 @@ def test_sidecars_carry_settings_and_version(run_dir):
     assert merged["merged"] == ["chunks/iid.1.tsv", "chunks/iid.2.tsv"]
 
 
+def test_sidecars_record_the_table_the_inputs_and_the_genes(run_dir):
+    """What merge checks (issue 18 #1): each table's rows, columns and sha256, the sha256 of the
+    dataset, the positions of the chunk's genes, and the fingerprint of the shared settings."""
+    metas = []
+    for name in ("chunks/iid.1.tsv", "chunks/iid.2.tsv", "iid.tsv"):
+        meta = sidecar(run_dir / name)
+        table = read(run_dir / name)
+        assert meta["table"] == {"file": Path(name).name, "rows": len(table),
+                                 "columns": list(table.columns),
+                                 "sha256": sha256_file(run_dir / name)}  # fmt: skip
+        assert meta["input_sha256"] == {"dataset": sha256_file(run_dir / "pb.npz")}
+        assert meta["settings_sha256"] == fingerprint(cli_module._shared_settings(meta))
+        metas.append(meta)
+    assert [m["gene_positions"] for m in metas] == [[0, 12], [12, 24], [0, 24]]
+    genes = list(read(run_dir / "iid.tsv").index)
+    assert {m["settings_sha256"] for m in metas} == {metas[0]["settings_sha256"]}
+    assert metas[0]["genes_selected"] == {"n": 24, "sha256": fingerprint(genes)}
+
+
+def sidecar(table: Path) -> dict:
+    return json.loads(Path(f"{table}.json").read_text())
+
+
+def edit(path: Path, /, fingerprinted: bool = True, **changes) -> None:
+    """Change a chunk's sidecar as a hand edit would; `fingerprinted`: update its settings_sha256
+    too, so that the check under test, not the fingerprint, has to catch the change."""
+    meta = {**sidecar(path), **changes}
+    if fingerprinted:
+        meta["settings_sha256"] = fingerprint(cli_module._shared_settings(meta))
+    Path(f"{path}.json").write_text(json.dumps(meta))
+
+
+def cut(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def drop_hom2(table: Path) -> None:
+    """The table without a column, its sidecar's sha256 updated to match."""
+    read(table).drop(columns="hom2").to_csv(table, sep="\t")
+    edit(table, table={**sidecar(table)["table"], "sha256": sha256_file(table)})
+
+
+def swap(one: Path, two: Path, *keys: str) -> None:
+    a, b = sidecar(one), sidecar(two)
+    edit(one, **{k: b[k] for k in keys})
+    edit(two, **{k: a[k] for k in keys})
+
+
+C1, C2 = Path("chunks/iid.1.tsv"), Path("chunks/iid.2.tsv")
+
+
+@pytest.mark.parametrize(
+    "change, inputs, message",
+    [
+        (lambda: cut(C2), (C1, C2),
+         f"{C2}: its content does not match the sha256 in iid.2.tsv.json"),
+        (lambda: C2.write_text(C2.read_text().splitlines()[0] + "\n"), (C1, C2),
+         f"{C2}: its content does not match the sha256"),
+        (lambda: drop_hom2(C2), (C1, C2), f"{C2}: its columns differ from those in its sidecar "
+         "(missing: ['hom2'])"),
+        (lambda: edit(C2, table={**sidecar(C2)["table"], "rows": 11}), (C1, C2),
+         f"{C2}: has 12 rows, its sidecar says 11"),
+        (lambda: edit(C2, chunk="0/0"), (C1, C2), f"{C2}.json: chunk label '0/0' is not I/N"),
+        (lambda: edit(C2, chunk="-1/0"), (C1, C2), f"{C2}.json: chunk label '-1/0' is not I/N"),
+        (lambda: edit(C2, chunk=2), (C1, C2), f"{C2}.json: chunk label 2 is not I/N"),
+        (lambda: Path(f"{C2}.json").write_text("[]"), (C1, C2),
+         f"{C2}.json: an array, not the JSON object `fit` writes"),
+        (lambda: Path(f"{C2}.json").write_text('{"command": "fit",'), (C1, C2),
+         f"{C2}.json: not valid JSON"),
+        (lambda: Path(f"{C2}.json").unlink(), (C1, C2), f"{C2}: no sidecar iid.2.tsv.json"),
+        (lambda: edit(C2, table=None), (C1, C2),
+         f"{C2}.json: no valid record of its table's rows, columns and sha256"),
+        (lambda: edit(C2, input_sha256={"dataset": "0" * 64}), (C1, C2),
+         f"{C2}: fitted to other input files than {C1} (the content of ['dataset'] differs)"),
+        (lambda: edit(C2, model="free"), (C1, C2),
+         f"{C2}: fitted with other settings than {C1} (['model'])"),
+        (lambda: edit(C2, fingerprinted=False, model="free"), (C1, C2),
+         f"{C2}.json: its settings do not match their fingerprint"),
+        (lambda: swap(C1, C2, "chunk"), (C1, C2),
+         f"{C2}: as chunk 1/2 of 24 genes it should hold genes 1-12, its sidecar says 13-24"),
+        (lambda: swap(C1, C2, "chunk", "gene_positions"), (C1, C2),
+         "the chunks' genes, in chunk order, are not the 24 genes their fits selected"),
+        (lambda: None, (C1, C1, C2), f"{C1}: chunk 1/2 is given twice (also as {C1})"),
+        (lambda: edit(C2, chunk="2/3"), (C1, C2), f"{C2}: chunk 2/3 of another run than {C1}"),
+        (lambda: edit(C2, chunk=None), (C1, C2), f"{C2}: not a chunk (fitted without --chunk)"),
+    ],
+    ids=["cut mid-row", "header only", "column removed", "row count", "label 0/0",
+         "label -1/0", "label not a string", "sidecar []", "sidecar not JSON", "no sidecar",
+         "older sidecar", "other dataset", "other settings", "settings edited", "labels swapped",
+         "tables swapped", "chunk twice", "other run", "unchunked"],
+)  # fmt: skip
+def test_merge_refuses_chunks_that_do_not_check_out(run_dir, tmp_path, monkeypatch, capsys,
+                                                    change, inputs, message):  # fmt: skip
+    """Issue 18 #1, #9: a chunk whose table does not match its sidecar, a damaged or edited
+    sidecar, or chunks that are not the chunks of one run, each once, are refused with one line
+    naming the chunk and the reason, before anything is written."""
+    shutil.copytree(run_dir / "chunks", tmp_path / "chunks")
+    monkeypatch.chdir(tmp_path)
+    change()
+    assert main(["merge", *map(str, inputs), "-o", "m.tsv"]) == 1
+    assert message in one_error_line(capsys.readouterr().err, "merge")
+    assert os.listdir(tmp_path) == ["chunks"]
+
+
+def test_outputs_are_replaced_whole_and_only_with_force(run_dir, tmp_path, monkeypatch, capsys):
+    """Issue 18 #1: an existing output is refused without --force; a rewrite stopped by a
+    file-size limit leaves the old table and sidecar as they were (no cut table beside them)."""
+    shutil.copytree(run_dir / "chunks", tmp_path / "chunks")
+    monkeypatch.chdir(tmp_path)
+    merge = ["merge", "-q", str(C1), str(C2), "-o", "m.tsv"]
+    assert main(merge) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("m.tsv*")}
+    assert sorted(before) == ["m.tsv", "m.tsv.columns.tsv", "m.tsv.json"]
+    assert main(merge) == 1
+    assert "m.tsv exists; pass --force to overwrite it" in one_error_line(
+        capsys.readouterr().err, "merge"
+    )
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))  # the table is larger
+    try:
+        code = main([*merge, "--force"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    assert code == 1
+    assert "m.tsv: cannot write it" in one_error_line(capsys.readouterr().err, "merge")
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("m.tsv*")} == before
+    assert sorted(os.listdir(tmp_path)) == ["chunks", "m.tsv", "m.tsv.columns.tsv", "m.tsv.json"]
+    assert main([*merge, "--force"]) == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("simulate", "-o", "cells.h5ad"),
+        ("pseudobulk", "cells.h5ad", "-o", "pb.npz"),
+        ("fit", "pb.npz", "-o", "iid.tsv"),
+        ("gxemm", "--y", "y.txt", "--K", "K.txt", "--Z", "Z.txt", "-o", "iid.tsv"),
+    ],
+)
+def test_every_command_refuses_to_overwrite_without_force(run_dir, args, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    assert main(list(args)) == 1
+    message = f"{args[-1]} exists; pass --force to overwrite it"
+    assert message in one_error_line(capsys.readouterr().err, args[0])
+
+
+def test_a_missing_output_folder_is_created_and_said(tmp_path, capsys):
+    """Issue 18 #15: created, with one line on stderr (even with -q), not silently."""
+    out = tmp_path / "new" / "sub" / "c.npz"
+    argv = ["simulate", "-q", "-o", str(out), "--n-genes", "7", "--n-donors", "6", "--seed", "2"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err == f"ctmm-jax simulate: created the output folder {out.parent}\n"
+    assert sorted(os.listdir(out.parent)) == ["c.cells.tsv", "c.genes.txt", "c.npz"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("fit", "cut.npz", "-o", "x.tsv"), "cut.npz: truncated or damaged"),
+        (("fit", "empty.npz", "-o", "x.tsv"), "empty.npz: the file is empty"),
+        (("pseudobulk", "cut.npz", "--cells", "cells.tsv", "-o", "x.npz"),
+         "input: cut.npz: not a scipy.sparse .npz matrix, or truncated or damaged"),
+        (("pseudobulk", "cut.h5ad", "-o", "x.npz"), "cut.h5ad: cannot read as .h5ad"),
+        (("gxemm", "--y", "cut.npy", "--K", "K.txt", "--Z", "Z.txt", "-o", "x.tsv"),
+         "--y: cut.npy: not a .npy array, or truncated or damaged"),
+    ],
+)  # fmt: skip
+def test_damaged_inputs_are_one_line_errors(run_dir, tmp_path, monkeypatch, capsys, args, message):
+    """Issue 18 #9: truncated .npz, .h5ad and .npy inputs name the file (no traceback)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(run_dir / "pb.npz", "cut.npz")
+    shutil.copy(run_dir / "cells.h5ad", "cut.h5ad")
+    np.save("cut.npy", np.arange(100.0))
+    for name in ("cut.npz", "cut.h5ad", "cut.npy"):
+        cut(Path(name))
+    Path("empty.npz").write_bytes(b"")
+    Path("cells.tsv").write_text("donor\tcell_type\nd1\tB\n")
+    assert main(list(args)) == 1
+    assert message in one_error_line(capsys.readouterr().err, args[0])
+
+
 def test_a_mistake_in_a_real_process_is_one_line_and_exit_code_1(run_dir):
     done = cli("fit", "missing.npz", "-o", "x.tsv", cwd=run_dir)
     assert done.returncode == 1
@@ -141,8 +329,10 @@ def test_tables_without_the_expected_columns_are_user_errors(run_dir, tmp_path, 
     """A merge input without `converged`, a --random table without values: one line, not a
     KeyError or IndexError."""
     monkeypatch.chdir(tmp_path)
-    pd.DataFrame({"hom2": [0.1]}, index=pd.Index(["g1"], name="gene")).to_csv("t.tsv", sep="\t")
-    Path("t.tsv.json").write_text(json.dumps({"command": "fit", "chunk": None}))
+    table = pd.DataFrame({"hom2": [0.1]}, index=pd.Index(["g1"], name="gene"))
+    record = {"command": "fit", "input_sha256": {}, "chunk": None, "gene_positions": [0, 1],
+              "genes_selected": {"n": 1, "sha256": fingerprint(["g1"])}}  # fmt: skip
+    cli_module._write_table(table, Path("t.tsv"), record)  # a sidecar that checks out
     assert main(["merge", "t.tsv", "-o", "m.tsv"]) == 1
     assert "not the columns of a `fit` table" in one_error_line(capsys.readouterr().err, "merge")
     Path("batch.tsv").write_text("donor\nd1\nd2\n")
@@ -311,20 +501,120 @@ def test_covariates_genes_and_std_equal_library(tmp_path):
         np.testing.assert_allclose(numeric(got), numeric(expected), rtol=1e-10)
 
 
-def test_merge_refuses_other_settings(tmp_path, capsys):
-    pb = cj.simulate(4, 20, 2, seed=1)
+def save_small_dataset(path: Path, seed: int) -> None:
+    """4 genes, 20 donors, 2 cell types, 5 cells a pair: HE fits of its chunks are quick."""
+    pb = cj.simulate(4, 20, 2, seed=seed)
     saved = preprocess.Pseudobulk(
         pb.genes, pb.donors, pb.celltypes, pb.Y, pb.ctnu, np.full((20, 2), 5), pb.P,
         np.einsum("gnc,nc->gn", pb.Y, pb.P), np.einsum("gnc,nc->gn", pb.ctnu, pb.P**2),
         np.ones((20, 2), bool),
     )  # fmt: skip
-    saved.save(tmp_path / "pb.npz")
+    saved.save(path)
+
+
+def fit_he_chunk(dataset, i: int, model: str, out, *options: str) -> int:
+    return main(["fit", "-q", str(dataset), "--method", "he", "--model", model,
+                 "--chunk", f"{i}/2", "-o", str(out), *options])  # fmt: skip
+
+
+def test_merge_refuses_other_settings(tmp_path, capsys):
+    save_small_dataset(tmp_path / "pb.npz", seed=1)
     for i, model in ((1, "hom"), (2, "iid")):
-        assert main(["fit", "-q", str(tmp_path / "pb.npz"), "--method", "he", "--model", model,
-                     "--chunk", f"{i}/2", "-o", str(tmp_path / f"{i}.tsv")]) == 0  # fmt: skip
+        assert fit_he_chunk(tmp_path / "pb.npz", i, model, tmp_path / f"{i}.tsv") == 0
     assert main(["merge", str(tmp_path / "1.tsv"), str(tmp_path / "2.tsv"), "-o",
                  str(tmp_path / "m.tsv")]) == 1  # fmt: skip
     assert "fitted with other settings" in capsys.readouterr().err
+
+
+def test_merge_refuses_chunks_of_another_dataset_of_the_same_name(tmp_path, monkeypatch, capsys):
+    """Issue 18 #1: two datasets both called pb.npz; a chunk of each is refused by content."""
+    for folder, seed in (("a", 1), ("b", 2)):
+        (tmp_path / folder).mkdir()
+        save_small_dataset(tmp_path / folder / "pb.npz", seed=seed)
+    for i, folder in ((1, "a"), (2, "b")):
+        monkeypatch.chdir(tmp_path / folder)
+        assert fit_he_chunk("pb.npz", i, "hom", f"{i}.tsv") == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "a/1.tsv", "b/2.tsv", "-o", "m.tsv"]) == 1
+    message = "b/2.tsv: fitted to other input files than a/1.tsv (the content of ['dataset']"
+    assert message in one_error_line(capsys.readouterr().err, "merge")
+    assert not Path("m.tsv").exists()
+
+
+def test_merge_refuses_a_chunk_whose_rewrite_was_interrupted(tmp_path, monkeypatch, capsys):
+    """Issue 18 #1: chunk 2 re-run with another model and stopped after its new table replaced
+    the old one, before its sidecar did. The stopped run leaves no temporary file, and merge
+    names the chunk whose table no longer matches its sidecar."""
+    save_small_dataset(tmp_path / "pb.npz", seed=1)
+    for i in (1, 2):
+        assert fit_he_chunk(tmp_path / "pb.npz", i, "hom", tmp_path / f"{i}.tsv") == 0
+    replace, replaced = os.replace, []
+
+    def stop_after_the_table(src, dst):
+        if replaced:
+            raise KeyboardInterrupt
+        replaced.append(dst)
+        replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", stop_after_the_table)
+        assert fit_he_chunk(tmp_path / "pb.npz", 2, "iid", tmp_path / "2.tsv", "--force") == 130
+    assert replaced == [tmp_path / "2.tsv"]
+    assert capsys.readouterr().err == "ctmm-jax fit: interrupted\n"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+    assert sidecar(tmp_path / "2.tsv")["model"] == "hom"  # the old sidecar, the new table
+    assert main(["merge", str(tmp_path / "1.tsv"), str(tmp_path / "2.tsv"), "-o",
+                 str(tmp_path / "m.tsv")]) == 1  # fmt: skip
+    message = f"{tmp_path / '2.tsv'}: its content does not match the sha256 in 2.tsv.json"
+    assert message in one_error_line(capsys.readouterr().err, "merge")
+
+
+def test_ctrl_c_while_compiling_exits_130_with_one_line_and_no_output(run_dir, tmp_path):
+    """Issue 18 #10: SIGINT while JAX compiles printed a traceback, then the interpreter's
+    teardown segfaulted (exit 139). Now: exit 130, one line, no output file."""
+    out = tmp_path / "x.tsv"
+    argv = ["fit", str(run_dir / "pb.npz"), "--model", "full", "--cache", "off", "-o", str(out)]
+    process = subprocess.Popen([sys.executable, "-m", "ctmm_jax", *argv],
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        started = process.stderr.readline()  # the 'compiling' line: the fit has begun
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        rest = process.communicate(timeout=300)[1]
+    finally:
+        process.kill()
+    assert "compiling" in started, started
+    assert process.returncode == 130, rest
+    assert rest.splitlines() == ["ctmm-jax fit: interrupted"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_labels_are_text_and_byte_order_marks_are_dropped(tmp_path, monkeypatch, capsys):
+    """Issue 18 #15: integer donor ids are ordered as numbers; a donor named NA is a donor
+    (only an empty cell is missing); a byte-order mark does not stick to the first name of a
+    cell table or gene list."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", "-q", "-o", "c.npz", "--n-genes", "7", "--n-donors", "6",
+                 "--seed", "2"]) == 0  # fmt: skip
+    cells = pd.read_csv("c.cells.tsv", sep="\t", index_col=0)
+    genes = Path("c.genes.txt").read_text()
+    Path("genes.txt").write_text(genes, encoding="utf-8-sig")
+    pseudobulk = ["pseudobulk", "-q", "c.npz", "--cells", "cells.tsv", "--gene-names",
+                  "genes.txt", "--normalize", "-o", "pb.npz", "--force"]  # fmt: skip
+    numbers = {f"ind{i}": d for i, d in enumerate(["10", "2", "1", "30", "4", "100"])}
+    for ids, donors in (
+        (numbers, ("1", "2", "4", "10", "30", "100")),
+        ({**numbers, "ind5": "NA"}, ("1", "10", "2", "30", "4", "NA")),  # not all integers
+    ):
+        cells.assign(donor=cells["donor"].map(ids)).to_csv("cells.tsv", sep="\t",
+                                                            encoding="utf-8-sig")  # fmt: skip
+        assert main(pseudobulk) == 0
+        saved = preprocess.Pseudobulk.load("pb.npz")
+        assert saved.donors == donors and saved.genes == tuple(genes.split())
+    unlabelled = cells["donor"].where(np.arange(len(cells)) > 0, "")  # the first cell's: empty
+    cells.assign(donor=unlabelled).to_csv("cells.tsv", sep="\t")
+    assert main(pseudobulk) == 1
+    assert "1 cells have no label" in one_error_line(capsys.readouterr().err, "pseudobulk")
 
 
 def test_gxemm_command_equals_library(tmp_path):
@@ -391,7 +681,7 @@ def test_bare_mtx_with_10x_features_and_barcodes(tenx, capsys):
         assert main(["pseudobulk", "-q", str(d / "10x" / "matrix.mtx.gz"), "--genes-by-cells",
                      "--gene-names", str(gene_names), "--barcodes",
                      str(d / "10x" / "barcodes.tsv.gz"), "--cells", str(d / "cells.tsv"),
-                     "--normalize", "-o", str(d / "pb.npz")]) == 0  # fmt: skip
+                     "--normalize", "-o", str(d / "pb.npz"), "--force"]) == 0  # fmt: skip
         assert_same_dataset(d / "pb.npz", tenx.expected)
     assert capsys.readouterr().err == ""
 
@@ -420,7 +710,7 @@ def test_h5ad_with_a_cell_table_matched_by_obs_names(tenx, capsys):
     other = tenx.cells.set_axis([f"X{i}" for i in range(len(tenx.ids))])
     other.to_csv(d / "other.tsv", sep="\t")
     assert main(["pseudobulk", str(d / "c.h5ad"), "--cells", str(d / "other.tsv"),
-                 "-o", str(d / "pb.npz")]) == 1  # fmt: skip
+                 "-o", str(d / "pb.npz"), "--force"]) == 1  # fmt: skip
     line = one_error_line(capsys.readouterr().err, "pseudobulk")
     assert "c.h5ad and cells: the cell ids differ" in line and "'AAAC00000-1'" in line
 

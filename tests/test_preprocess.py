@@ -1,6 +1,8 @@
 """Pseudobulk and standardisation (ctmm_jax.preprocess) against pandas groupby references."""
 
+import re
 import warnings
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -279,6 +281,45 @@ def test_save_and_load_round_trip(data, tmp_path):
     np.savez(tmp_path / "other.npz", ctp=pb.ctp)
     with pytest.raises(ValueError, match="not a ctmm_jax pseudobulk dataset"):
         Pseudobulk.load(tmp_path / "other.npz")
+
+
+def test_a_damaged_dataset_is_a_value_error_naming_the_file(data, tmp_path):
+    """Issue 18 #9: a truncated or corrupt file, or arrays of the wrong shape, raise ValueError
+    naming the file (not BadZipFile, zlib.error or a later IndexError)."""
+    pb = pseudobulk(*data)
+    pb.save(tmp_path / "pb.npz")
+    raw = (tmp_path / "pb.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    middle = len(raw) // 2
+    (tmp_path / "corrupt.npz").write_bytes(raw[:middle] + bytes(64) + raw[middle + 64 :])
+    with np.load(tmp_path / "pb.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    np.savez(tmp_path / "shape.npz", **{**arrays, "ctp": arrays["ctp"][:, :2]})
+    for name, problem in [("cut", "truncated or damaged"), ("empty", "the file is empty"),
+                          ("corrupt", "truncated or damaged"),
+                          ("shape", "ctp has dtype float64 and shape (7, 2, 3), expected shape "
+                           "(7, 6, 3)")]:  # fmt: skip
+        path = tmp_path / f"{name}.npz"
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {problem}")):
+            Pseudobulk.load(path)
+
+
+def test_integer_labels_are_ordered_as_numbers(data):
+    """Issue 18 #15: donor ids 1, 2, 10 in that order (as text: 1, 10, 2); values follow their
+    donors. Labels that are not all integers keep the text order."""
+    X, cells = data
+    ids = dict(zip(DONORS, ["10", "2", "1", "30", "4", "100"], strict=True))
+    pb = pseudobulk(X, cells.assign(donor=cells["donor"].map(ids)))
+    assert pb.donors == ("1", "2", "4", "10", "30", "100")
+    by_name = pseudobulk(X, cells)
+    order = [DONORS.index(d) for d in ("d2", "d1", "d4", "d0", "d3", "d5")]
+    assert_same(pb, replace(by_name, donors=pb.donors, ctp=by_name.ctp[:, order],
+                            ctnu=by_name.ctnu[:, order], counts=by_name.counts[order],
+                            P=by_name.P[order], op=by_name.op[:, order],
+                            nu=by_name.nu[:, order], mask=by_name.mask[order]))  # fmt: skip
+    mixed = pseudobulk(X, cells.assign(donor=cells["donor"].map({**ids, "d5": "x"})))
+    assert mixed.donors == ("1", "10", "2", "30", "4", "x")
 
 
 @pytest.mark.parametrize("fmt", ["dense", "csr"])
