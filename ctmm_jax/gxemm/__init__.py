@@ -9,6 +9,8 @@ See model.py for the kernels, reml.py and he.py for the estimators, stats.py for
 
 from .api import GxEMMResult as GxEMMResult
 from .api import fit as fit
+from .plink import grm as grm
+from .plink import read_genotypes as read_genotypes
 from .simulation import simulate as simulate
 from .stats import h2_equal_test as h2_equal_test
 from .stats import lrt as lrt
