@@ -74,6 +74,7 @@ class GxEMMResult:
 def fit(
     y, X=None, K=None, Z=None, *, gtype: str = "hom", etype: str = "hom", method: str = "reml",
     S=None, max_iter: int = 100, tol: float = 1e-8, chunk_size: int | None = None,
+    nonneg: bool = False,
 ) -> GxEMMResult:  # fmt: skip
     """Fit GxEMM to one trait y (N) or many traits (T, N) sharing X, K (or genotypes S) and Z.
 
@@ -82,7 +83,9 @@ def fit(
     estimates or the all-noise start, whichever is more likely) or 'he'. With S (N x M
     genotypes) instead of K, K = S S^T / M is never formed (Woodbury, O(N M^2) per iteration).
     The trait is standardised as the original (R's scale) before REML; HE residualises on X
-    and then standardises."""
+    and then standardises. nonneg=True (REML) keeps the genetic variance components and the
+    noise of I >= 0 (projected Newton, reml.lower_bounds): GxE components can end exactly at 0,
+    and their LRT is then `lrt(..., boundary=True)`."""
     if method not in ("reml", "he"):
         raise ValueError(f"method={method!r}: use 'reml' or 'he'.")
     if not (int(max_iter) >= 1 and tol > 0):
@@ -106,7 +109,7 @@ def fit(
         null = np.zeros((T, inputs.n_kernels))
         null[:, -1] = 1.0  # all noise: Sigma = I for the standardised trait
         starts = np.stack([np.nan_to_num(he_fit.sig2s, nan=0.0), null])
-        keys = dict(lowrank=lowrank, max_iter=int(max_iter), tol=float(tol))
+        keys = dict(lowrank=lowrank, max_iter=int(max_iter), tol=float(tol), nonneg=bool(nonneg))
         r = _chunks(
             lambda ys, st: reml.fit_chunk(ys, st, design, **keys),
             standardize(inputs.y), size, starts=starts,

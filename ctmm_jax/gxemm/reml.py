@@ -30,7 +30,7 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 
 from .. import likelihood
 from ..likelihood import COND_MAX, LOG_2PI, GeneData
-from ..optimize import fisher_scoring, init_state
+from ..optimize import fisher_scoring, init_state, project
 from ..status import BOUNDARY_COND
 
 
@@ -140,34 +140,51 @@ def _lowrank_final(s, **kw):
 # --- one trait, then a batch ----------------------------------------------------------------
 
 
-def _fit_one(y, s_starts, design, *, lowrank: bool, max_iter: int, tol: float) -> Fit:
+def lower_bounds(design: dict, nonneg: bool) -> np.ndarray | None:
+    """(k,) bool: the components kept >= 0 under nonneg: the genetic ones and the noise of I
+    (the others, e_k of free noise, are differences from e_I and take any sign while every
+    individual's noise e_I + e_k stays > 0); None when unconstrained."""
+    if not nonneg:
+        return None
+    kg = design["K"].shape[0] if "K" in design else design["groups"].shape[0]
+    ke = design["noise"].shape[0]
+    return np.concatenate([np.ones(kg, bool), np.zeros(ke - 1, bool), np.ones(1, bool)])
+
+
+def _fit_one(y, s_starts, design, *, lowrank: bool, max_iter: int, tol: float,
+             nonneg: bool = False) -> Fit:  # fmt: skip
     """Fisher scoring (dense: with the average information) from the most likely of the start
-    values s_starts (n_starts, k)."""
+    values s_starts (n_starts, k); under nonneg projected Newton (optimize.fisher_scoring with
+    bounds, the starts projected onto them)."""
     value, score_info, final = (
         (_lowrank_value, _lowrank_score_info, _lowrank_final)
         if lowrank
         else (_dense_value, _dense_score_ai, _dense_final)
     )
     value_, score_info_ = partial(value, y=y, **design), partial(score_info, y=y, **design)
+    lower = lower_bounds(design, nonneg)
+    s_starts = project(s_starts, lower)
     # one start at a time (lax.map): XLA's CPU runtime can deadlock when two large LAPACK
     # factorisations are scheduled concurrently
     states = jax.lax.map(partial(init_state, value_), s_starts)
     best = jnp.argmin(jnp.where(jnp.isnan(states.nll), jnp.inf, states.nll))
     state = jax.tree.map(lambda a: a[best], states)
     state = fisher_scoring(
-        value_, score_info_, state, jnp.asarray(max_iter), tol=tol, boundary_cond=BOUNDARY_COND
-    )
+        value_, score_info_, state, jnp.asarray(max_iter), tol=tol,
+        boundary_cond=BOUNDARY_COND, lower=lower,
+    )  # fmt: skip
     score, info, beta, beta_cov = final(state.theta, y=y, **design)
     return Fit(state.theta, jnp.linalg.inv(info), beta, beta_cov, state.nll, score,
                state.n_iter, state.status)  # fmt: skip
 
 
-@partial(jax.jit, static_argnames=("lowrank", "max_iter", "tol", "batch"))
-def fit_chunk(y, starts, design, *, lowrank, max_iter, tol, batch=None) -> Fit:
+@partial(jax.jit, static_argnames=("lowrank", "max_iter", "tol", "batch", "nonneg"))
+def fit_chunk(y, starts, design, *, lowrank, max_iter, tol, batch=None, nonneg=False) -> Fit:
     """REML for traits y (T, N) from start values starts (n_starts, T, k): `batch` traits at a
     time are vmapped (None: one at a time; a trait is O(N^3) dense work, which a CPU runs best
     as plain matrix products, while a GPU gains from batching)."""
-    one = partial(_fit_one, design=design, lowrank=lowrank, max_iter=max_iter, tol=tol)
+    one = partial(_fit_one, design=design, lowrank=lowrank, max_iter=max_iter, tol=tol,
+                  nonneg=nonneg)  # fmt: skip
     return jax.lax.map(lambda a: one(*a), (y, jnp.swapaxes(starts, 0, 1)), batch_size=batch)
 
 

@@ -30,10 +30,12 @@ def mvwald_test(z, V, eigtol: float = EIG_TOL) -> float:
     return float(stats.chi2.sf(z @ np.linalg.solve(V, z), df=len(z)))
 
 
-def lrt(ll1, ll0, df) -> np.ndarray:
+def lrt(ll1, ll0, df, boundary: bool = False) -> np.ndarray:
     """Likelihood-ratio test: P(chi2_df > 2 (ll1 - ll0)) (the original's LRtest), by
-    `ctmm_jax.inference.lrt` (a Series named "p_lrt" when ll1 or ll0 is a Series)."""
-    return inference.lrt(ll1, ll0, df)
+    `ctmm_jax.inference.lrt` (a Series named "p_lrt" when ll1 or ll0 is a Series); with
+    `boundary` (fits with nonneg=True, the df tested components at 0) the chi-bar-square
+    mixture."""
+    return inference.lrt(ll1, ll0, df, boundary=boundary)
 
 
 def h2_equal_test(h2, cov) -> float:
