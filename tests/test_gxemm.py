@@ -55,7 +55,9 @@ def test_reml_loglik_dense_and_genotype_paths_equal_numpy(gtype, etype):
         inputs = model.check_inputs(sim.y, sim.X, K, sim.Z, S, gtype, etype)
         design, lowrank = reml.design_of(inputs)
         ll = -reml.nll(jnp.asarray(s), jnp.asarray(y), design, lowrank)
-        assert_allclose(ll, ref, **CLOSED_FORM)
+        # the fit's design is [1, X] centred and scaled, X_s = X A: ll = ll_s + log|det A|
+        assert_allclose(inputs.X, _X(sim) @ inputs.X_map, **CLOSED_FORM)
+        assert_allclose(ll + np.linalg.slogdet(inputs.X_map)[1], ref, **CLOSED_FORM)
 
 
 @pytest.mark.parametrize("gtype,etype", [("iid", "hom"), ("free", "free")])
@@ -168,6 +170,20 @@ def test_tests_equal_their_formulas():
     assert_allclose(gxemm.h2_equal_test(h2, C), ref, rtol=1e-12)
 
 
+def test_unscaled_covariates_are_accepted():
+    """Units do not matter (issue 16): X scaled by 1e3 and 1e-3 (age in years, PCs of 1e-3)
+    and shifted gives the same variance components, betas on its own scale and the REML
+    log-likelihood of its own design (ll + log|det D| for X D)."""
+    sim = _data(N=80, seed=2)
+    D = np.array([1e3, 1e-3])[: sim.X.shape[1]]
+    a = gxemm.fit(sim.y, sim.X, sim.K, sim.Z, gtype="hom", tol=1e-12)
+    b = gxemm.fit(sim.y, sim.X * D + 50.0, sim.K, sim.Z, gtype="hom", tol=1e-12)
+    assert a.converged and b.converged
+    assert_allclose(b.sig2s, a.sig2s, rtol=1e-6)
+    assert_allclose(b.betas[1:], a.betas[1:] / D, rtol=1e-6)
+    assert_allclose(b.ll, a.ll - np.log(D).sum(), rtol=1e-8)
+
+
 def test_bad_input_is_refused_before_fitting():
     sim = _data(N=30)
     y, X, K, Z = sim.y, sim.X, sim.K, sim.Z
@@ -176,7 +192,8 @@ def test_bad_input_is_refused_before_fitting():
         (dict(K=K + np.triu(np.ones_like(K), 1) * 0.1), "K: must be symmetric"),
         (dict(K=K[:-1, :-1]), "K: 29 rows for N = 30"),
         (dict(Z=np.vstack([np.zeros((1, 2)), Z[1:]])), "Z: row 0 is all zeros"),
-        (dict(X=np.ones((30, 1))), "nearly collinear"),
+        (dict(X=np.ones((30, 1))), "X: column 1 is constant"),
+        (dict(X=np.hstack([X, X[:, :1] * 2 + 1])), "nearly collinear"),
         (dict(y=np.where(np.arange(30) == 3, np.nan, y)), "y: contains NaN"),
         (dict(y=np.zeros((0, 30))), r"y: no traits \(shape \(0, N\)\)"),
         (dict(gtype="iid", etype="free"), "iid \\+ het noise is not very meaningful"),

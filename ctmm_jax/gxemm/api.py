@@ -26,7 +26,8 @@ class GxEMMResult:
     h2Covmat: delta-method covariance of h2 (autodiff of the h2 map; NaN for HE);
     ll: REML log-likelihood of the standardised trait (NaN for HE); df: number of variance
     components but the noise I (REML) or all of them (HE), as the original reports;
-    betas: fixed effects of [1, X] (REML: GLS of the standardised trait; HE: OLS of y);
+    betas: fixed effects of [1, X] on X's own scale (REML: GLS of the standardised trait; HE:
+    OLS of y); X's columns are centred and scaled inside (model.scale_design);
     converged, n_iter, status: per trait."""
 
     sig2s: np.ndarray
@@ -119,10 +120,17 @@ def fit(
             sig2s=r.sig2s, sig2Var=r.sig2Var, ll=-r.nll, df=inputs.n_kernels - 1, betas=r.betas,
             converged=codes == Status.OK, n_iter=r.n_iter, status=codes,
         )  # fmt: skip
+    out.update(_user_scale(out["betas"], out["ll"], inputs.X_map))
     out.update(_heritability(out["sig2s"], out["sig2Var"], inputs))
     if one:
         out = {k: v[0] if isinstance(v, np.ndarray) else v for k, v in out.items()}
     return GxEMMResult(**out, gtype=gtype, etype=etype, method=method)
+
+
+def _user_scale(betas, ll, A) -> dict:
+    """Betas and REML log-likelihood of the user's X from those of the scaled design
+    (model.scale_design): beta = A beta_s, ll = ll_s + log|det A|."""
+    return dict(betas=betas @ A.T, ll=ll + np.linalg.slogdet(A)[1])
 
 
 def _chunks(fn, y, size, starts=None):

@@ -36,6 +36,7 @@ class Inputs(NamedTuple):
     gtype: str
     etype: str
     K0: int
+    X_map: np.ndarray | None = None  # (p, p) A with X = X_user A (scale_design)
 
     @property
     def n_genetic(self) -> int:
@@ -89,11 +90,13 @@ def check_inputs(y, X, K, Z, S, gtype: str, etype: str) -> Inputs:
     X = np.ones((N, 1)) if X is None else np.hstack([np.ones((N, 1)), _matrix(X, "X", 2)])
     if X.shape[0] != N:
         raise ValueError(f"X: {X.shape[0]} rows for N = {N} individuals in y.")
+    X, X_map = scale_design(X)
     sv = np.linalg.svd(X, compute_uv=False)
     if sv[-1] == 0 or sv[0] / sv[-1] > COLLINEAR_MAX:
         raise ValueError(
-            "X: cbind(1, X) is nearly collinear (singular-value ratio > 1e4); either X should "
-            "be scaled or a column (e.g. an intercept or one environment indicator) dropped."
+            "X: cbind(1, X) is nearly collinear (singular-value ratio > 1e4 after centring and "
+            "scaling X's columns): drop a column that the others (or the intercept) explain, "
+            "e.g. one environment indicator of a complete set."
         )
     genetic = [np.ones(N)] + (
         [] if gtype == "hom" else [None] if gtype == "iid" else [Z[:, k] for k in range(K0)]
@@ -121,7 +124,27 @@ def check_inputs(y, X, K, Z, S, gtype: str, etype: str) -> Inputs:
         groups = np.repeat(np.eye(len(sizes)), sizes, axis=1)
         Kg = None
     noise = [Z[:, k] ** 2 for k in range(K0 - 1)] if etype == "free" else []
-    return Inputs(y, X, Kg, U, groups, np.stack(noise + [np.ones(N)]), gtype, etype, K0)
+    return Inputs(y, X, Kg, U, groups, np.stack(noise + [np.ones(N)]), gtype, etype, K0, X_map)
+
+
+def scale_design(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[1, X_user] (intercept first) -> (X_s, A): the intercept and X_user's other columns
+    centred and scaled to unit standard deviation, X_s = X_user A. Fits use X_s, so units
+    (age in years, PCs of 1e-3) do not make a well-posed design look collinear; betas map
+    back as beta = A beta_s and the REML log-likelihood as ll = ll_s + log|det A|
+    (log|X_s^T Sigma^-1 X_s| = log|X^T Sigma^-1 X| + 2 log|det A|). ValueError for a
+    constant column (the intercept already is one)."""
+    mean, sd = X[:, 1:].mean(0), X[:, 1:].std(0)
+    flat = np.flatnonzero(sd <= 1e-12 * np.maximum(np.abs(mean), 1e-300))
+    if len(flat):
+        raise ValueError(
+            f"X: column {int(flat[0]) + 1} is constant; the intercept is already in the "
+            "model: drop it."
+        )
+    A = np.eye(X.shape[1])
+    A[0, 1:] = -mean / sd
+    A[1:, 1:] = np.diag(1.0 / sd)
+    return X @ A, A
 
 
 def standardize(y: np.ndarray) -> np.ndarray:
