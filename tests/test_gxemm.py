@@ -91,6 +91,47 @@ def test_reml_fit_is_an_optimum_and_information_is_dense(gtype, etype):
     assert_allclose(out.betas, np.linalg.solve(X.T @ Si @ X, X.T @ Si @ y), **OPTIMIZER)
 
 
+def test_nonneg_reml_is_the_bounded_dense_optimum():
+    """nonneg=True (issue 16): no GxE in the data; genetic components and each environment's
+    noise (n_1 = e_1 + e_I, n_2 = e_I) end >= 0, some exactly 0, at a KKT point of the dense
+    REML likelihood, no less likely than SciPy's L-BFGS-B under the same bounds."""
+    sim = gxemm.simulate(60, 20, maf=0.3, sig2g=(0.0, 0.0), n_traits=3, seed=5)
+    out = gxemm.fit(sim.y, sim.X, sim.K, sim.Z, gtype="free", etype="free", nonneg=True,
+                    tol=1e-12)  # fmt: skip
+    assert out.converged.all(), out.status
+    Ks = _dense_kernels(sim.K, sim.Z, "free", "free")
+    B = np.eye(5)
+    B[3, 4] = -1.0  # sig2s = B theta, theta = (g, g_1, g_2, n_1, n_2)
+    theta = out.sig2s @ np.linalg.inv(B).T
+    assert (theta >= 0).all() and (theta == 0).any()
+    X = _X(sim)
+    for t in range(3):
+        y = model.standardize(sim.y[t][None])[0]
+
+        def nll(th, y=y):
+            Sigma = _sigma(B @ th, Ks)
+            if np.linalg.eigvalsh(Sigma)[0] <= 0:
+                return np.inf
+            return -reference.reml_loglik(y, X, Sigma)
+
+        assert_allclose(-nll(theta[t]), out.ll[t], **CLOSED_FORM)
+        h, at0 = 1e-6, theta[t] == 0
+        up = np.array([nll(theta[t] + h * e) for e in np.eye(5)])
+        down = np.array(
+            [nll(theta[t] - h * e * (not z)) for z, e in zip(at0, np.eye(5), strict=True)]
+        )
+        grad = (up - down) / np.where(at0, h, 2 * h)
+        assert np.all(grad[at0] > -1e-5) and np.all(np.abs(grad[~at0]) < 1e-4), grad
+        sp = optimize.minimize(nll, np.full(5, 0.3), method="L-BFGS-B", bounds=[(0, None)] * 5,
+                               options=dict(ftol=1e-15, gtol=1e-10))  # fmt: skip
+        assert out.ll[t] >= -sp.fun - 1e-8
+
+
+def test_lrt_with_nonneg_uses_the_boundary_mixture():
+    assert_allclose(gxemm.lrt(-10.0, -12.0, 2, boundary=True),
+                    (2 * stats.chi2.sf(4.0, 1) + stats.chi2.sf(4.0, 2)) / 4)  # fmt: skip
+
+
 @pytest.mark.parametrize("gtype,etype", MODELS)
 def test_he_equals_lower_triangle_least_squares(gtype, etype):
     sim = _data(n_traits=3, seed=4)

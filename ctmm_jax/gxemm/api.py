@@ -85,8 +85,9 @@ def fit(
     genotypes) instead of K, K = S S^T / M is never formed (Woodbury, O(N M^2) per iteration).
     The trait is standardised as the original (R's scale) before REML; HE residualises on X
     and then standardises. nonneg=True (REML) keeps the genetic variance components and the
-    noise of I >= 0 (projected Newton, reml.lower_bounds): GxE components can end exactly at 0,
-    and their LRT is then `lrt(..., boundary=True)`."""
+    noise >= 0 (projected Newton): GxE components can end exactly at 0,
+    and their LRT is then `lrt(..., boundary=True)`; with free noise and discrete environments
+    each environment's noise is kept >= 0 (reml.constrained_coordinates)."""
     if method not in ("reml", "he"):
         raise ValueError(f"method={method!r}: use 'reml' or 'he'.")
     if not (int(max_iter) >= 1 and tol > 0):
@@ -110,7 +111,8 @@ def fit(
         null = np.zeros((T, inputs.n_kernels))
         null[:, -1] = 1.0  # all noise: Sigma = I for the standardised trait
         starts = np.stack([np.nan_to_num(he_fit.sig2s, nan=0.0), null])
-        keys = dict(lowrank=lowrank, max_iter=int(max_iter), tol=float(tol), nonneg=bool(nonneg))
+        keys = dict(lowrank=lowrank, max_iter=int(max_iter), tol=float(tol), nonneg=bool(nonneg),
+                    discrete=inputs.discrete)  # fmt: skip
         r = _chunks(
             lambda ys, st: reml.fit_chunk(ys, st, design, **keys),
             standardize(inputs.y), size, starts=starts,

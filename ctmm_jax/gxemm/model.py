@@ -37,6 +37,7 @@ class Inputs(NamedTuple):
     etype: str
     K0: int
     X_map: np.ndarray | None = None  # (p, p) A with X = X_user A (scale_design)
+    discrete: bool = False  # Z is one-hot: every individual in exactly one environment
 
     @property
     def n_genetic(self) -> int:
@@ -124,7 +125,9 @@ def check_inputs(y, X, K, Z, S, gtype: str, etype: str) -> Inputs:
         groups = np.repeat(np.eye(len(sizes)), sizes, axis=1)
         Kg = None
     noise = [Z[:, k] ** 2 for k in range(K0 - 1)] if etype == "free" else []
-    return Inputs(y, X, Kg, U, groups, np.stack(noise + [np.ones(N)]), gtype, etype, K0, X_map)
+    discrete = bool(K0) and bool(np.isin(Z, (0.0, 1.0)).all()) and bool((Z.sum(1) == 1).all())
+    return Inputs(y, X, Kg, U, groups, np.stack(noise + [np.ones(N)]), gtype, etype, K0, X_map,
+                  discrete)  # fmt: skip
 
 
 def scale_design(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -140,29 +140,57 @@ def _lowrank_final(s, **kw):
 # --- one trait, then a batch ----------------------------------------------------------------
 
 
-def lower_bounds(design: dict, nonneg: bool) -> np.ndarray | None:
-    """(k,) bool: the components kept >= 0 under nonneg: the genetic ones and the noise of I
-    (the others, e_k of free noise, are differences from e_I and take any sign while every
-    individual's noise e_I + e_k stays > 0); None when unconstrained."""
+def constrained_coordinates(design: dict, nonneg: bool, discrete: bool):
+    """The optimizer's coordinates theta under nonneg, sig2s = B theta, and which of them are
+    kept >= 0: (B (k, k) or None for theta = sig2s, lower (k,) bool or None).
+
+    Genetic components are bounded at 0. Free noise over discrete (one-hot) environments is
+    optimised as each environment's own noise variance n_k (n_k = e_k + e_I for k < K0, n_K0
+    = e_I, so e_k = n_k - n_K0), each >= 0: with e_k free, an environment's noise could turn
+    negative while its genetic kernel K o z_k z_k^T, close to diag(z_k) for unrelated
+    individuals, took its place, ending on the positive-definite wall. Otherwise (hom noise,
+    continuous environments) the noise of I is bounded and the e_k take any sign."""
     if not nonneg:
-        return None
+        return None, None
     kg = design["K"].shape[0] if "K" in design else design["groups"].shape[0]
     ke = design["noise"].shape[0]
-    return np.concatenate([np.ones(kg, bool), np.zeros(ke - 1, bool), np.ones(1, bool)])
+    if not discrete or ke == 1:
+        lower = np.concatenate([np.ones(kg, bool), np.zeros(ke - 1, bool), np.ones(1, bool)])
+        return None, lower
+    B = np.eye(kg + ke)
+    B[kg : kg + ke - 1, -1] = -1.0
+    return B, np.ones(kg + ke, bool)
+
+
+def _in_coordinates(value, score_info, B):
+    """value and score_info of theta with sig2s = B theta (B constant): score B^T g,
+    information B^T I B, Hessian B^T H B."""
+
+    def value_theta(t):
+        return value(B @ t)
+
+    def score_info_theta(t):
+        g, info, hess = score_info(B @ t)
+        return B.T @ g, B.T @ info @ B, B.T @ hess @ B
+
+    return value_theta, score_info_theta
 
 
 def _fit_one(y, s_starts, design, *, lowrank: bool, max_iter: int, tol: float,
-             nonneg: bool = False) -> Fit:  # fmt: skip
+             nonneg: bool = False, discrete: bool = False) -> Fit:  # fmt: skip
     """Fisher scoring (dense: with the average information) from the most likely of the start
     values s_starts (n_starts, k); under nonneg projected Newton (optimize.fisher_scoring with
-    bounds, the starts projected onto them)."""
+    bounds) in the coordinates of `constrained_coordinates`, the starts projected onto them."""
     value, score_info, final = (
         (_lowrank_value, _lowrank_score_info, _lowrank_final)
         if lowrank
         else (_dense_value, _dense_score_ai, _dense_final)
     )
     value_, score_info_ = partial(value, y=y, **design), partial(score_info, y=y, **design)
-    lower = lower_bounds(design, nonneg)
+    B, lower = constrained_coordinates(design, nonneg, discrete)
+    if B is not None:
+        value_, score_info_ = _in_coordinates(value_, score_info_, B)
+        s_starts = s_starts @ np.linalg.inv(B).T
     s_starts = project(s_starts, lower)
     # one start at a time (lax.map): XLA's CPU runtime can deadlock when two large LAPACK
     # factorisations are scheduled concurrently
@@ -173,18 +201,20 @@ def _fit_one(y, s_starts, design, *, lowrank: bool, max_iter: int, tol: float,
         value_, score_info_, state, jnp.asarray(max_iter), tol=tol,
         boundary_cond=BOUNDARY_COND, lower=lower,
     )  # fmt: skip
-    score, info, beta, beta_cov = final(state.theta, y=y, **design)
-    return Fit(state.theta, jnp.linalg.inv(info), beta, beta_cov, state.nll, score,
+    sig2s = state.theta if B is None else B @ state.theta
+    score, info, beta, beta_cov = final(sig2s, y=y, **design)
+    return Fit(sig2s, jnp.linalg.inv(info), beta, beta_cov, state.nll, score,
                state.n_iter, state.status)  # fmt: skip
 
 
-@partial(jax.jit, static_argnames=("lowrank", "max_iter", "tol", "batch", "nonneg"))
-def fit_chunk(y, starts, design, *, lowrank, max_iter, tol, batch=None, nonneg=False) -> Fit:
+@partial(jax.jit, static_argnames=("lowrank", "max_iter", "tol", "batch", "nonneg", "discrete"))
+def fit_chunk(y, starts, design, *, lowrank, max_iter, tol, batch=None, nonneg=False,
+              discrete=False) -> Fit:  # fmt: skip
     """REML for traits y (T, N) from start values starts (n_starts, T, k): `batch` traits at a
     time are vmapped (None: one at a time; a trait is O(N^3) dense work, which a CPU runs best
     as plain matrix products, while a GPU gains from batching)."""
     one = partial(_fit_one, design=design, lowrank=lowrank, max_iter=max_iter, tol=tol,
-                  nonneg=nonneg)  # fmt: skip
+                  nonneg=nonneg, discrete=discrete)  # fmt: skip
     return jax.lax.map(lambda a: one(*a), (y, jnp.swapaxes(starts, 0, 1)), batch_size=batch)
 
 
