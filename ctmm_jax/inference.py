@@ -225,12 +225,27 @@ def qq_points(p, band: bool = True, level: float = 0.95) -> QQPoints:
     return QQPoints(expected, observed, lower, upper)
 
 
-def _natural_vc(result: FitResult) -> tuple[np.ndarray, np.ndarray]:
-    """(hom2 (G,), V (G, C, C)) from result.phi through models.unpack (full: hom2 = 0)."""
-    C = len(result.celltypes)
-    k = models.n_var(result.model, C)
-    vc = jax.vmap(lambda phi: models.unpack(phi, result.model, C))(jnp.asarray(result.phi[:, :k]))
+def natural_vc(phi: np.ndarray, model: str, C: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hom2 (G,), V (G, C, C)) from parameters phi (G, n_var[ + n_rand]) of `model` through
+    models.unpack (full: hom2 = 0); the random covariates' r2 after n_var are ignored."""
+    k = models.n_var(model, C)
+    phi = jnp.asarray(np.asarray(phi, dtype=np.float64)[:, :k])
+    vc = jax.vmap(lambda theta: models.unpack(theta, model, C))(phi)
     return np.asarray(vc.hom2), np.asarray(vc.V)
+
+
+def parameters_from_table(table: pd.DataFrame, model: str, celltypes) -> np.ndarray:
+    """The parameters phi (G, n_var) of `model` read back from a results table (`fit`'s, or a
+    file it wrote): the first table column of each parameter (models.table_columns)."""
+    columns = models.table_columns(model, list(celltypes))[: models.n_var(model, len(celltypes))]
+    names = [cols[0] for cols in columns]
+    missing = [n for n in names if n not in table.columns]
+    if missing:
+        raise ValueError(
+            f"table: no column {missing[0]!r} of the {model} model with cell types "
+            f"{list(celltypes)}; pass the table of a {model} fit of these cell types."
+        )
+    return table[names].to_numpy(np.float64)
 
 
 def _check_pair(result: FitResult, data) -> None:
@@ -283,7 +298,35 @@ def variance_partition(result: FitResult, data: CTPData | OPData) -> pd.DataFram
         frac_shared, frac_specific[, frac_random], frac_noise.
     """
     _check_pair(result, data)
-    hom2, V = _natural_vc(result)
+    hom2, V = natural_vc(result.phi, result.model, len(result.celltypes))
+    random = [c for c in result.table.columns if c.startswith("randomvar_")]
+    extra = result.table[random].to_numpy(np.float64).sum(axis=1) if random else None
+    return partition_variance(hom2, V, data, random=extra)
+
+
+def partition_variance(
+    hom2: np.ndarray, V: np.ndarray, data: CTPData | OPData, random: np.ndarray | None = None
+) -> pd.DataFrame:
+    """`variance_partition` from the natural parameters of every gene of `data`.
+
+    Args:
+        hom2: (G,) shared donor variance; V: (G, C, C) cell type-specific covariance
+            (`natural_vc`).
+        data: the CTPData or OPData (G genes) the parameters were fitted on.
+        random: (G,) variance explained by the random covariates (the sum of a table's
+            `randomvar_*`), or None when the fit had none.
+    Returns:
+        As variance_partition.
+    """
+    if not isinstance(data, CTPData | OPData):
+        raise ValueError(f"data: expected CTPData or OPData, got {type(data).__name__}.")
+    hom2, V = np.asarray(hom2, dtype=np.float64), np.asarray(V, dtype=np.float64)
+    G, _, C = data.shape
+    if hom2.shape != (G,) or V.shape != (G, C, C):
+        raise ValueError(
+            f"hom2, V: shapes {hom2.shape} and {V.shape}; the data have {G} genes and {C} "
+            f"cell types, so pass ({G},) and ({G}, {C}, {C})."
+        )
     if isinstance(data, CTPData):
         diag = np.diagonal(V, axis1=1, axis2=2)  # (G, C)
         specific = _observed_mean(np.broadcast_to(diag[:, None, :], data.shape), data.mask)
@@ -293,11 +336,10 @@ def variance_partition(result: FitResult, data: CTPData | OPData) -> pd.DataFram
         specific = _observed_mean(np.einsum("gnc,gcd,gnd->gn", P, V, P), data.mask)
         noise = _observed_mean(data.nu, data.mask)
     parts = {"shared": hom2, "specific": specific}
-    random = [c for c in result.table.columns if c.startswith("randomvar_")]
-    if random:
-        parts["random"] = result.table[random].to_numpy(np.float64).sum(axis=1)
+    if random is not None:
+        parts["random"] = np.asarray(random, dtype=np.float64)
     parts["noise"] = noise
-    out = pd.DataFrame(parts, index=pd.Index(result.genes, name="gene"))
+    out = pd.DataFrame(parts, index=pd.Index(data.genes, name="gene"))
     out["total"] = out.sum(axis=1, skipna=False)
     clipped = out[list(parts)].clip(lower=0.0)
     frac = clipped.div(clipped.sum(axis=1, skipna=False), axis=0)

@@ -90,11 +90,7 @@ def variance_partition_plot(
     result: FitResult, data: CTPData | OPData, ax: Axes | None = None, sort: bool = True
 ) -> Axes:
     """Stacked fractions of variance per gene (variance_partition: shared, specific[, random],
-    noise; negative estimates clipped at 0).
-
-    Up to 50 genes: one stacked bar per gene, labelled. More genes: stacked areas over the gene
-    rank without gene labels (readable for thousands of genes). Genes without estimates are
-    left out (counted in the title).
+    noise; negative estimates clipped at 0), drawn by `partition_plot`.
 
     Args:
         result, data: as variance_partition.
@@ -104,11 +100,29 @@ def variance_partition_plot(
         The Axes.
     """
     vp = variance_partition(result, data)
+    return partition_plot(vp, f"{result.model} {result.method.upper()}", ax=ax, sort=sort)
+
+
+def partition_plot(vp, title: str = "", ax: Axes | None = None, sort: bool = True) -> Axes:
+    """Stacked fractions of variance per gene of a `variance_partition` table.
+
+    Up to 50 genes: one stacked bar per gene, labelled. More genes: stacked areas over the gene
+    rank without gene labels (readable for thousands of genes). Genes without estimates are
+    left out (counted in the title).
+
+    Args:
+        vp: a table of `variance_partition` (or `partition_variance`): frac_* columns by gene.
+        title: the start of the title (e.g. "free REML"), followed by the number of genes.
+        ax: Axes to draw on; a new figure when None.
+        sort: order genes by decreasing specific fraction (else the table's order).
+    Returns:
+        The Axes.
+    """
     parts = [c[5:] for c in vp.columns if c.startswith("frac_")]
     frac = vp[[f"frac_{c}" for c in parts]].dropna()
     dropped = len(vp) - len(frac)
     if frac.empty:
-        raise ValueError("result: no gene has variance estimates to plot.")
+        raise ValueError("vp: no gene has variance estimates to plot (all NaN).")
     if sort:
         frac = frac.sort_values("frac_specific", ascending=False, kind="stable")
     G = len(frac)
@@ -130,7 +144,7 @@ def variance_partition_plot(
         ax.set_xlabel("gene rank" + (" (by specific fraction)" if sort else ""))
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction of variance")
-    title = f"{result.model} {result.method.upper()}: {G} genes"
+    title = f"{title}: {G} genes" if title else f"{G} genes"
     ax.set_title(title + (f" ({dropped} without estimates left out)" if dropped else ""))
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return ax

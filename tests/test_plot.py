@@ -9,11 +9,13 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from numpy.testing import assert_allclose  # noqa: E402
 from scipy import stats  # noqa: E402
 
 import ctmm_jax as cj  # noqa: E402
+from ctmm_jax import inference  # noqa: E402
 from ctmm_jax import plot as cp  # noqa: E402
 
 G, N, C = 6, 30, 3
@@ -141,6 +143,28 @@ def test_variance_partition_random_covariate(ctp):
     assert_allclose(vp["frac_random"], parts[:, 2] / parts.sum(1), **TOL)
 
 
+@pytest.mark.parametrize("model", ["hom", "iid", "free", "full"])
+def test_partition_variance_from_table(ctp, model):
+    """The partition from a table's columns and the data (the workflow's report, which has
+    files, not a FitResult) is the fit's; random covariates as their randomvar_* sum."""
+    batch = np.eye(3)[np.arange(N) % 3]
+    result = cj.fit(ctp, model, "he", random_covars={"batch": batch})
+    phi = inference.parameters_from_table(result.table, model, ctp.celltypes)
+    hom2, V = inference.natural_vc(phi, model, C)
+    random = result.table["randomvar_batch"].to_numpy()
+    vp = inference.partition_variance(hom2, V, ctp, random=random)
+    pd.testing.assert_frame_equal(vp, cp.variance_partition(result, ctp))
+
+
+def test_partition_variance_mistakes(reml, ctp):
+    table = reml.table.drop(columns="V_ct0")
+    with pytest.raises(ValueError, match="no column 'V_ct0' of the free model"):
+        inference.parameters_from_table(table, "free", ctp.celltypes)
+    hom2, V = inference.natural_vc(reml.phi, "free", C)
+    with pytest.raises(ValueError, match=r"pass \(6,\) and \(6, 3, 3\)"):
+        inference.partition_variance(hom2[:2], V[:2], ctp)
+
+
 def test_variance_partition_rejects_other_data(reml, ctp):
     with pytest.raises(ValueError, match="fitted on"):
         cp.variance_partition(reml, ctp.select_genes(slice(0, 2)))
@@ -192,6 +216,15 @@ def test_variance_partition_plot_artists(reml, ctp):
     ax = cp.variance_partition_plot(reml, ctp)
     assert len(ax.containers) == 3 and len(ax.patches) == 3 * G
     assert len(ax.get_xticklabels()) == G
+
+
+def test_partition_plot_title_and_all_nan(reml, ctp):
+    vp = cp.variance_partition(reml, ctp)
+    assert cp.partition_plot(vp, "free REML").get_title() == f"free REML: {G} genes"
+    vp.iloc[0] = np.nan  # a gene without estimates: left out, and said
+    assert cp.partition_plot(vp).get_title() == f"{G - 1} genes (1 without estimates left out)"
+    with pytest.raises(ValueError, match="no gene has variance estimates"):
+        cp.partition_plot(vp * np.nan)
 
 
 def test_variance_partition_plot_many_genes(monkeypatch, reml, ctp):
