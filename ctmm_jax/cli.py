@@ -1,4 +1,4 @@
-"""`ctmm-jax`: the command-line tool (pseudobulk, fit, merge, simulate, gxemm).
+"""`ctmm-jax`: the command-line tool (pseudobulk, fit, merge, simulate, gxemm, workflow).
 
 Every subcommand reads files, calls the library and writes files; a mistake in the input ends
 the run with one line on stderr (`ctmm-jax <command>: error: ...`) and exit code 1, never a
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -45,6 +46,16 @@ examples:
   # the original CTMM's text files for one gene
   ctmm-jax fit --y y.txt --P P.txt --ctnu ctnu.txt --shape ctp -o gene.tsv
   ctmm-jax gxemm --y y.txt --K K.txt --Z Z.txt --gtype free -o gxemm.tsv
+  # all of it as a Snakemake workflow (pip install "ctmm_jax[workflow]")
+  ctmm-jax workflow init w && snakemake -s w/Snakefile -d w --cores 2
+"""
+WORKFLOW_EXAMPLES = """\
+examples:
+  ctmm-jax workflow init w            # writes w/Snakefile and w/config.yaml
+  snakemake -s w/Snakefile -d w --cores 2
+  # the workflow's last steps (its rules run them)
+  ctmm-jax workflow table free=results/free.tsv hom=results/hom.tsv --dataset pb.npz -o ctmm.tsv
+  ctmm-jax workflow report ctmm.tsv --dataset pb.npz -o report
 """
 
 
@@ -144,9 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, run, help: str, computes: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES,
-                           formatter_class=formatter)  # fmt: skip
+    def command(name: str, run, help: str, computes: bool = False, group=None,
+                epilog: str = EXAMPLES) -> argparse.ArgumentParser:  # fmt: skip
+        """A subcommand, or with `group` (a `workflow` action) a subcommand of `group`."""
+        parent = sub if group is None else group
+        p = parent.add_parser(name, help=help, description=help, epilog=epilog,
+                              formatter_class=formatter)  # fmt: skip
+        if group is not None:  # errors say `ctmm-jax workflow init: ...`
+            p.set_defaults(command=f"workflow {name}")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
         # SUPPRESS: when not given here, keep the value of `ctmm-jax --debug COMMAND`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -336,6 +352,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etype", choices=("hom", "free"), default="hom")
     p.add_argument("--method", choices=("reml", "he"), default="reml")
     p.add_argument("-o", "--output", required=True, help="table to write (.tsv, .csv, .parquet)")
+
+    about = "the Snakemake workflow: cells -> pseudobulk -> chunked fits -> one table, a report"
+    p = sub.add_parser("workflow", help=about, description=about, epilog=WORKFLOW_EXAMPLES,
+                       formatter_class=formatter)  # fmt: skip
+    group = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = command("init", run_workflow_init, "write the workflow (Snakefile, config.yaml) to DIR",
+                group=group, epilog=WORKFLOW_EXAMPLES)  # fmt: skip
+    p.add_argument("directory", metavar="DIR", help="folder to write it to (created if missing)")
+    p = command("table", run_workflow_table, "merged fits of several models -> one table, with "
+                "the LRT of the main model against its null and q values", group=group,
+                epilog=WORKFLOW_EXAMPLES)  # fmt: skip
+    p.add_argument("fits", nargs="+", metavar="MODEL=TABLE",
+                   help="each model's table (from `merge`, or an unchunked `fit`)")  # fmt: skip
+    p.add_argument("--main", metavar="MODEL", help="the main model (default: the first)")
+    p.add_argument("--dataset", required=True, help="the pseudobulk dataset the fits read")
+    p.add_argument("-o", "--output", required=True, help="table to write (.tsv, .csv, .parquet)")
+    p = command("report", run_workflow_report, "a `workflow table` -> QQ plot, variance "
+                "partition, summary.json", group=group, epilog=WORKFLOW_EXAMPLES)  # fmt: skip
+    p.add_argument("table", help="the table of `ctmm-jax workflow table` (with its sidecar)")
+    p.add_argument("--dataset", help="the pseudobulk dataset the fits read (for the variance "
+                   "partition)")  # fmt: skip
+    p.add_argument(
+        "--no-variance-partition",
+        action="store_true",
+        help="leave the variance partition out (it reads the whole dataset)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="report folder")
     return parser
 
 
@@ -545,10 +588,12 @@ def _input_sha256(files: dict[str, str | None]) -> dict[str, str]:
     return {role: sha256_file(path) for role, path in files.items() if path is not None}
 
 
-def _write_table(table: pd.DataFrame, out: Path, settings: dict) -> Path:
-    """Write the table (by extension), its column dictionary <out>.columns.tsv
-    (results.column_dictionary) and its sidecar <out>.json, each to a temporary file first;
-    they replace the outputs together at the end, the sidecar last (files.atomic_paths).
+def _write_table(
+    table: pd.DataFrame, out: Path, settings: dict, dictionary: pd.DataFrame | None = None
+) -> Path:
+    """Write the table (by extension), its column dictionary <out>.columns.tsv (`dictionary`,
+    by default results.column_dictionary) and its sidecar <out>.json, each to a temporary file
+    first; they replace the outputs together at the end, the sidecar last (files.atomic_paths).
 
     The sidecar holds the settings, `table` (the table's file name, rows, columns and sha256)
     and `settings_sha256` (the fingerprint of the settings that chunks of one run share)."""
@@ -560,7 +605,9 @@ def _write_table(table: pd.DataFrame, out: Path, settings: dict) -> Path:
             table.to_parquet(tmp_table)
         else:
             table.to_csv(tmp_table, sep="," if _is(out, ".csv", ".csv.gz") else "\t")
-        column_dictionary(table.columns).to_csv(tmp_columns, sep="\t", index=False)
+        if dictionary is None:
+            dictionary = column_dictionary(table.columns)
+        dictionary.to_csv(tmp_columns, sep="\t", index=False)
         sidecar = {"ctmm_jax_version": __version__, "output": out.name, **settings}
         sidecar = json.loads(json.dumps(sidecar, default=str))  # as merge will read it back
         sidecar["table"] = {"file": out.name, "rows": len(table),
@@ -1042,6 +1089,187 @@ def run_gxemm(args) -> None:
                 "environment": _jax_setup()}  # fmt: skip
     _write_table(table, out, settings)
     _say(args, f"wrote {out}: {len(table)} traits ({int(table['converged'].sum())} converged).")
+
+
+# --------------------------------------------------------------------------------- workflow
+
+
+def run_workflow_init(args) -> None:
+    from .workflow import TEMPLATES, template
+
+    folder = Path(args.directory)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: is a file, not a folder; give the folder to write to.")
+    files = [folder / name for name in TEMPLATES]
+    _claim_outputs(args, files)
+    with _replacing(*files) as temporary:
+        for name, tmp in zip(TEMPLATES, temporary, strict=True):
+            tmp.write_text(template(name), encoding="utf-8")
+    snakefile, config = (shlex.quote(str(f)) for f in files)
+    _say(args, f"wrote {snakefile} and {config}. Set the input (cells) and the models in "
+         f"{config}, then run:\n  snakemake -s {snakefile} -d {shlex.quote(str(folder))} "
+         "--cores 2")  # fmt: skip
+
+
+def _read_celltypes(path: str) -> tuple[str, ...]:
+    """The cell types of a pseudobulk dataset, read alone (the arrays may not fit in memory)."""
+    from .preprocess import DATASET_FORMAT
+
+    p = _existing(path, "--dataset")
+    not_ours = UserError(f"--dataset: {p} is not a pseudobulk dataset (make one with `ctmm-jax "
+                         "pseudobulk`).")  # fmt: skip
+    try:
+        with open(p, "rb") as handle:
+            if handle.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+                raise not_ours
+            handle.seek(0)
+            with np.load(handle, allow_pickle=False) as f:
+                if "format" not in f.files or str(f["format"]) != DATASET_FORMAT:
+                    raise not_ours
+                key = "celltypes" if "celltypes" in f.files else "cell_types"
+                return tuple(str(c) for c in f[key])
+    except NPZ_ERRORS as err:
+        raise UserError(f"--dataset: {p}: not a pseudobulk dataset, or truncated or damaged "
+                        f"({type(err).__name__}: {err}).") from None  # fmt: skip
+
+
+def _check_dataset(dataset: str, fits: dict[str, dict]) -> str:
+    """The dataset's sha256, checked to be the content the fits read."""
+    digest = sha256_file(_existing(dataset, "--dataset"))
+    for name, meta in fits.items():
+        if meta["input_sha256"].get("dataset") != digest:
+            raise UserError(f"--dataset: {dataset} is not the dataset the {name} fit read (its "
+                            "content differs); pass that one.")  # fmt: skip
+    return digest
+
+
+def run_workflow_table(args) -> None:
+    out = _check_output(args.output)
+    _claim_outputs(args, _table_files(out))
+    paths: dict[str, str] = {}
+    for spec in args.fits:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"{spec!r}: write MODEL=TABLE, e.g. free=results/free.tsv.")
+        if name in paths:
+            raise UserError(f"{name}: given twice ({paths[name]}, {path}).")
+        paths[name] = path
+    parts = {name: _read_part(path) for name, path in paths.items()}  # checked as merge does
+    for part in parts.values():
+        if part.chunk is not None:
+            raise UserError(f"{part.path}: chunk {part.meta['chunk']} of a fit; give the "
+                            "merged table (`ctmm-jax merge`).")  # fmt: skip
+    celltypes = _read_celltypes(args.dataset)
+    digest = _check_dataset(args.dataset, {n: p.meta for n, p in parts.items()})
+    from .workflow import report  # imports JAX (models): after the quick checks
+
+    table, dictionary, lrt = report.combine({n: p.table for n, p in parts.items()},
+                                            {n: p.meta for n, p in parts.items()},
+                                            len(celltypes), main=args.main)  # fmt: skip
+    main = args.main or next(iter(parts))
+    settings = {"command": "workflow table", "tables": paths, "dataset": args.dataset,
+                "input_sha256": {**_input_sha256(paths), "dataset": digest},
+                "main": main, "models": list(parts), "lrt": lrt,
+                "fits": {n: _shared_settings(p.meta) for n, p in parts.items()},
+                "n_genes": len(table)}  # fmt: skip
+    _write_table(table, out, settings, dictionary)
+    _say(args, f"wrote {out}: {len(table)} genes, models {', '.join(parts)}"
+         + (f", LRT of {main} against {lrt['null']}." if lrt else "."))  # fmt: skip
+
+
+def _pyplot():
+    """matplotlib's pyplot drawing to files (Agg), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def run_workflow_report(args) -> None:
+    from . import __version__
+
+    folder = Path(args.output)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"-o {folder}: is a file; give the report folder.")
+    table_path = _existing(args.table, "table")
+    sidecar = Path(f"{table_path}.json")
+    if not sidecar.is_file():
+        raise UserError(f"{table_path}: no sidecar {sidecar.name}; give the output of "
+                        "`ctmm-jax workflow table`.")  # fmt: skip
+    meta = _read_sidecar(sidecar)
+    if meta.get("command") != "workflow table":
+        raise UserError(f"{table_path}: not an output of `ctmm-jax workflow table` "
+                        f"({sidecar.name} says command {meta.get('command')!r}).")  # fmt: skip
+    if sha256_file(table_path) != (meta.get("table") or {}).get("sha256"):
+        raise UserError(f"{table_path}: its content does not match the sha256 in "
+                        f"{sidecar.name}; run `workflow table` again.")  # fmt: skip
+    partition = not args.no_variance_partition
+    if partition and args.dataset is None:
+        raise UserError("--dataset: give the dataset (for the variance partition), or pass "
+                        "--no-variance-partition.")  # fmt: skip
+    plt = _pyplot()
+    names = {"qq": "qq.png", "vp_table": "variance_partition.tsv",
+             "vp_plot": "variance_partition.png", "summary": "summary.json"}  # fmt: skip
+    planned = ["qq"] if plt else []
+    planned += (["vp_table"] + (["vp_plot"] if plt else [])) if partition else []
+    _claim_outputs(args, [folder / names[k] for k in [*planned, "summary"]])
+    table = _read_table(table_path, "table", labels=[0], index=True)
+    main, models = meta["main"], meta["models"]
+    fit = meta["fits"][main]
+    from . import plot
+    from .workflow import report
+
+    notes = []
+    if plt is None:
+        notes.append('no plots: matplotlib is not installed (pip install "ctmm_jax[plot]")')
+    figures, vp = {}, None
+    series = report.qq_series(table, main)
+    if plt and series:
+        figures["qq"] = plot.qq(series).figure
+        figures["qq"].axes[0].set_title(f"{main} {fit['method'].upper()}: {len(table)} genes")
+    elif plt:
+        planned.remove("qq")
+        notes.append(f"no QQ plot: the {main} fits have no p values")
+    if partition:
+        from .preprocess import Pseudobulk
+
+        _check_dataset(args.dataset, {main: fit})
+        try:
+            pb = Pseudobulk.load(_existing(args.dataset, "--dataset"))
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        data = report.fitted_data(pb, [str(g) for g in table.index], fit)
+        vp = report.variance_partition(table, main, data)
+        if plt and vp.filter(like="frac_").notna().all(axis=1).any():
+            title = f"{main} {fit['method'].upper()}"
+            figures["vp_plot"] = plot.partition_plot(vp, title).figure
+        elif plt:
+            planned.remove("vp_plot")
+            notes.append(f"no variance partition plot: no gene has {main} estimates")
+    written = {k: names[k] for k in planned}
+    info = {"ctmm_jax_version": __version__, "table": str(table_path), "main": main,
+            "models": models, "lrt": meta.get("lrt"), **report.summary(table, models),
+            "files": written, "notes": notes}  # fmt: skip
+    paths = [folder / names[k] for k in [*planned, "summary"]]
+    with _replacing(*paths) as temporary:
+        for key, tmp in zip(planned, temporary, strict=False):
+            if key == "vp_table":
+                vp.to_csv(tmp, sep="\t")
+            else:
+                figures[key].savefig(tmp, dpi=150)
+        temporary[-1].write_text(json.dumps(info, indent=2) + "\n")
+    for fig in figures.values():
+        plt.close(fig)
+    found = {c: n for c, n in info["discoveries"].items() if c in ("q_lrt", f"{main}_q_V")}
+    _say(
+        args,
+        f"wrote {folder}: {', '.join([*written.values(), 'summary.json'])}"
+        + "".join(f"; {n} genes with {c} < {info['alpha']}" for c, n in found.items()),
+    )
 
 
 if __name__ == "__main__":
