@@ -66,6 +66,13 @@ def test_read_config_gives_the_options(tmp_path):
     assert read_config({"cells": "c.h5ad", "jackknife": True}).fit_options.startswith(
         "--method reml --jackknife --memory"
     )
+    # Snakemake's --config gives false, null and nested numbers as text; labels stay text
+    s = read_config({"cells": "c.h5ad", "normalize": "false", "chunks": "3", "layer": "null",
+                     "jackknife": "True", "resources": {"fit": {"threads": "1"}},
+                     "donor": "007"})  # fmt: skip
+    assert s.pseudobulk_options == "--donor 007 --cell-type cell_type --ct-cut 10 --ind-cut 0"
+    assert (s.chunks, s.resources["fit"].threads) == (3, 1)
+    assert "--jackknife --memory" in s.fit_options
     dataset = tmp_path / "pb.npz"  # what the check looks at: the dataset's format member
     np.savez(dataset, format=np.array(preprocess.DATASET_FORMAT))
     s = read_config({"cells": str(dataset)})

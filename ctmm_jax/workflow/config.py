@@ -47,6 +47,16 @@ DEFAULTS: dict = {
         "report": {"threads": 1, "mem_mb": 8000, "time": 30},
     },
 }
+PLAIN = (
+    "ct_cut",
+    "ind_cut",
+    "layer",
+    "normalize",
+    "jackknife",
+    "chunks",
+    "memory",
+    "variance_partition",
+)  # numbers, flags and nullable keys (`_plain`)
 METHODS = ("ml", "reml", "he")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # model and covariate names
 
@@ -84,6 +94,19 @@ class Settings:
     @property
     def main(self) -> str:
         return self.models[0]
+
+
+def _plain(value):
+    """A value as YAML would read it: Snakemake's --config reads `false`, `null` and nested
+    numbers (`resources={fit: {threads: 1}}`) as text."""
+    if not isinstance(value, str):
+        return value
+    word = value.strip()
+    if word.lower() in ("true", "false"):
+        return word.lower() == "true"
+    if word.lower() in ("null", "~", "none"):
+        return None
+    return int(word) if word.isdigit() else value
 
 
 def _int(value, key: str, low: int) -> int:
@@ -132,7 +155,7 @@ def _resources(value) -> dict[str, Resources]:
         entry = given.get(rule) or {}
         if not isinstance(entry, dict) or set(entry) - set(RESOURCE_KEYS):
             raise ValueError(f"config resources {rule}: {entry!r}; give {RESOURCE_KEYS}.")
-        merged = {**DEFAULTS["resources"][rule], **entry}
+        merged = {**DEFAULTS["resources"][rule], **{k: _plain(v) for k, v in entry.items()}}
         out[rule] = Resources(*(_int(merged[k], f"resources {rule} {k}", 1)
                                 for k in RESOURCE_KEYS))  # fmt: skip
     return out
@@ -166,6 +189,7 @@ def read_config(config: dict) -> Settings:
         raise ValueError(f"config: unknown key {unknown[0]!r} (a typo?); the keys are "
                          f"{', '.join(DEFAULTS)}.")  # fmt: skip
     c = {**DEFAULTS, **config}
+    c.update({k: _plain(c[k]) for k in PLAIN})
     if c["cells"] is None:
         raise ValueError("config cells: give the input, an .h5ad or a pseudobulk .npz.")
     cells = _text(c["cells"], "cells")
