@@ -88,6 +88,7 @@ def score_test(score: np.ndarray, var: np.ndarray) -> np.ndarray:
         np.where(ok[:, None], score, 0.0),
     )
     ok &= np.linalg.eigvalsh(var)[:, 0] > 0
+    var = np.where(ok[:, None, None], var, np.eye(var.shape[-1]))  # singular: solve would raise
     if score.shape[1] == 1:
         z = -s[:, 0] / np.sqrt(np.where(ok, var[:, 0, 0], 1.0))
         return np.where(ok, stats.norm.sf(z), np.nan)
