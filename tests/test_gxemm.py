@@ -198,6 +198,26 @@ def test_bad_input_is_refused_before_fitting():
     model.check_inputs(y[:7], X[:7], K[:7, :7], Z[:7], None, "free", "hom")
 
 
+def test_traits_with_no_variation_are_not_fitted():
+    """Issue 18 #3: a constant trait (OLS residuals ~1e-15 of its scale, then standardised to
+    unit variance) was fitted `ok` with h2 = -0.48. REML and HE now check for variation after
+    [1, X] before standardising: 'constant', NaN estimates; the other traits as fitted alone."""
+    sim = _data(N=80, n_traits=3, seed=5)  # the shapes of the test above
+    flat = np.full(80, 2.5)
+    fit = gxemm.fit(np.vstack([sim.y, flat]), sim.X, sim.K, sim.Z, gtype="free", tol=1e-12)
+    alone = gxemm.fit(sim.y, sim.X, sim.K, sim.Z, gtype="free", tol=1e-12)
+    assert list(fit.table.status) == ["ok", "ok", "ok", "constant"]
+    assert not fit.converged[3] and np.isnan(fit.sig2s[3]).all() and np.isnan(fit.h2[3]).all()
+    assert np.isnan(fit.ll[3]) and fit.n_iter[3] == 0
+    assert_allclose(fit.sig2s[:3], alone.sig2s, **CLOSED_FORM)
+    linear = 1.0 + 2.0 * sim.X[:, 0]  # equal to its fixed effects
+    he = gxemm.fit(np.vstack([sim.y[:2], linear, flat]), sim.X, sim.K, sim.Z, gtype="free",
+                   method="he")  # fmt: skip
+    assert list(he.table.status) == ["ok", "ok", "constant", "constant"]
+    assert np.isnan(he.sig2s[2:]).all() and np.isnan(he.h2[2:]).all()
+    assert np.isfinite(he.h2[:2]).all()
+
+
 def test_simulation_free_variances_unbiased_and_mvwald_calibrated():
     """200 traits of the README design (N = 300 here to keep CI short; the note reports
     N = 1000): REML free estimates of the genetic variances are unbiased within Monte Carlo
