@@ -146,7 +146,7 @@ def test_too_few_observed_donors_is_not_fitted(shape, method):
     N_g - n_par >= 1): too_few_donors, no estimates, no p values."""
     data, _ = _masked(G=1, seed=3)  # the shapes of test_fully_masked_donor_equals_deleted_donor
     fixed, rand = _covars(1)  # iid: 2 variances + 1 r2 + 3 means + 1 covariate: n_par = 7
-    for n_obs, too_few in ((1, True), (7, True), (8, False)):
+    for n_obs, too_few in ((1, True), (5, True), (7, True), (8, False)):
         mask = np.zeros((1, N, C), bool)
         mask[0, :n_obs] = True
         d = cj.CTPData.from_arrays(data.Y, data.ctnu, data.P, mask=mask)

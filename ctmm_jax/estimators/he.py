@@ -111,8 +111,7 @@ def he_genes(y, noise, design: Design, nm: Normal, mask: jax.Array | None = None
         quad_r = jnp.einsum("nbj,gnb->gj", U, r) ** 2 @ design.groups.T
         quad = jnp.concatenate([quad, quad_r], axis=1)
     Qt = quad - jnp.einsum("gnb,knb->gk", noise, nm.diag_MKM)
-    outcome = checks.outcome(y, r, mask, nm.QtQ.shape[0] + X.shape[-1])
-    outcome = jnp.broadcast_to(outcome, y.shape[:1])
+    outcome = checks.outcome(y, r, mask, nm.QtQ.shape[0] + X.shape[-1])  # (G,)
     return HEFit(jnp.linalg.solve(nm.QtQ, Qt.T).T, beta, outcome)
 
 
