@@ -23,7 +23,7 @@ from .. import batching, checks, likelihood, models, progress
 from ..blocks import Blocks, Design, ols_residuals, start_values
 from ..likelihood import GeneData
 from ..optimize import MAX_HALVINGS, OptState, fisher_scoring, init_state
-from ..status import BOUNDARY_COND, Status
+from ..status import BOUNDARY_COND, NOT_FITTED, Status
 from . import Estimates, Problems, problem_data
 
 
@@ -186,7 +186,7 @@ def gls_chunk(w, y, noise, mask, design):
 ROUND_ITERS = 8  # iterations per round before the problems still running are regrouped
 BIG_BATCH_HALVINGS = 1  # step halvings per iteration allowed in full-size batches
 SMALL_BATCH = 16  # batches up to this size are not split further; the canonical width
-SETTLED = (Status.OK, Status.NO_VARIATION, Status.INFEASIBLE_START)  # not run again
+SETTLED = (Status.OK, Status.INFEASIBLE_START, *NOT_FITTED)  # not run again (status.NOT_FITTED)
 
 
 def _data(blocks: Blocks, problems: Problems, i: np.ndarray):
