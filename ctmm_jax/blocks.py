@@ -130,17 +130,21 @@ def to_blocks(
     return Blocks(data.y[..., None], data.nu[..., None], X, E_op, F, U, groups, mask)
 
 
-def residual_variance(d: GeneData) -> jax.Array:
-    """s = mean squared OLS residual of the observed y on X (the original CTMM's start-value
-    scale)."""
-    n = likelihood.n_observed(d)
+def ols_residuals(d: GeneData) -> jax.Array:
+    """(N, b) OLS residuals of the observed y on the fixed effects (0 where missing)."""
     d = likelihood.observed(d)
     X = likelihood.fixed_design(d.X, d.F)
     if d.mask is not None:
         X = X * d.mask[..., None]
     XtX = jnp.einsum("nbp,nbq->pq", X, X)
     beta = jnp.linalg.solve(XtX, jnp.einsum("nbp,nb->p", X, d.y))
-    return jnp.sum((d.y - jnp.einsum("nbp,p->nb", X, beta)) ** 2) / n
+    return d.y - jnp.einsum("nbp,p->nb", X, beta)
+
+
+def residual_variance(d: GeneData) -> jax.Array:
+    """s = mean squared OLS residual of the observed y on X (the original CTMM's start-value
+    scale)."""
+    return jnp.sum(ols_residuals(d) ** 2) / likelihood.n_observed(d)
 
 
 def start_values(d: GeneData, model: str, C: int) -> jax.Array:

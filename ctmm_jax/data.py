@@ -16,6 +16,10 @@ import numpy as np
 import pandas as pd
 
 PROPORTION_TOL = 1e-6  # |row sum of P - 1| allowed
+# largest |value| of y and the noise variances: the fits square them (sums of squares, norms
+# of covariances), and above sqrt(float64 max) ~ 1.3e154 a square is inf (issue 18 #2: HE
+# called a gene with ctnu = 1e300 ok)
+MAX_ABS = 1e150
 
 
 def _names(names: Sequence | None, n: int, prefix: str, what: str) -> tuple[str, ...]:
@@ -25,20 +29,62 @@ def _names(names: Sequence | None, n: int, prefix: str, what: str) -> tuple[str,
     if len(names) != n:
         raise ValueError(f"{what}: got {len(names)} names for {n} entries.")
     if len(set(names)) != n:
-        raise ValueError(f"{what}: names are not unique.")
+        raise ValueError(f"{what}: names are not unique ({_duplicates(names)} repeated).")
     return names
 
 
-def _as_float(x, name: str, ndim: int) -> np.ndarray:
+def _duplicates(labels) -> str:
+    """The repeated labels, e.g. "'d3', 'd7'" (the first five)."""
+    dup = pd.Index(labels)
+    dup = dup[dup.duplicated()].unique()
+    more = f" and {len(dup) - 5} more" if len(dup) > 5 else ""
+    return ", ".join(repr(x if isinstance(x, tuple) else str(x)) for x in dup[:5]) + more
+
+
+def _unique_rows(df: pd.DataFrame, name: str, what: str) -> None:
+    """ValueError naming the frame and its repeated row labels (`what`: donor, ...)."""
+    if df.index.has_duplicates:
+        raise ValueError(
+            f"{name}: repeated {what} in the index (rows): {_duplicates(df.index)}; keep one "
+            f"row per {what}."
+        )
+
+
+def _numbers(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """df with every column as float64 (numbers written as text are read); ValueError naming
+    the frame, the column and the first entry that is not a number."""
+    out = {}
+    for j, col in enumerate(df.columns):
+        s = df.iloc[:, j]
+        num = s if pd.api.types.is_numeric_dtype(s) else pd.to_numeric(s, errors="coerce")
+        bad = num.isna() & s.notna()
+        if bad.any():
+            i = int(np.argmax(bad.to_numpy()))
+            raise ValueError(
+                f"{name}: column {str(col)!r} holds {int(bad.sum())} entries that are not "
+                f"numbers, first {s.iloc[i]!r} at row {df.index[i]!r}; give numbers (e.g. "
+                "read the file with the right separator, or drop text columns)."
+            )
+        out[j] = num.astype(np.float64)
+    return pd.DataFrame(out, index=df.index).set_axis(df.columns, axis=1)
+
+
+def _as_float(x, name: str, ndim: int | None = None) -> np.ndarray:
+    """x as a float64 array of `ndim` dimensions (None: any), or a ValueError naming it."""
     try:
         raw = np.asarray(x)
         complex_values = np.iscomplexobj(raw)
         a = raw.real.astype(np.float64) if complex_values else raw.astype(np.float64)
     except (TypeError, ValueError) as e:
+        if "inhomogeneous" in str(e):  # NumPy's words for nested lists of unequal lengths
+            raise ValueError(
+                f"{name}: is ragged (nested lists of unequal lengths); give an array with the "
+                "same number of entries in every row."
+            ) from None
         raise ValueError(f"{name}: could not be read as numbers ({e}).") from None
     if complex_values:
         raise ValueError(f"{name}: has complex values; give real numbers.")
-    if a.ndim != ndim:
+    if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {a.shape}.")
     return a
 
@@ -71,6 +117,17 @@ def _check_finite(a: np.ndarray, name: str, axes) -> None:
         )
 
 
+def _check_magnitude(a: np.ndarray, name: str, axes) -> None:
+    """|a| <= MAX_ABS where finite: larger values overflow float64 once squared."""
+    bad = np.abs(np.where(np.isfinite(a), a, 0.0)) > MAX_ABS
+    if bad.any():
+        raise ValueError(
+            f"{name}: has values beyond {MAX_ABS:.0e} in magnitude ({_where(bad, axes)}); "
+            "the fits square them, which overflows float64: rescale the data (e.g. normalised "
+            "or log expression) or drop those genes or donors."
+        )
+
+
 def _check_positive(a: np.ndarray, name: str, axes, zero_ok: bool = False) -> None:
     """Noise variances > 0 (>= 0 with cell counts: a 0 is missing for the fit, noise.py)."""
     bad = ~(a >= 0) if zero_ok else ~(a > 0)
@@ -87,7 +144,7 @@ def _cell_counts(n, shape: tuple[int, int, int], observed, axes) -> np.ndarray |
     if n is None:
         return None
     G, N, C = shape
-    n = _as_float(n, "n_cells", np.ndim(n))
+    n = _as_float(n, "n_cells")
     if n.shape not in ((N, C), (G, N, C)):
         raise ValueError(
             f"n_cells: expected shape (donors, cell types) = {(N, C)} or (genes, donors, cell "
@@ -133,11 +190,13 @@ def _loadtxt(path, name: str, ndim: int) -> np.ndarray:
 
 def _frame_like(df: pd.DataFrame, P: pd.DataFrame, name: str) -> np.ndarray:
     """df's values in P's row (donor) and column (cell type) order."""
+    out = df.set_axis(df.index.astype(str), axis=0).set_axis(df.columns.astype(str), axis=1)
+    _unique_rows(out, name, "donor")
     try:
-        out = df.set_axis(df.index.astype(str), axis=0).set_axis(df.columns.astype(str), axis=1)
-        return out.loc[P.index.astype(str), P.columns.astype(str)].to_numpy(np.float64)
+        out = out.loc[P.index.astype(str), P.columns.astype(str)]
     except KeyError as e:
         raise ValueError(f"{name}: needs P's donors (rows) and cell types (columns); {e}") from None
+    return _numbers(out, name).to_numpy()
 
 
 @dataclass(frozen=True)
@@ -172,8 +231,9 @@ class CTPData:
                 f"P: shape {self.P.shape} does not match (donors, cell types) = {(N, C)}."
             )
         axes = [("gene", self.genes), ("donor", self.donors), ("cell type", self.celltypes)]
-        _check_finite(self.Y, "Y", axes)
-        _check_finite(self.ctnu, "ctnu", axes)
+        for name, a in (("Y", self.Y), ("ctnu", self.ctnu)):
+            _check_finite(a, name, axes)
+            _check_magnitude(a, name, axes)
         _check_positive(self.ctnu, "ctnu", axes, zero_ok=self.n_cells is not None)
         _check_proportions(self.P, self.donors, self.celltypes)
         if self.mask is not None and (self.mask.shape != self.Y.shape or self.mask.dtype != bool):
@@ -208,15 +268,15 @@ class CTPData:
         missing ones (absent, or too few cells); Y and ctnu are ignored where it is False.
         n_cells: (N, C) or (G, N, C) cells behind each value (ctnu = their variance / n_cells),
         which lets the fit pool the noise variances (noise.py; the default when given)."""
-        Y = _as_float(Y, "Y", np.ndim(Y))
+        Y = _as_float(Y, "Y")
         if Y.ndim == 2:
-            Y, ctnu = Y[None], np.asarray(ctnu)[None]
+            Y, ctnu = Y[None], _as_float(ctnu, "ctnu")[None]
         Y = _as_float(Y, "Y", 3)
         ctnu = _as_float(ctnu, "ctnu", 3)
         P = _as_float(P, "P", 2)
         G, N, C = Y.shape
         if mask is not None:
-            m = np.asarray(mask)
+            m = _as_float(mask, "mask")
             if m.shape not in ((N, C), (G, N, C)) or not np.isin(m, (0, 1)).all():
                 raise ValueError(
                     f"mask: expected 0/1 or booleans of shape (donors, cell types) = {(N, C)} "
@@ -252,6 +312,7 @@ class CTPData:
             raise ValueError(
                 "ctnu: columns (genes) differ from ctp's; use the same genes in order."
             )
+        _unique_rows(P.set_axis(P.index.astype(str), axis=0), "P", "donor")
         donors, celltypes = [str(d) for d in P.index], [str(c) for c in P.columns]
         full = pd.MultiIndex.from_product([donors, celltypes])
 
@@ -260,20 +321,19 @@ class CTPData:
             df.index = pd.MultiIndex.from_arrays(
                 [df.index.get_level_values(i).astype(str) for i in range(2)]
             )
-            if df.index.has_duplicates:
-                raise ValueError(f"{name}: duplicated (donor, cell type) rows.")
+            _unique_rows(df, name, "(donor, cell type) pair")
             extra = df.index.difference(full)
             if len(extra):
                 raise ValueError(
                     f"{name}: {len(extra)} (donor, cell type) rows not in P, e.g. {extra[0]}; "
                     "P must list every donor (rows) and cell type (columns)."
                 )
-            a = df.reindex(full).to_numpy(np.float64)  # (N*C, G); absent pairs become NaN
+            a = _numbers(df, name).reindex(full).to_numpy()  # (N*C, G); absent pairs: NaN
             return a.T.reshape(len(df.columns), len(donors), len(celltypes))
 
         Y, nu = cube(ctp, "ctp"), cube(ctnu, "ctnu")
         return cls.from_arrays(
-            Y, nu, P.to_numpy(np.float64),
+            Y, nu, _numbers(P, "P").to_numpy(),
             genes=[str(g) for g in ctp.columns], donors=donors, celltypes=celltypes,
             mask=np.isfinite(Y) & np.isfinite(nu),
             n_cells=None if n_cells is None else _frame_like(n_cells, P, "n_cells"),
@@ -321,8 +381,9 @@ class OPData:
             raise ValueError(f"P: has {self.P.shape[0]} rows (donors) but y has {N} donors.")
         _check_sizes(G, self.P.shape[1])
         axes = [("gene", self.genes), ("donor", self.donors)]
-        _check_finite(self.y, "y", axes)
-        _check_finite(self.nu, "nu", axes)
+        for name, a in (("y", self.y), ("nu", self.nu)):
+            _check_finite(a, name, axes)
+            _check_magnitude(a, name, axes)
         _check_positive(self.nu, "nu", axes, zero_ok=self.n_cells is not None)
         _check_proportions(self.P, self.donors, self.celltypes)
         if (self.ctnu is None) != (self.n_cells is None):
@@ -331,6 +392,7 @@ class OPData:
             C = self.P.shape[1]
             if self.ctnu.shape != (G, N, C):
                 raise ValueError(f"ctnu: expected shape {(G, N, C)}, got {self.ctnu.shape}.")
+            _check_magnitude(self.ctnu, "ctnu", axes + [("cell type", self.celltypes)])
             present = np.broadcast_to(self.P > 0, (G, N, C))
             n = _cell_counts(
                 self.n_cells, (G, N, C), present, axes + [("cell type", self.celltypes)]
@@ -368,10 +430,10 @@ class OPData:
         """From arrays y, nu: (G, N) or (N,) for one gene; P: (N, C). Optional, to pool the
         noise (noise.py): ctnu (G, N, C) or (N, C) each pair's noise variance (NaN where it
         has fewer than 2 cells) and n_cells (N, C) or (G, N, C) its cells."""
-        y, nu = np.asarray(y), np.asarray(nu)
+        y, nu = _as_float(y, "y"), _as_float(nu, "nu")
         if y.ndim == 1:
             y, nu = y[None], nu[None]
-            ctnu = None if ctnu is None else np.asarray(ctnu)[None]
+            ctnu = None if ctnu is None else _as_float(ctnu, "ctnu")[None]
         y, nu, P = _as_float(y, "y", 2), _as_float(nu, "nu", 2), _as_float(P, "P", 2)
         ctnu = None if ctnu is None else _as_float(ctnu, "ctnu", 3)
         G, N = y.shape
@@ -390,19 +452,21 @@ class OPData:
     def from_frames(cls, y: pd.DataFrame, nu: pd.DataFrame, P: pd.DataFrame) -> OPData:
         """From pandas: y and nu indexed by donor, one column per gene; P indexed by donor,
         one column per cell type. Donor order follows P."""
+        _unique_rows(P.set_axis(P.index.astype(str), axis=0), "P", "donor")
         donors = [str(d) for d in P.index]
 
         def matrix(df: pd.DataFrame, name: str) -> np.ndarray:
             df = df.set_axis(df.index.astype(str), axis=0)
+            _unique_rows(df, name, "donor")
             missing = pd.Index(donors).difference(df.index)
             if len(missing):
                 raise ValueError(f"{name}: donors of P missing, e.g. {missing[0]!r}.")
-            return df.loc[donors].to_numpy(np.float64).T
+            return _numbers(df.loc[donors], name).to_numpy().T
 
         if list(nu.columns) != list(y.columns):
             raise ValueError("nu: columns (genes) differ from y's; use the same genes in order.")
         return cls.from_arrays(
-            matrix(y, "y"), matrix(nu, "nu"), P.to_numpy(np.float64),
+            matrix(y, "y"), matrix(nu, "nu"), _numbers(P, "P").to_numpy(),
             genes=[str(g) for g in y.columns], donors=donors, celltypes=[str(c) for c in P.columns],
         )  # fmt: skip
 

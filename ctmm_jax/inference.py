@@ -88,6 +88,7 @@ def score_test(score: np.ndarray, var: np.ndarray) -> np.ndarray:
         np.where(ok[:, None], score, 0.0),
     )
     ok &= np.linalg.eigvalsh(var)[:, 0] > 0
+    var = np.where(ok[:, None, None], var, np.eye(var.shape[-1]))  # singular: solve would raise
     if score.shape[1] == 1:
         z = -s[:, 0] / np.sqrt(np.where(ok, var[:, 0, 0], 1.0))
         return np.where(ok, stats.norm.sf(z), np.nan)
@@ -143,7 +144,8 @@ def lrt(l1, l0, k, boundary: bool = False):
     series = [x for x in (l1, l0) if isinstance(x, pd.Series)]
     if len(series) == 2 and not l1.index.equals(l0.index):
         raise ValueError("l0: its index differs from l1's; pass both from fits of the same genes.")
-    diff = np.asarray(l1, dtype=np.float64) - np.asarray(l0, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # -inf - -inf (two infeasible fits): NaN, no warning
+        diff = np.asarray(l1, dtype=np.float64) - np.asarray(l0, dtype=np.float64)
     stat = 2.0 * diff
     if boundary:
         j = np.arange(1, int(k) + 1)

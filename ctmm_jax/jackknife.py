@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import inference
+from . import inference, status
 from .blocks import Blocks
 from .estimators import Estimates, Estimator, Problems
 from .status import Status
@@ -27,7 +27,8 @@ class Jackknife:
     phi: (G, R, n_var) and ct_beta: (G, R, C) replicate estimates; present: (G, R) the groups
     with a donor observed for each gene (only their replicates count; the others are NaN); var_cov
     (G, n_var, n_var) and ct_beta_cov (G, C, C): the jackknife covariances; n_failed: (G,)
-    replicates that did not end ok (their estimates are still used, as the original).
+    replicates that did not end ok (their estimates are still used, as the original, except
+    those of replicates that were not fitted: status.NOT_FITTED, NaN).
     """
 
     phi: np.ndarray
@@ -80,4 +81,8 @@ def jackknife(
 
     failed = reps.outcome != Status.OK
     n_failed = np.bincount(gene, weights=failed, minlength=G).astype(int)
-    return Jackknife(per_group(reps.phi), per_group(reps.beta[:, :C]), n_failed, present_groups)
+    # a replicate that failed the checks made before fitting (checks.py: too few donors, no
+    # variation) has no estimates: NaN, so its gene has no jackknife covariance
+    unfit = np.isin(reps.outcome, status.NOT_FITTED)[:, None]
+    phi, ct_beta = np.where(unfit, np.nan, reps.phi), np.where(unfit, np.nan, reps.beta[:, :C])
+    return Jackknife(per_group(phi), per_group(ct_beta), n_failed, present_groups)

@@ -35,7 +35,7 @@ COLUMNS: list[tuple[str, str, str, str]] = [
         "status",
         "object",
         "outcome: ok, max_iter, no_descent, boundary, infeasible_start, "
-        "singular_info, constant, not_finite, not_identified (ctmm_jax.status)",
+        "singular_info, constant, not_finite, not_identified, too_few_donors (ctmm_jax.status)",
         "",
     ),  # fmt: skip
     ("message", "object", "the status in words", ""),
@@ -195,6 +195,7 @@ class FitResult:
         columns = models.table_columns(model, cts) + [[f"r2_{n}"] for n in rand_names]
         ct_beta, ct_beta_cov = beta[:, :C], beta_cov[:, :C, :C]
         pvalues = _pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df, codes, loglik, null)
+        ok = (codes == Status.OK) & (df >= 1)  # TOO_FEW_DONORS implies the second; kept explicit
 
         cols: dict[str, np.ndarray] = {}
         cols.update(_by_name(columns, phi))
@@ -226,8 +227,10 @@ class FitResult:
             # k groups give the covariance k - 1 degrees of freedom (leave one out: N - 1)
             df_jk = np.minimum(df, jackknife.present.sum(axis=1) - 1)
             pvalues_jk = inference.wald_pvalues(model, phi, jk_var, ct_beta, jk_beta, df_jk)
-            trusted = (codes == Status.OK) & (
-                jackknife.n_failed <= JK_MAX_FAILED * jackknife.present.sum(axis=1)
+            trusted = (
+                ok
+                & (df_jk >= 1)
+                & (jackknife.n_failed <= JK_MAX_FAILED * jackknife.present.sum(axis=1))
             )
             pvalues_jk = {k: np.where(trusted, v, np.nan) for k, v in pvalues_jk.items()}
             cols.update(_se_columns(columns, cts, jk_var, jk_beta, "_jk"))
@@ -237,8 +240,7 @@ class FitResult:
             pv = inference.wald_pvalues(model, phi, robust.var_cov, ct_beta, robust.ct_beta_cov,
                                         df)  # fmt: skip
             cols.update(_se_columns(columns, cts, robust.var_cov, robust.ct_beta_cov, "_sw"))
-            cols.update({f"p_{k}_sw": np.where(codes == Status.OK, v, np.nan)
-                         for k, v in pv.items()})  # fmt: skip
+            cols.update({f"p_{k}_sw": np.where(ok, v, np.nan) for k, v in pv.items()})
         table = pd.DataFrame(cols, index=pd.Index(data.genes, name="gene"))
         table = _typed(with_qvalues(table))
         return cls(
@@ -250,14 +252,15 @@ class FitResult:
 
 def _pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df, codes, loglik, null):
     """The model's Wald tests (inference.wald_pvalues) where the fit is ok, NaN elsewhere; with
-    a null fit, V's test is the score test at it (`V`, where the null fit is ok), with the
-    LRT (`V_lrt`, where both are ok) and the Wald test (`V_wald`) next to it."""
-    ok = codes == Status.OK
+    a null fit, V's test is the score test at it (`V`, where the null fit is ok and the gene
+    passed the checks made before fitting: status.NOT_FITTED), with the LRT (`V_lrt`, where
+    both are ok) and the Wald test (`V_wald`) next to it. Never a p value with df < 1."""
+    ok = (codes == Status.OK) & (df >= 1)
     wald = inference.wald_pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df)
     out = {k: np.where(ok, v, np.nan) for k, v in wald.items()}
     if null is None:
         return out
-    null_ok = null.status == Status.OK
+    null_ok = (null.status == Status.OK) & ~np.isin(codes, status.NOT_FITTED) & (df >= 1)
     score = inference.score_test(null.score, null.score_var)
     if null.model == model:  # diag_test (lowrank): a score test at the model's own fit
         return {"hom2": out["hom2"], "V": np.where(null_ok, score, np.nan),

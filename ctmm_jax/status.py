@@ -27,6 +27,7 @@ class Status(IntEnum):
     NO_VARIATION = 6
     NOT_FINITE = 7
     NOT_IDENTIFIED = 8
+    TOO_FEW_DONORS = 9
 
 
 SHORT = {
@@ -39,6 +40,7 @@ SHORT = {
     Status.NO_VARIATION: "constant",
     Status.NOT_FINITE: "not_finite",
     Status.NOT_IDENTIFIED: "not_identified",
+    Status.TOO_FEW_DONORS: "too_few_donors",
 }
 
 MESSAGES = {
@@ -53,9 +55,12 @@ MESSAGES = {
     "variances that are not positive definite)",
     Status.NOT_IDENTIFIED: "fixed effects not identified from the observed values (e.g. a cell "
     "type with no observed value); not fitted",
+    Status.TOO_FEW_DONORS: "too few donors: the number of donors with an observed value must "
+    "exceed the number of parameters (variances + fixed effects), df = N - n_par >= 1; not fitted",
 }
 
-NOT_FITTED = (Status.NO_VARIATION, Status.NOT_IDENTIFIED)  # no estimates are reported
+# no estimates and no p values are reported (checks.py: decided before any fit)
+NOT_FITTED = (Status.NO_VARIATION, Status.NOT_IDENTIFIED, Status.TOO_FEW_DONORS)
 
 
 def decide(
@@ -68,18 +73,24 @@ def decide(
 ) -> np.ndarray:
     """Final status of each gene, the first that applies:
 
-    1. NOT_IDENTIFIED   `unidentified`: the fixed effects are not identified (not fitted)
-    2. NO_VARIATION     the optimizer's outcome (a constant gene is never iterated)
-    3. INFEASIBLE_START the optimizer's outcome
-    4. NOT_FINITE       not `finite`: estimates not finite (HE)
-    5. BOUNDARY         the optimizer did not end OK and cond > BOUNDARY_COND
-    6. MAX_ITER         the optimizer was still running (or stalled) when it ran out
-    7. the optimizer's other outcomes (NO_DESCENT, SINGULAR_INFO, BOUNDARY)
-    8. SINGULAR_INFO    an OK fit whose inverse information has a diagonal that is not > 0
-    9. OK
+    1. TOO_FEW_DONORS   the checks' outcome (checks.py): observed donors <= n_par (not fitted)
+    2. NOT_IDENTIFIED   `unidentified`: the fixed effects are not identified (not fitted)
+    3. NO_VARIATION     the checks' outcome: nothing left after the fixed effects (not fitted)
+    4. INFEASIBLE_START the optimizer's outcome
+    5. NOT_FINITE       not `finite`: estimates not finite (HE)
+    6. BOUNDARY         the optimizer did not end OK and cond > BOUNDARY_COND
+    7. MAX_ITER         the optimizer was still running (or stalled) when it ran out
+    8. the optimizer's other outcomes (NO_DESCENT, SINGULAR_INFO, BOUNDARY)
+    9. SINGULAR_INFO    an OK fit whose inverse information has a diagonal that is not > 0
+    10. OK
 
-    Args: outcome (G,) Status codes from the optimizer (OK for closed forms); the rest (G,)
-    or scalars; cond None when not measured.
+    The three checks made before fitting come first, in the order a fit needs them: df >= 1
+    (with too few donors the fixed effects are often not identified either, e.g. one donor
+    and a donor-level covariate: the count is the cause), then identified fixed effects, then
+    something left to fit. A gene that fails one has no estimates, so nothing after applies.
+
+    Args: outcome (G,) Status codes from the checks and the optimizer (OK for closed forms
+    that pass the checks); the rest (G,) or scalars; cond None when not measured.
     Returns: (G,) int codes."""
     outcome = np.asarray(outcome)
     shape = outcome.shape
@@ -87,6 +98,7 @@ def decide(
     not_ok = outcome != Status.OK
     near_wall = flag(False) if cond is None else not_ok & (np.asarray(cond) > BOUNDARY_COND)
     rules = [
+        (outcome == Status.TOO_FEW_DONORS, Status.TOO_FEW_DONORS),
         (flag(unidentified), Status.NOT_IDENTIFIED),
         (outcome == Status.NO_VARIATION, Status.NO_VARIATION),
         (outcome == Status.INFEASIBLE_START, Status.INFEASIBLE_START),

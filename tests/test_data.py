@@ -135,3 +135,90 @@ def test_sizes_and_complex_values_are_refused(change, message):
     data = cj.simulate(2, 12, 3, seed=0)
     with pytest.raises(ValueError, match=message):
         cj.CTPData.from_arrays(*change(data.Y, data.ctnu, data.P))
+
+
+def _frames():
+    d = _ctp()
+    op = cj.OPData.from_ctp(d)
+    idx = pd.MultiIndex.from_product([d.donors, d.celltypes])
+    frame = lambda a, index: pd.DataFrame(a, index=index, columns=list(d.genes))  # noqa: E731
+    P = pd.DataFrame(d.P, index=list(d.donors), columns=list(d.celltypes))
+    ctp, ctnu = frame(d.Y.reshape(2, -1).T, idx), frame(d.ctnu.reshape(2, -1).T, idx)
+    return ctp, ctnu, frame(op.y.T, list(d.donors)), frame(op.nu.T, list(d.donors)), P
+
+
+def _with(df, i, j, value):
+    df = df.astype(object)
+    df.iloc[i, j] = value
+    return df
+
+
+def _twice(df, i=2):
+    return pd.concat([df, df.iloc[[i]]])
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        # text in a frame: the frame, the column, the entry (was NumPy's "could not convert")
+        (lambda c, n, y, nu, P: cj.OPData.from_frames(_with(y, 2, 1, "abc"), nu, P),
+         "y: column 'gene1' holds 1 entries that are not numbers, first 'abc' at row 'ind2'"),
+        (lambda c, n, y, nu, P: cj.OPData.from_frames(y, nu, _with(P, 1, 2, "x")),
+         "P: column 'ct2' holds 1 entries that are not numbers, first 'x' at row 'ind1'"),
+        (lambda c, n, y, nu, P: cj.CTPData.from_frames(_with(c, 4, 0, "n/a"), n, P),
+         r"ctp: column 'gene0' .* first 'n/a' at row \('ind1', 'ct1'\)"),
+        (lambda c, n, y, nu, P: cj.CTPData.from_frames(c, _with(n, 0, 1, "?"), P),
+         "ctnu: column 'gene1' holds 1 entries that are not numbers"),
+        (lambda c, n, y, nu, P: cj.CTPData.from_frames(c, n, P, n_cells=_with(P, 0, 0, "ten")),
+         "n_cells: column 'ct0' holds 1 entries that are not numbers"),
+        # a repeated donor, by name (was "donors: got 6 names for 7 entries")
+        (lambda c, n, y, nu, P: cj.OPData.from_frames(_twice(y), nu, P),
+         r"y: repeated donor in the index \(rows\): 'ind2'; keep one row per donor"),
+        (lambda c, n, y, nu, P: cj.OPData.from_frames(y, _twice(nu, 4), P),
+         "nu: repeated donor in the index .*'ind4'"),
+        (lambda c, n, y, nu, P: cj.OPData.from_frames(y, nu, _twice(P)),
+         "P: repeated donor in the index .*'ind2'"),
+        (lambda c, n, y, nu, P: cj.CTPData.from_frames(c, n, _twice(P)),
+         "P: repeated donor in the index .*'ind2'"),
+        (lambda c, n, y, nu, P: cj.CTPData.from_frames(_twice(c), n, P),
+         r"ctp: repeated \(donor, cell type\) pair .*\('ind0', 'ct2'\)"),
+        (lambda c, n, y, nu, P: cj.OPData.from_arrays(y.T, nu.T, P, genes=["g", "g"]),
+         r"genes: names are not unique \('g' repeated\)"),
+        # ragged nested lists: the input by name (was NumPy's "inhomogeneous shape")
+        (lambda *_: cj.CTPData.from_arrays([[1.0, 2.0], [3.0]], np.ones((2, 2)), np.eye(2)),
+         r"Y: is ragged \(nested lists of unequal lengths\)"),
+        (lambda *_: cj.OPData.from_arrays([[1.0, 2.0], [3.0]], np.ones((2, 2)), np.eye(2)),
+         "y: is ragged"),
+        (lambda *_: cj.OPData.from_arrays([1.0, 2.0], [[1.0], [1.0, 2.0]], np.eye(2)),
+         "nu: is ragged"),
+    ],
+)  # fmt: skip
+def test_frames_and_lists_errors_name_the_input(build, message):
+    """Issue 18 #12: text in a frame, a repeated donor and ragged lists are refused naming the
+    frame (or array) and the column or donor at fault."""
+    with pytest.raises(ValueError, match=message):
+        build(*_frames())
+
+
+def test_numbers_written_as_text_are_read():
+    ctp, ctnu, y, nu, P = _frames()
+    got = cj.OPData.from_frames(_with(y, 2, 1, "1.5"), nu, P)
+    assert got.y[1, 2] == 1.5
+
+
+def test_absurdly_large_values_are_refused():
+    """Issue 18 #2: ctnu = 1e300 was fitted (HE: `ok`, hom2 ~ 1e282). Values beyond
+    data.MAX_ABS = 1e150 overflow float64 once squared: refused, naming the input and entry."""
+    d = _ctp()
+    ctnu = d.ctnu.copy()
+    ctnu[1, 3, 2] = 1e300
+    names = dict(genes=d.genes, donors=d.donors, celltypes=d.celltypes)
+    with pytest.raises(ValueError, match="ctnu: has values beyond 1e\\+150 in magnitude .*"
+                       "gene 'gene1', donor 'ind3', cell type 'ct2'"):  # fmt: skip
+        cj.CTPData.from_arrays(d.Y, ctnu, d.P, **names)
+    with pytest.raises(ValueError, match="Y: has values beyond 1e\\+150"):
+        cj.CTPData.from_arrays(-1e151 * d.Y, d.ctnu, d.P)
+    op = cj.OPData.from_ctp(d)
+    with pytest.raises(ValueError, match="nu: has values beyond 1e\\+150"):
+        cj.OPData.from_arrays(op.y, op.nu * 1e200, d.P)
+    cj.CTPData.from_arrays(d.Y * 1e100, d.ctnu * 1e149, d.P)  # large but below the bound

@@ -239,11 +239,41 @@ def test_bad_input_is_refused_before_fitting():
         (dict(y=np.zeros((0, 30))), r"y: no traits \(shape \(0, N\)\)"),
         (dict(gtype="iid", etype="free"), "iid \\+ het noise is not very meaningful"),
         (dict(K=None), "exactly one of K"),
-    ]
+        # issue 18 #7: K with eigenvalue -0.5 was fitted `ok`
+        (dict(K=K - 0.5 * np.eye(30)), "K: not positive semi-definite: its smallest eigenvalue "
+         r"is -0.5 .*down to -1e-08 x the largest are taken as rounding.*clip"),
+        # issue 18 #13: N <= n_par (free: 3 genetic + 1 noise + 2 fixed = 6) was fitted
+        (dict(y=y[:6], X=X[:6], K=K[:6, :6], Z=Z[:6]),
+         "y: N = 6 individuals but gtype='free', etype='hom' has n_par = 6 parameters"),
+    ]  # fmt: skip
     for change, message in cases:
         kw = dict(y=y, X=X, K=K, Z=Z, gtype="free") | change
         with pytest.raises(ValueError, match=message):
             gxemm.fit(kw.pop("y"), kw.pop("X"), kw.pop("K"), kw.pop("Z"), **kw)
+    # eigenvalues within the rounding tolerance, and N = n_par + 1, are accepted
+    lam = np.linalg.eigvalsh(K)[-1]
+    model.check_inputs(y, X, K - 1e-10 * lam * np.eye(30), Z, None, "free", "hom")
+    model.check_inputs(y[:7], X[:7], K[:7, :7], Z[:7], None, "free", "hom")
+
+
+def test_traits_with_no_variation_are_not_fitted():
+    """Issue 18 #3: a constant trait (OLS residuals ~1e-15 of its scale, then standardised to
+    unit variance) was fitted `ok` with h2 = -0.48. REML and HE now check for variation after
+    [1, X] before standardising: 'constant', NaN estimates; the other traits as fitted alone."""
+    sim = _data(N=80, n_traits=3, seed=5)  # the shapes of the test above
+    flat = np.full(80, 2.5)
+    fit = gxemm.fit(np.vstack([sim.y, flat]), sim.X, sim.K, sim.Z, gtype="free", tol=1e-12)
+    alone = gxemm.fit(sim.y, sim.X, sim.K, sim.Z, gtype="free", tol=1e-12)
+    assert list(fit.table.status) == ["ok", "ok", "ok", "constant"]
+    assert not fit.converged[3] and np.isnan(fit.sig2s[3]).all() and np.isnan(fit.h2[3]).all()
+    assert np.isnan(fit.ll[3]) and fit.n_iter[3] == 0
+    assert_allclose(fit.sig2s[:3], alone.sig2s, **CLOSED_FORM)
+    linear = 1.0 + 2.0 * sim.X[:, 0]  # equal to its fixed effects
+    he = gxemm.fit(np.vstack([sim.y[:2], linear, flat]), sim.X, sim.K, sim.Z, gtype="free",
+                   method="he")  # fmt: skip
+    assert list(he.table.status) == ["ok", "ok", "constant", "constant"]
+    assert np.isnan(he.sig2s[2:]).all() and np.isnan(he.h2[2:]).all()
+    assert np.isfinite(he.h2[:2]).all()
 
 
 def test_simulation_free_variances_unbiased_and_mvwald_calibrated():

@@ -89,6 +89,25 @@ def test_he_jackknife_equals_loop(shape, model):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+def test_he_degenerate_genes_are_not_fitted(shape):
+    """Issue 18 #2: HE called a constant gene and a gene equal to its cell-type means `ok`,
+    with jackknife p values down to 3.7e-13. HE now makes the checks of ML/REML
+    (checks.outcome): 'constant', no estimates, no p values (the jackknife's included)."""
+    data = small_data("ctp", G=2, N=16, C=3, seed=23)  # the shapes of the test above
+    Y = data.Y.copy()
+    Y[0] = 2.0
+    Y[1] = np.arange(3.0)  # every value its cell type's mean: nothing left after beta
+    data = dataclasses.replace(data, Y=Y)
+    data = cj.OPData.from_ctp(data) if shape == "op" else data
+    res = cj.fit(data, "free", "he", jackknife=True)
+    t = res.table
+    assert (t.status == "constant").all() and not t.converged.any()
+    assert np.isnan(res.phi).all() and np.isnan(res.beta).all()
+    p_cols = [c for c in t if c.startswith("p_")]
+    assert any(c.endswith("_jk") for c in p_cols) and t[p_cols].isna().all().all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("method", ["ml", "reml"])
 def test_likelihood_jackknife_equals_loop(shape, method):
     N = 24 if shape == "ctp" else 60

@@ -135,3 +135,27 @@ def test_bad_mask():
     Y[0, 1, 1] = np.nan
     with pytest.raises(ValueError, match="Y: has NaN.*mark the values missing"):
         cj.CTPData.from_arrays(Y, data.ctnu, data.P)
+
+
+@pytest.mark.parametrize("shape", ["ctp", "op"])
+@pytest.mark.parametrize("method", ["ml", "reml", "he"])
+def test_too_few_observed_donors_is_not_fitted(shape, method):
+    """Issue 18 #13: a mask leaving 5 donors for n_par = 7 was fitted and reported 'stopped at
+    the positive-definite boundary' with df = -2, and a gene with one observed donor was called
+    'constant'. Every method now checks the observed donors against n_par before fitting (df =
+    N_g - n_par >= 1): too_few_donors, no estimates, no p values."""
+    data, _ = _masked(G=1, seed=3)  # the shapes of test_fully_masked_donor_equals_deleted_donor
+    fixed, rand = _covars(1)  # iid: 2 variances + 1 r2 + 3 means + 1 covariate: n_par = 7
+    for n_obs, too_few in ((1, True), (5, True), (7, True), (8, False)):
+        mask = np.zeros((1, N, C), bool)
+        mask[0, :n_obs] = True
+        d = cj.CTPData.from_arrays(data.Y, data.ctnu, data.P, mask=mask)
+        d = cj.OPData.from_ctp(d) if shape == "op" else d
+        res = cj.fit(d, "iid", method, fixed_covars=fixed, random_covars=rand)
+        t = res.table.iloc[0]
+        assert t.n_donors == n_obs and res.df[0] == n_obs - 7
+        assert (t.status == "too_few_donors") == too_few, (n_obs, t.status)
+        if too_few:
+            assert "must exceed the number of parameters" in t.message and not t.converged
+            assert np.isnan(res.phi).all() and np.isnan(res.beta).all()
+            assert t.filter(like="p_").isna().all()

@@ -19,9 +19,13 @@ NEAR_WALL = 10 * BOUNDARY_COND
         (Status.NO_VARIATION, dict(cond=NEAR_WALL), Status.NO_VARIATION),
         # infeasible start near the boundary: still infeasible start
         (Status.INFEASIBLE_START, dict(cond=NEAR_WALL), Status.INFEASIBLE_START),
-        # unidentified fixed effects win over everything
+        # unidentified fixed effects win over everything but too few donors
         (Status.NO_VARIATION, dict(unidentified=True, cond=NEAR_WALL), Status.NOT_IDENTIFIED),
         (Status.OK, dict(unidentified=True), Status.NOT_IDENTIFIED),
+        # too few donors (issue 18 #13): first (the cause of what else fails), never relabelled
+        (Status.TOO_FEW_DONORS, dict(unidentified=True), Status.TOO_FEW_DONORS),
+        (Status.TOO_FEW_DONORS, dict(cond=NEAR_WALL, finite=False), Status.TOO_FEW_DONORS),
+        (Status.TOO_FEW_DONORS, dict(se_defined=False), Status.TOO_FEW_DONORS),
         # not finite (HE) wins over the boundary
         (Status.OK, dict(finite=False, cond=NEAR_WALL), Status.NOT_FINITE),
         # unconverged near the wall -> boundary; a converged fit is never relabelled

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import batching, progress
+from .. import batching, checks, progress
 from ..blocks import Blocks, Design
 from ..status import Status
 from . import Estimates, Problems
@@ -87,11 +87,14 @@ class HEFit(NamedTuple):
 
     phi: jax.Array  # (G, k) variance parameters
     beta: jax.Array  # (G, p) OLS fixed effects
+    outcome: jax.Array  # (G,) checks.outcome: OK, TOO_FEW_DONORS or NO_VARIATION
 
 
 def he_genes(y, noise, design: Design, nm: Normal, mask: jax.Array | None = None) -> HEFit:
     """HE for many genes sharing the design. y, noise: (G, N, b); mask (N, b) as given to
-    `normal` or None (noise may be anything where missing, since diag_MKM is 0 there)."""
+    `normal` or None (noise may be anything where missing, since diag_MKM is 0 there). The
+    outcome is that of the checks every estimator makes (checks.outcome, from the same OLS
+    residuals), with n_par = k variances + p fixed effects."""
     (X, U), E = design.full, design.E
     if mask is not None:
         y = y * mask
@@ -108,7 +111,8 @@ def he_genes(y, noise, design: Design, nm: Normal, mask: jax.Array | None = None
         quad_r = jnp.einsum("nbj,gnb->gj", U, r) ** 2 @ design.groups.T
         quad = jnp.concatenate([quad, quad_r], axis=1)
     Qt = quad - jnp.einsum("gnb,knb->gk", noise, nm.diag_MKM)
-    return HEFit(jnp.linalg.solve(nm.QtQ, Qt.T).T, beta)
+    outcome = checks.outcome(y, r, mask, nm.QtQ.shape[0] + X.shape[-1])  # (G,)
+    return HEFit(jnp.linalg.solve(nm.QtQ, Qt.T).T, beta, outcome)
 
 
 @jax.jit
@@ -141,7 +145,7 @@ def he_jackknife_chunk(y, noise, design, keep, normals: Normal) -> HEFit:
 
     masks = _replicate_masks(keep, y.shape[-1])
     fits = jax.lax.map(replicate, (masks, normals))  # leading replicate axis
-    return HEFit(jnp.swapaxes(fits.phi, 0, 1), jnp.swapaxes(fits.beta, 0, 1))
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), fits)
 
 
 def _he_per_gene(y, noise, mask, design) -> HEFit:
@@ -150,8 +154,7 @@ def _he_per_gene(y, noise, mask, design) -> HEFit:
 
     def one(y, noise, mask, design):
         nm = normal(design, mask)
-        fit = he_genes(y[None], noise[None], design, nm, mask)
-        return HEFit(fit.phi[0], fit.beta[0])
+        return jax.tree.map(lambda a: a[0], he_genes(y[None], noise[None], design, nm, mask))
 
     return over_genes(one, 3, design)(y, noise, mask, design)
 
@@ -165,19 +168,19 @@ def he_jackknife_chunk_per_gene(y, noise, mask, design, keep) -> HEFit:
     mask by keep[r] (lax.map over replicates, vmap over genes)."""
     reps = _replicate_masks(keep, y.shape[-1])
     fits = jax.lax.map(lambda rep: _he_per_gene(y, noise, mask * rep, design), reps)
-    return HEFit(jnp.swapaxes(fits.phi, 0, 1), jnp.swapaxes(fits.beta, 0, 1))
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), fits)
 
 
 def run_he(blocks: Blocks, genes: np.ndarray, *, chunk_size: int) -> HEFit:
-    """HE for genes of `blocks`: phi (P, k), beta (P, p)."""
+    """HE for genes of `blocks`: phi (P, k), beta (P, p), outcome (P,)."""
     return _run(he_chunk, he_chunk_per_gene, blocks, genes, chunk_size)
 
 
 def run_he_jackknife(
     blocks: Blocks, genes: np.ndarray, keep: np.ndarray, *, chunk_size: int
 ) -> HEFit:
-    """Jackknife HE for genes of `blocks`: phi (P, R, k), beta (P, R, p) for the replicates of
-    keep (R, N) (Problems.kept)."""
+    """Jackknife HE for genes of `blocks`: phi (P, R, k), beta (P, R, p), outcome (P, R) for
+    the replicates of keep (R, N) (Problems.kept)."""
     keep = jnp.asarray(keep)
     per_gene = partial(he_jackknife_chunk_per_gene, keep=keep)
     if blocks.mask is not None or blocks.per_gene:  # `_run` takes the per-gene path
@@ -217,7 +220,7 @@ class MethodOfMoments:
     def fit(self, blocks: Blocks, problems: Problems) -> Estimates:
         if problems.drop is None:
             he_fit = run_he(blocks, problems.gene, chunk_size=self.chunk_size)
-            phi, beta = he_fit.phi, he_fit.beta
+            phi, beta, checked = he_fit.phi, he_fit.beta, he_fit.outcome
         else:
             genes, which = np.unique(problems.gene, return_inverse=True)
             N = blocks.y.shape[1]
@@ -225,6 +228,7 @@ class MethodOfMoments:
             keep = problems._replace(drop=np.arange(n_groups)).kept(np.arange(n_groups), N)
             reps = run_he_jackknife(blocks, genes, keep, chunk_size=self.chunk_size)
             phi, beta = reps.phi[which, problems.drop], reps.beta[which, problems.drop]
+            checked = reps.outcome[which, problems.drop]
         cond = None
         if self.beta == "gls":
             beta, _, cond = gls(
@@ -233,5 +237,6 @@ class MethodOfMoments:
         finite = np.all(np.isfinite(phi), axis=1) & np.all(np.isfinite(beta), axis=1)
         P = len(problems.gene)
         progress.report(P, P)
-        outcome = np.where(finite, Status.OK, Status.NOT_FINITE)
+        outcome = np.where(checked != Status.OK, checked,
+                           np.where(finite, Status.OK, Status.NOT_FINITE))  # fmt: skip
         return Estimates(phi, None, beta, None, None, np.zeros(P, int), outcome, cond)

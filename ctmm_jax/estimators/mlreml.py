@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import batching, likelihood, models, progress
-from ..blocks import Blocks, Design, residual_variance, start_values
+from .. import batching, checks, likelihood, models, progress
+from ..blocks import Blocks, Design, ols_residuals, start_values
 from ..likelihood import GeneData
 from ..optimize import MAX_HALVINGS, OptState, fisher_scoring, init_state
-from ..status import BOUNDARY_COND, Status
+from ..status import BOUNDARY_COND, NOT_FITTED, Status
 from . import Estimates, Problems, problem_data
 
 
@@ -74,7 +74,8 @@ def _gene(y, noise, mask, design: Design) -> GeneData:
 
 def _init_gene(y, noise, mask, phi0, design, *, model, C, reml, nonneg) -> OptState:
     """Start state: the moment start values (blocks.start_values), or phi0 when given and its
-    NLL is lower (an infeasible or NaN phi0 never wins). A constant gene is not iterated."""
+    NLL is lower (an infeasible or NaN phi0 never wins). A gene that fails the checks made
+    before fitting (checks.outcome: too few donors, no variation) is not iterated."""
     d = _gene(y, noise, mask, design)
     obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
     to_theta = partial(models.from_natural, model=model, C=C, nonneg=nonneg)
@@ -85,9 +86,9 @@ def _init_gene(y, noise, mask, phi0, design, *, model, C, reml, nonneg) -> OptSt
         # LAPACK factorisations (many random-covariate columns) are scheduled concurrently
         both = jax.lax.map(partial(init_state, obj.value), jnp.stack([start, to_theta(phi0)]))
         s = jax.tree.map(lambda a: jnp.where(both.nll[1] < both.nll[0], a[1], a[0]), both)
-    y_obs = likelihood.observed(d).y
-    constant = residual_variance(d) <= 1e-24 * jnp.sum(y_obs**2) / likelihood.n_observed(d)
-    return s._replace(status=jnp.where(constant, Status.NO_VARIATION, s.status))
+    n_par = start.shape[0] + d.n_fixed
+    check = checks.outcome(likelihood.observed(d).y, ols_residuals(d), d.mask, n_par)
+    return s._replace(status=jnp.where(check == Status.OK, s.status, check))
 
 
 def _advance_gene(
@@ -185,7 +186,7 @@ def gls_chunk(w, y, noise, mask, design):
 ROUND_ITERS = 8  # iterations per round before the problems still running are regrouped
 BIG_BATCH_HALVINGS = 1  # step halvings per iteration allowed in full-size batches
 SMALL_BATCH = 16  # batches up to this size are not split further; the canonical width
-SETTLED = (Status.OK, Status.NO_VARIATION, Status.INFEASIBLE_START)  # not run again
+SETTLED = (Status.OK, Status.INFEASIBLE_START, *NOT_FITTED)  # not run again (status.NOT_FITTED)
 
 
 def _data(blocks: Blocks, problems: Problems, i: np.ndarray):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import batching, status
+from .. import batching, checks, status
 from ..status import Status
 from . import he, reml
 from .model import Inputs, check_inputs, standardize, variance_map
@@ -84,10 +84,13 @@ def fit(
     estimates or the all-noise start, whichever is more likely) or 'he'. With S (N x M
     genotypes) instead of K, K = S S^T / M is never formed (Woodbury, O(N M^2) per iteration).
     The trait is standardised as the original (R's scale) before REML; HE residualises on X
-    and then standardises. nonneg=True (REML) keeps the genetic variance components and the
-    noise >= 0 (projected Newton): GxE components can end exactly at 0,
-    and their LRT is then `lrt(..., boundary=True)`; with free noise and discrete environments
-    each environment's noise is kept >= 0 (reml.constrained_coordinates)."""
+    and then standardises. Before either, a trait with nothing left after the fixed effects
+    (checks.no_variation: a constant trait, or one equal to a combination of [1, X]) is not
+    fitted: status NO_VARIATION ('constant'), NaN estimates (standardising would blow its
+    rounding noise up to unit variance). nonneg=True (REML) keeps the genetic variance
+    components and the noise >= 0 (projected Newton): GxE components can end exactly at 0, and
+    their LRT is then `lrt(..., boundary=True)`; with free noise and discrete environments each
+    environment's noise is kept >= 0 (reml.constrained_coordinates)."""
     if method not in ("reml", "he"):
         raise ValueError(f"method={method!r}: use 'reml' or 'he'.")
     if not (int(max_iter) >= 1 and tol > 0):
@@ -97,15 +100,17 @@ def fit(
     design, lowrank = reml.design_of(inputs)
     T = inputs.y.shape[0]
     size = int(chunk_size or (256 if lowrank else 8))
+    resid = inputs.y - inputs.y @ np.linalg.pinv(inputs.X).T @ inputs.X.T  # OLS on [1, X]
+    flat = np.asarray(checks.no_variation(inputs.y, resid, axis=-1))  # (T,)
+    checked = np.where(flat, Status.NO_VARIATION, Status.OK)
     he_fit = _chunks(lambda ys: he.he_chunk(ys, design), inputs.y, 1024)
     if method == "he":
         sig2s = he_fit.sig2s
         nan_k = np.full(sig2s.shape + sig2s.shape[-1:], np.nan)
-        codes = status.decide(np.full(T, Status.OK), finite=np.all(np.isfinite(sig2s), axis=1))
+        codes = status.decide(checked, finite=np.all(np.isfinite(sig2s), axis=1))
         out = dict(
             sig2s=sig2s, sig2Var=nan_k, ll=np.full(T, np.nan), df=inputs.n_kernels,
-            betas=he_fit.betas, converged=codes == Status.OK, n_iter=np.zeros(T, int),
-            status=codes,
+            betas=he_fit.betas, n_iter=np.zeros(T, int), status=codes,
         )  # fmt: skip
     else:
         null = np.zeros((T, inputs.n_kernels))
@@ -113,15 +118,27 @@ def fit(
         starts = np.stack([np.nan_to_num(he_fit.sig2s, nan=0.0), null])
         keys = dict(lowrank=lowrank, max_iter=int(max_iter), tol=float(tol), nonneg=bool(nonneg),
                     discrete=inputs.discrete)  # fmt: skip
-        r = _chunks(
-            lambda ys, st: reml.fit_chunk(ys, st, design, **keys),
-            standardize(inputs.y), size, starts=starts,
-        )  # fmt: skip
-        codes = status.decide(r.status)
+        fitted = np.flatnonzero(~flat)  # a flat trait cannot be standardised
+        if len(fitted):
+            r = _chunks(
+                lambda ys, st: reml.fit_chunk(ys, st, design, **keys),
+                standardize(inputs.y[fitted]), size, starts=starts[:, fitted],
+            )  # fmt: skip
+        else:  # nothing to fit: empty results of the right shapes
+            k, p = inputs.n_kernels, inputs.X.shape[1]
+            r = reml.Fit(*(np.zeros((0,) + sh) for sh in ((k,), (k, k), (p,), (p, p), (), (k,))),
+                         np.zeros(0, int), np.zeros(0, int))  # fmt: skip
         out = dict(
-            sig2s=r.sig2s, sig2Var=r.sig2Var, ll=-r.nll, df=inputs.n_kernels - 1, betas=r.betas,
-            converged=codes == Status.OK, n_iter=r.n_iter, status=codes,
+            sig2s=_scatter(r, "sig2s", fitted, T), sig2Var=_scatter(r, "sig2Var", fitted, T),
+            ll=-_scatter(r, "nll", fitted, T), df=inputs.n_kernels - 1,
+            betas=_scatter(r, "betas", fitted, T), n_iter=_scatter(r, "n_iter", fitted, T, 0),
+            status=status.decide(_scatter(r, "status", fitted, T, checked)),
         )  # fmt: skip
+    not_fitted = np.isin(out["status"], status.NOT_FITTED)
+    for key in ("sig2s", "sig2Var", "betas"):  # no estimates for traits that were not fitted
+        a = out[key]
+        out[key] = np.where(not_fitted.reshape((T,) + (1,) * (a.ndim - 1)), np.nan, a)
+    out["converged"] = out["status"] == Status.OK
     out.update(_user_scale(out["betas"], out["ll"], inputs.X_map))
     out.update(_heritability(out["sig2s"], out["sig2Var"], inputs))
     if one:
@@ -133,6 +150,16 @@ def _user_scale(betas, ll, A) -> dict:
     """Betas and REML log-likelihood of the user's X from those of the scaled design
     (model.scale_design): beta = A beta_s, ll = ll_s + log|det A|."""
     return dict(betas=betas @ A.T, ll=ll + np.linalg.slogdet(A)[1])
+
+
+def _scatter(fit, key: str, idx: np.ndarray, T: int, fill=np.nan) -> np.ndarray:
+    """fit.<key> of the traits idx placed in a (T, ...) array, `fill` elsewhere (fill may be
+    a (T,) array)."""
+    a = np.asarray(getattr(fit, key))
+    out = np.empty((T,) + a.shape[1:], a.dtype)
+    out[...] = np.reshape(fill, (-1,) + (1,) * (a.ndim - 1)) if np.ndim(fill) else fill
+    out[idx] = a
+    return out
 
 
 def _chunks(fn, y, size, starts=None):

@@ -20,6 +20,9 @@ import numpy as np
 GTYPES = ("hom", "iid", "free")
 ETYPES = ("hom", "free")
 COLLINEAR_MAX = 1e4  # the original's bound on the singular-value ratio of [1, X]
+# K's eigenvalues down to -PSD_RTOL * its largest are rounding (a GRM S S^T / M computed in
+# float64 has some near -1e-15 * largest); below that K is not a covariance (issue 18 #7)
+PSD_RTOL = 1e-8
 
 
 class Inputs(NamedTuple):
@@ -91,6 +94,16 @@ def check_inputs(y, X, K, Z, S, gtype: str, etype: str) -> Inputs:
     X = np.ones((N, 1)) if X is None else np.hstack([np.ones((N, 1)), _matrix(X, "X", 2)])
     if X.shape[0] != N:
         raise ValueError(f"X: {X.shape[0]} rows for N = {N} individuals in y.")
+    n_gen = {"hom": 1, "iid": 2, "free": 1 + K0}[gtype]
+    n_noise = 1 + (K0 - 1 if etype == "free" else 0)
+    n_par = n_gen + n_noise + X.shape[1]
+    if N <= n_par:  # issue 18 #13: REML's df = N - n_par must be >= 1
+        raise ValueError(
+            f"y: N = {N} individuals but gtype={gtype!r}, etype={etype!r} has n_par = {n_par} "
+            f"parameters ({n_gen + n_noise} variance components + {X.shape[1]} fixed effects: "
+            "the intercept and X's columns); the number of individuals must exceed the number "
+            "of parameters: use more individuals or a smaller model."
+        )
     X, X_map = scale_design(X)
     sv = np.linalg.svd(X, compute_uv=False)
     if sv[-1] == 0 or sv[0] / sv[-1] > COLLINEAR_MAX:
@@ -110,6 +123,15 @@ def check_inputs(y, X, K, Z, S, gtype: str, etype: str) -> Inputs:
             raise ValueError(f"K: {K.shape[0]} rows for N = {N} individuals in y.")
         if not np.allclose(K, K.T, rtol=0, atol=1e-10 * np.abs(K).max()):
             raise ValueError("K: must be symmetric; use (K + K.T) / 2 if it is a rounding issue.")
+        ev = np.linalg.eigvalsh(K)
+        if ev[0] < -PSD_RTOL * max(ev[-1], 0.0):
+            raise ValueError(
+                f"K: not positive semi-definite: its smallest eigenvalue is {ev[0]:.3g} (largest "
+                f"{ev[-1]:.3g}; eigenvalues down to -{PSD_RTOL:g} x the largest are taken as "
+                "rounding). A kinship is a covariance matrix: compute it as S S^T / M from "
+                "standardised genotypes (or pass S), or clip its negative eigenvalues to 0 "
+                "(w, U = numpy.linalg.eigh(K); K = (U * w.clip(0)) @ U.T)."
+            )
         Ks = [K * (Z @ Z.T) if z is None else K * np.outer(z, z) for z in genetic]
         Kg, U, groups = np.stack(Ks), None, None
     else:
