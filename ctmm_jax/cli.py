@@ -45,6 +45,9 @@ examples:
   ctmm-jax merge out/free.*.tsv -o free.tsv
   # the original CTMM's text files for one gene
   ctmm-jax fit --y y.txt --P P.txt --ctnu ctnu.txt --shape ctp -o gene.tsv
+  # GxEMM: traits by donor id, kinship from PLINK genotypes, sex as the environment
+  ctmm-jax gxemm --y expression.tsv --bfile geno --donors donors.tsv --covars age,PC1 \\
+      --env sex --gtype free --etype free --nonneg -o gxemm.tsv
   ctmm-jax gxemm --y y.txt --K K.txt --Z Z.txt --gtype free -o gxemm.tsv
   # all of it as a Snakemake workflow (pip install "ctmm_jax[workflow]")
   ctmm-jax workflow init w && snakemake -s w/Snakefile -d w --cores 2
@@ -343,14 +346,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--V", type=float, default=0.05, help="cell type-specific variance")
     p.add_argument("--seed", type=int, default=0)
 
-    p = command("gxemm", run_gxemm, "fit GxEMM (gene-by-environment heritability)", True)
-    p.add_argument("--y", required=True, help="trait(s): N values, or N x T (one trait a column)")
-    p.add_argument("--K", required=True, help="N x N kinship")
-    p.add_argument("--Z", required=True, help="N x L environments")
-    p.add_argument("--X", help="N x q fixed covariates (an intercept is added)")
-    p.add_argument("--gtype", choices=("hom", "iid", "free"), default="hom")
-    p.add_argument("--etype", choices=("hom", "free"), default="hom")
-    p.add_argument("--method", choices=("reml", "he"), default="reml")
+    p = command("gxemm", run_gxemm, "fit GxEMM (gene-by-environment heritability) to many "
+                "traits -> one row per trait", True)  # fmt: skip
+    p.add_argument(
+        "--y",
+        required=True,
+        help="traits, matched to the other inputs by donor id: an expression table (.tsv/.csv"
+        "[.gz]) genes x donors (an optional first column of gene ids) or donors x genes (the "
+        "axis holding the donor ids is found by matching them), or BED-like (#Chr start end "
+        "phenotype_id, then a column per donor); or, with --K/--Z number files, the original's "
+        "numbers: N values or N x T, donors in the files' order",
+    )
+    p.add_argument("--y-format", choices=("auto", "table", "bed"), default="auto",
+                   help="auto (default): bed when the first header cell is #Chr")  # fmt: skip
+    p.add_argument(
+        "--bfile",
+        metavar="PREFIX",
+        help="PLINK genotypes PREFIX.bed/.bim/.fam (individuals by the .fam's IID): K = the "
+        "GRM of the donors used (gxemm.grm); or --K",
+    )
+    p.add_argument("--maf", type=float,
+                   help="--bfile: minimum minor allele frequency (default 0.01)")  # fmt: skip
+    p.add_argument("--max-missing", type=float,
+                   help="--bfile: maximum missing rate of a variant (default 0.05)")  # fmt: skip
+    p.add_argument(
+        "--K",
+        help="kinship instead of --bfile: with --donors, a table with the donor ids in its "
+        "header and first column; without, the original's N x N numbers (donor order)",
+    )
+    p.add_argument(
+        "--donors",
+        help="donor table (.tsv/.csv, header, one row per donor, read as text: only empty "
+        "cells are missing) with the covariates and the environment",
+    )
+    p.add_argument("--donor-col", metavar="COLUMN",
+                   help="column of --donors with the donor ids (default: the first)")  # fmt: skip
+    p.add_argument("--covars", metavar="A,B,...",
+                   help="fixed covariates: numeric columns of --donors, comma-separated "
+                   "(any units: the fit centres and scales them)")  # fmt: skip
+    p.add_argument(
+        "--env",
+        metavar="COLUMN",
+        help="column of --donors with discrete environments (integer codes or labels; levels "
+        "sorted, as numbers when all are integers): one-hot Z, one column per level",
+    )
+    p.add_argument(
+        "--no-env-effects",
+        action="store_true",
+        help="leave the environments' main effects out of the fixed effects (default: "
+        "added, every level but the last; with --Z, Z's columns that X does not span)",
+    )
+    p.add_argument("--intersect", action="store_true",
+                   help="use the donors present in all inputs (default: refuse ids that do not "
+                   "match)")  # fmt: skip
+    p.add_argument("--normalize", choices=("none", "logcpm"), default="none",
+                   help="logcpm: --y holds counts; use log1p(counts per million) per donor "
+                   "(totals over all the file's genes)")  # fmt: skip
+    p.add_argument("--min-expressed", type=float, default=0.0, metavar="SHARE",
+                   help="fit only genes with a value > 0 in at least this share of the donors "
+                   "(e.g. 0.9; default 0: all)")  # fmt: skip
+    p.add_argument("--Z", help="the original's N x L environments (numbers; with --K numbers)")
+    p.add_argument("--X", help="the original's N x q covariates (numbers; an intercept is added)")
+    p.add_argument("--gtype", choices=("hom", "iid", "free"), default="hom",
+                   help="genetic variance: shared (default), plus one GxE term, or one per "
+                   "environment")  # fmt: skip
+    p.add_argument("--etype", choices=("hom", "free"), default="hom",
+                   help="noise: shared (default) or one per environment")  # fmt: skip
+    p.add_argument("--method", choices=("reml", "he"), default="reml", help="default reml")
+    p.add_argument("--nonneg", action="store_true",
+                   help="constrained REML: genetic components and the noise of I >= 0")  # fmt: skip
+    p.add_argument(
+        "--lrt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also fit gtype hom (same etype) for p_gxe_lrt (default: on for --gtype iid and "
+        "free with REML)",
+    )
+    p.add_argument("--chunk-size", type=int,
+                   help="traits per compiled batch (default 8 with a dense K)")  # fmt: skip
+    p.add_argument("--max-iter", type=int, default=100, help="REML iterations (default 100)")
+    p.add_argument("--tol", type=float, default=1e-8, help="convergence tolerance (default 1e-8)")
     p.add_argument("-o", "--output", required=True, help="table to write (.tsv, .csv, .parquet)")
 
     about = "the Snakemake workflow: cells -> pseudobulk -> chunked fits -> one table, a report"
@@ -1068,27 +1143,210 @@ def _read_numbers(path: str | None, what: str, ndim: int) -> np.ndarray | None:
                         f"({type(err).__name__}: {err}).") from None  # fmt: skip
 
 
-def run_gxemm(args) -> None:
-    out = _check_output(args.output)
-    _claim_outputs(args, _table_files(out))
-    _use_cache(args.cache)
+class GxEData(NamedTuple):
+    """What `gxemm` fits, matched: y (T, N), X (N, q) or None, K (N, N), Z (N, K0) or None with
+    its level names; trait names and the index's name; the input files by role (for their
+    sha256) and the sidecar's record of how they were read."""
+
+    y: np.ndarray
+    X: np.ndarray | None
+    K: np.ndarray
+    Z: np.ndarray | None
+    levels: list[str]
+    traits: list[str]
+    index_name: str
+    files: dict[str, str | None]
+    record: dict
+
+
+def _gxemm_named(args) -> bool:
+    """Inputs matched by donor id (--bfile or --donors), or the original's number files."""
+    return args.bfile is not None or args.donors is not None
+
+
+def _check_gxemm_options(args) -> None:
+    """gxemm's option mistakes, before anything is read."""
+    named = _gxemm_named(args)
+    if (args.bfile is None) == (args.K is None):
+        raise UserError("give exactly one of --bfile (PLINK genotypes: K = their GRM) and --K "
+                        "(a kinship matrix).")  # fmt: skip
+    if args.bfile is None and (args.maf is not None or args.max_missing is not None):
+        raise UserError("--maf, --max-missing: filters of --bfile's variants; drop them with --K.")
+    if args.donors is None:
+        for flag in ("donor_col", "covars", "env"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')}: a column of --donors; give the "
+                                "donor table.")  # fmt: skip
+    if named and (args.Z is not None or args.X is not None):
+        raise UserError("--Z, --X: the original's number files, in donor order; with --bfile or "
+                        "--donors, give --env and --covars (columns of --donors).")  # fmt: skip
+    changed = [f for f, on in (("--normalize", args.normalize != "none"),
+                               ("--min-expressed", args.min_expressed != 0),
+                               ("--y-format", args.y_format != "auto"),
+                               ("--intersect", args.intersect)) if on]  # fmt: skip
+    if changed and not named:
+        raise UserError(f"{', '.join(changed)}: for an expression table matched by donor id, "
+                        "with --bfile or --donors.")  # fmt: skip
+    if not 0 <= args.min_expressed <= 1:
+        raise UserError("--min-expressed: a share of the donors, in [0, 1] (e.g. 0.9).")
+    has_env = args.env is not None if named else args.Z is not None
+    if not has_env and (args.gtype != "hom" or args.etype != "hom"):
+        give = "--env (a column of --donors)" if named else "--Z"
+        raise UserError(f"--gtype {args.gtype} --etype {args.etype}: needs environments; give "
+                        f"{give}, or fit --gtype hom --etype hom.")  # fmt: skip
+    if args.lrt and args.gtype == "hom":
+        raise UserError("--lrt: tests --gtype iid or free against hom; with --gtype hom there "
+                        "is nothing to test.")  # fmt: skip
+    if args.lrt and args.method != "reml":
+        raise UserError("--lrt: needs --method reml (HE has no likelihood).")
+    if args.nonneg and args.method != "reml":
+        raise UserError("--nonneg: constrains the REML fit; drop it with --method he.")
+    for flag in ("chunk_size", "max_iter"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')}: must be >= 1.")
+    if not args.tol > 0:
+        raise UserError("--tol: must be > 0.")
+
+
+def _gxemm_numbers(args) -> GxEData:
+    """The original's files: numbers in donor order (--y, --K, --Z, --X)."""
     y = _read_numbers(args.y, "--y", 1)
     y = y.T if y.ndim == 2 else y[None]  # traits as rows
     K, Z = _read_numbers(args.K, "--K", 2), _read_numbers(args.Z, "--Z", 2)
     X = _read_numbers(args.X, "--X", 2)
-    inputs = _input_sha256({"y": args.y, "K": args.K, "Z": args.Z, "X": args.X})
-    from .gxemm import fit  # imports JAX: after reading the inputs
+    added = []
+    if Z is not None and not args.no_env_effects:
+        from .gxemm import model  # imports JAX: after reading the inputs
 
+        added = model.env_main_effects(X, Z)
+        X = np.hstack([np.empty((len(Z), 0)) if X is None else X, Z[:, added]])
+    levels = [] if Z is None else [f"env{k + 1}" for k in range(Z.shape[1])]
+    record = {"y": args.y, "K": args.K, "Z": args.Z, "X": args.X, "env_levels": levels,
+              "env_effects": [f"Z column {k + 1}" for k in added]}  # fmt: skip
+    files = {"y": args.y, "K": args.K, "Z": args.Z, "X": args.X}
+    traits = [f"trait{t}" for t in range(y.shape[0])]
+    return GxEData(y, X, K, Z, levels, traits, "trait", files, record)
+
+
+def _bfile_files(prefix: str) -> dict[str, str]:
+    stem = prefix[:-4] if prefix.endswith(".bed") else prefix
+    return {f"bfile{ext}": f"{stem}{ext}" for ext in (".bed", ".bim", ".fam")}
+
+
+def _gxemm_tables(args) -> GxEData:
+    """Expression, donor table and genotypes (or a kinship table), matched by donor id."""
+    from .gxemm import model, plink, tables  # imports JAX (the package): no compilation
+
+    table, covars = None, []
+    if args.donors is not None:
+        table = tables.read_donor_table(_existing(args.donors, "--donors"),
+                                        donor_col=args.donor_col)  # fmt: skip
+        if args.covars is not None:
+            covars = [c.strip() for c in args.covars.split(",") if c.strip()]
+            if not covars:
+                raise UserError("--covars: no column names given.")
+        for option, column in [("--covars", c) for c in covars] + [("--env", args.env)]:
+            if column is not None and column not in table:
+                raise UserError(f"{option}: no column {column!r} in {args.donors} (its "
+                                f"columns: {', '.join(table.columns)}).")  # fmt: skip
+    if args.bfile is not None:
+        geno_ids, geno_name, kinship = plink.fam_ids(args.bfile), f"{args.bfile}.fam", None
+    else:
+        kinship = tables.read_kinship(_existing(args.K, "--K"))
+        geno_ids, geno_name = list(kinship.index), "--K"
+    known = set(geno_ids) | (set() if table is None else set(table.index))
+    expr = tables.read_expression(_existing(args.y, "--y"), known, fmt=args.y_format)
+    donors, left_out = tables.match_donors(
+        list(expr.values.columns), table_ids=None if table is None else list(table.index),
+        genotype_ids=geno_ids, intersect=args.intersect, names=("--y", "--donors", geno_name),
+    )  # fmt: skip
+    if args.intersect:
+        print(f"ctmm-jax gxemm: --intersect: using the {len(donors)} donors in all inputs; "
+              + ", ".join(f"{n} of {name} left out" for name, n in left_out.items()) + ".",
+              file=sys.stderr)  # fmt: skip
+    values = expr.values[donors]
+    bad = values.isna().to_numpy()
+    if bad.any():
+        g, d = np.argwhere(bad)[0]
+        raise UserError(f"--y: {int(bad.sum())} values are empty or not numbers (e.g. gene "
+                        f"{values.index[g]!r}, donor {values.columns[d]!r}); GxEMM needs every "
+                        "donor's value.")  # fmt: skip
+    y = values.to_numpy(np.float64)
+    n_genes = len(y)
+    expressed = (y > 0).mean(1) >= args.min_expressed
+    if args.normalize == "logcpm":
+        y = tables.logcpm(y)  # totals over every gene of the file
+    if not expressed.any():
+        raise UserError(f"--min-expressed {args.min_expressed}: none of the {n_genes} genes has "
+                        "a value > 0 in that share of the donors.")  # fmt: skip
+    y, traits = y[expressed], [str(g) for g in values.index[expressed]]
+    rows = None if table is None else table.loc[donors]
+    X = None if not covars else tables.covariates(rows, covars)
+    Z, levels = None, []
+    if args.env is not None:
+        Z, levels = tables.environments(rows[args.env], what=f"--env {args.env}")
+    added = []
+    if Z is not None and not args.no_env_effects:
+        added = model.env_main_effects(X, Z)
+        X = np.hstack([np.empty((len(Z), 0)) if X is None else X, Z[:, added]])
+    record = {}
+    if args.bfile is not None:
+        maf = 0.01 if args.maf is None else args.maf
+        max_missing = 0.05 if args.max_missing is None else args.max_missing
+        grm = plink.grm(args.bfile, ids=donors, maf=maf, max_missing=max_missing)
+        K = grm.K
+        record = {"maf": maf, "max_missing": max_missing, "n_variants": grm.n_variants}
+    else:
+        K = kinship.loc[donors, donors].to_numpy(np.float64)
+    files = {"y": args.y, "donors": args.donors,
+             **(_bfile_files(args.bfile) if args.bfile else {"K": args.K})}  # fmt: skip
+    record = {
+        "y": args.y, "y_format": expr.fmt, "y_layout": expr.layout, "bfile": args.bfile,
+        "K": args.K, "donors": args.donors, "donor_col": args.donor_col, "covars": covars,
+        "env": args.env, "env_levels": levels,
+        "env_effects": [f"{args.env}={levels[k]}" for k in added],
+        "intersect": args.intersect, "left_out": left_out if args.intersect else {},
+        "normalize": args.normalize, "min_expressed": args.min_expressed,
+        "n_genes_in_y": n_genes, **record,
+        "donors_used": {"n": len(donors), "sha256": fingerprint(donors)},
+    }  # fmt: skip
+    return GxEData(y, X, K, Z, levels, traits, "gene", files, record)
+
+
+def run_gxemm(args) -> None:
+    out = _check_output(args.output)
+    _check_gxemm_options(args)
+    _claim_outputs(args, _table_files(out))
+    _use_cache(args.cache)
+    data = _gxemm_tables(args) if _gxemm_named(args) else _gxemm_numbers(args)
+    inputs = _input_sha256(data.files)
+    lrt = args.lrt if args.lrt is not None else args.gtype != "hom" and args.method == "reml"
+    from .gxemm import fit, model  # imports JAX: after reading the inputs
+    from .results import column_dictionary
+
+    model.table_names(args.gtype, args.etype, data.levels)  # before the fits, not after
+
+    options = dict(gtype=args.gtype, etype=args.etype, method=args.method, nonneg=args.nonneg,
+                   chunk_size=args.chunk_size, max_iter=args.max_iter, tol=args.tol)  # fmt: skip
+    T, N = data.y.shape
+    _say(args, f"fitting {T} traits x {N} donors (gtype {args.gtype}, etype {args.etype}"
+         f"{', and gtype hom for the LRT' if lrt else ''}) ...")  # fmt: skip
     start = time.perf_counter()
-    result = fit(y, X, K, Z, gtype=args.gtype, etype=args.etype, method=args.method)
-    table = result.table.set_axis(pd.Index([f"trait{t}" for t in range(y.shape[0])], name="trait"))
-    settings = {"command": "gxemm", "y": args.y, "K": args.K, "Z": args.Z, "X": args.X,
-                "input_sha256": inputs,
-                "gtype": args.gtype, "etype": args.etype, "method": args.method,
-                "df": int(result.df), "seconds": round(time.perf_counter() - start, 3),
+    result = fit(data.y, data.X, data.K, data.Z, **options)
+    hom = fit(data.y, data.X, data.K, data.Z, **{**options, "gtype": "hom"}) if lrt else None
+    table = result.named_table(data.levels, hom=hom)
+    table = table.set_axis(pd.Index(data.traits, name=data.index_name))
+    meanings = column_dictionary(table.columns).set_index("column")["meaning"]
+    settings = {"command": "gxemm", **data.record, "input_sha256": inputs, **options,
+                "lrt": lrt, "env_main_effects": not args.no_env_effects, "df": int(result.df),
+                "n_traits": T, "n_donors": N, "n_converged": int(table["converged"].sum()),
+                "tests": {c: meanings[c] for c in table.columns if c.startswith("p_")},
+                "seconds": round(time.perf_counter() - start, 3),
                 "environment": _jax_setup()}  # fmt: skip
     _write_table(table, out, settings)
-    _say(args, f"wrote {out}: {len(table)} traits ({int(table['converged'].sum())} converged).")
+    _say(args, f"wrote {out}: {T} traits ({settings['n_converged']} converged) in "
+         f"{settings['seconds']:.1f} s.")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------- workflow

@@ -45,6 +45,29 @@ COLUMNS: list[tuple[str, str, str, str]] = [
     ("<x>_jk", "", "<x> from the jackknife (donors, or groups of donors, left out)", "as <x>"),
     ("<x>_sw", "", "<x> from the donor-clustered sandwich covariance", "as <x>"),
     ("ll", "float64", "GxEMM REML log-likelihood of the standardised trait", "nats"),
+    ("ll_hom", "float64", "GxEMM: ll of the gtype hom fit behind p_gxe_lrt", "nats"),
+    (
+        "status_hom",
+        "object",
+        "GxEMM: outcome of the gtype hom fit (p_gxe_lrt is NaN unless ok)",
+        "",
+    ),  # fmt: skip
+    (
+        "p_gxe_wald",
+        "float64",
+        "GxEMM test of GxE in the genetic variance: free, multivariate Wald (chi2(number of "
+        "environments)) of the environment-specific genetic components; iid, one-sided Wald of "
+        "h2_het",
+        "p value",
+    ),  # fmt: skip
+    (
+        "p_gxe_lrt",
+        "float64",
+        "GxEMM likelihood-ratio test of the iid or free genetic model against hom (same noise "
+        "model): chi2(difference in components), chi-bar-square when fitted with nonneg",
+        "p value",
+    ),  # fmt: skip
+    ("h2", "float64", "GxEMM heritability (hom genetics and noise)", "fraction"),
     ("p_ct_beta", "float64", "Wald F test of equal cell-type means", "p value"),
     ("p_hom2", "float64", "one-sided Wald t test of hom2 = 0", "p value"),
     (
@@ -86,8 +109,33 @@ COLUMNS: list[tuple[str, str, str, str]] = [
         "y^2",
     ),  # fmt: skip
     ("fixedvar_<x>", "float64", "variance explained by fixed effects <x>: b^T cov(X) b", "y^2"),
-    ("sig2s_<x>", "float64", "GxEMM variance component <x> (genetic kernels, then noise)", "y^2"),
-    ("h2_<x>", "float64", "GxEMM heritability <x>", "fraction"),
+    (
+        "sig2s_<x>",
+        "float64",
+        "GxEMM variance component <x> (genetic kernels, then noise)",
+        "var(y) = 1",
+    ),  # fmt: skip
+    (
+        "sig2g_<x>",
+        "float64",
+        "GxEMM genetic variance component <x>: hom, of K; iid, of K o ZZ^T; an environment, "
+        "of K o z z^T (its specific genetic variance)",
+        "var(y) = 1",
+    ),  # fmt: skip
+    (
+        "sig2e_<x>",
+        "float64",
+        "GxEMM noise variance component <x>: hom, of I; an environment, of diag(z^2) (its "
+        "noise beyond hom)",
+        "var(y) = 1",
+    ),  # fmt: skip
+    (
+        "h2_<x>",
+        "float64",
+        "GxEMM heritability <x>: of an environment, or (iid) hom and het, the shared and the "
+        "environment-specific genetic shares",
+        "fraction",
+    ),  # fmt: skip
     ("<x>", "float64", "model parameter <x> (ctmm_jax.models)", "y or y^2"),
 ]
 

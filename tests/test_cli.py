@@ -618,18 +618,30 @@ def test_labels_are_text_and_byte_order_marks_are_dropped(tmp_path, monkeypatch,
 
 
 def test_gxemm_command_equals_library(tmp_path):
+    """The original's number files (donors by position). Without --X the environments' main
+    effects are added (Z's columns but the last): the same fixed effects as X = Z[:, 1:]."""
     y, X, K, Z = (a for a in gxemm.simulate(80, seed=4)[:4])
     for name, a in (("y", y), ("X", X), ("K", K), ("Z", Z)):
         np.savetxt(tmp_path / f"{name}.txt", a)
     out = tmp_path / "g.tsv"
-    assert main(["gxemm", "-q", "--y", str(tmp_path / "y.txt"), "--K", str(tmp_path / "K.txt"),
-                 "--Z", str(tmp_path / "Z.txt"), "--X", str(tmp_path / "X.txt"),
-                 "--gtype", "iid", "-o", str(out)]) == 0  # fmt: skip
-    expected = gxemm.fit(y, X, K, Z, gtype="iid").table
-    np.testing.assert_allclose(numeric(read(out)), numeric(expected), rtol=1e-10)
+    files = ["--y", str(tmp_path / "y.txt"), "--K", str(tmp_path / "K.txt"),
+             "--Z", str(tmp_path / "Z.txt")]  # fmt: skip
+    assert main(["gxemm", "-q", *files, "--X", str(tmp_path / "X.txt"), "--gtype", "iid",
+                 "--no-lrt", "-o", str(out)]) == 0  # fmt: skip
+    expected = gxemm.fit(y, X, K, Z, gtype="iid").named_table()
+    got = read(out)
+    assert list(got.columns) == list(expected.columns)
+    assert list(got.columns[:4]) == ["sig2g_hom", "se_sig2g_hom", "sig2g_iid", "se_sig2g_iid"]
+    assert "h2_het" in got and "p_gxe_wald" in got and "p_gxe_lrt" not in got
+    np.testing.assert_allclose(numeric(got), numeric(expected), rtol=1e-10)
     columns = pd.read_csv(f"{out}.columns.tsv", sep="\t")
     assert list(columns["column"]) == list(expected.columns)
-    assert json.loads(Path(f"{out}.json").read_text())["environment"]["x64"] is True
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert meta["environment"]["x64"] is True and meta["env_effects"] == []
+    assert main(["gxemm", "-q", *files, "--gtype", "iid", "--no-lrt", "-o", str(out),
+                 "--force"]) == 0  # fmt: skip
+    np.testing.assert_allclose(numeric(read(out)), numeric(expected), rtol=1e-8)
+    assert json.loads(Path(f"{out}.json").read_text())["env_effects"] == ["Z column 1"]
 
 
 # ----------------------------------------- pseudobulk inputs (issue 18 #5, #6, #14, #15)

@@ -298,3 +298,87 @@ def test_simulation_free_variances_unbiased_and_mvwald_calibrated():
     p = p[np.isfinite(p)]
     assert len(p) > 150
     assert stats.kstest(p, "uniform").pvalue > 1e-3
+
+
+@pytest.mark.parametrize("gtype,etype", MODELS)
+def test_component_and_h2_names_follow_the_kernels(gtype, etype):
+    """One name per kernel, in sig2s order (issue 16): sig2g_hom for K, sig2g_iid for
+    K o ZZ^T, sig2g_<level> for K o z_k z_k^T, sig2e_<level> for diag(z_k^2), sig2e_hom for I."""
+    Z = np.eye(3)[[0, 1, 2, 0]]
+    levels = ["a", "b", "c"]
+    names = model.component_names(gtype, etype, levels)
+    assert len(names) == len(_dense_kernels(np.eye(4), Z, gtype, etype))
+    genetic = {"hom": [], "iid": ["sig2g_iid"], "free": ["sig2g_a", "sig2g_b", "sig2g_c"]}
+    noise = ["sig2e_a", "sig2e_b"] if etype == "free" else []
+    assert names == ["sig2g_hom", *genetic[gtype], *noise, "sig2e_hom"]
+    h2 = np.asarray(model.variance_map(np.ones(len(names)), gtype, etype, 3)[2])
+    expected = {("hom", "hom"): ["h2"], ("iid", "hom"): ["h2_hom", "h2_het"]}
+    assert model.h2_names(gtype, etype, levels) == expected.get(
+        (gtype, etype), ["h2_a", "h2_b", "h2_c"]
+    )
+    assert len(model.h2_names(gtype, etype, levels)) == len(h2)
+
+
+def _result(gtype, sig2s, sig2Var, ll, status, nonneg=False, h2=None, h2Covmat=None):
+    """A GxEMMResult with given fields (two environments), no fit."""
+    T, k = sig2s.shape
+    h2 = np.full((T, 2), 0.3) if h2 is None else h2
+    h2Covmat = np.tile(np.eye(2) * 0.01, (T, 1, 1)) if h2Covmat is None else h2Covmat
+    return gxemm.GxEMMResult(
+        sig2s=sig2s, sig2Var=sig2Var, sig2g=sig2s, sig2e=sig2s, h2=h2, h2Covmat=h2Covmat,
+        ll=ll, df=k - 1, betas=np.zeros((T, 1)), converged=status == 0, n_iter=np.ones(T, int),
+        status=status, gtype=gtype, etype="hom", method="reml", n_env=2, nonneg=nonneg,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_named_table_and_gxe_tests_equal_their_formulas(nonneg):
+    rng = np.random.default_rng(9)
+    T = 5
+    s = rng.uniform(0.05, 0.5, (T, 4))
+    B = rng.normal(size=(T, 4, 4))
+    V = B @ np.swapaxes(B, 1, 2) / 40
+    status = np.array([0, 0, 1, 0, 0])
+    free = _result("free", s, V, rng.normal(-50, 1, T), status, nonneg)
+    hom = _result("hom", s[:, [0, 3]], V[:, [0, 3]][:, :, [0, 3]], free.ll - rng.uniform(0, 3, T),
+                  np.array([0, 0, 0, 0, 3]), nonneg)  # fmt: skip
+    table = free.named_table(["f", "m"], hom=hom)
+    assert list(table.columns) == [
+        "sig2g_hom", "se_sig2g_hom", "sig2g_f", "se_sig2g_f", "sig2g_m", "se_sig2g_m",
+        "sig2e_hom", "se_sig2e_hom", "h2_f", "se_h2_f", "h2_m", "se_h2_m", "ll", "converged",
+        "n_iter", "status", "message", "ll_hom", "status_hom", "p_gxe_wald", "q_gxe_wald",
+        "p_gxe_lrt", "q_gxe_lrt",
+    ]  # fmt: skip
+    assert_allclose(table["se_sig2g_m"], np.sqrt(V[:, 2, 2]), rtol=1e-12)
+    wald = [gxemm.mvwald_test(s[t, 1:3], V[t, 1:3, 1:3]) for t in range(T)]
+    lrt = gxemm.lrt(free.ll, hom.ll, 2, boundary=nonneg)
+    assert_allclose(table["p_gxe_wald"], np.where(status == 0, wald, np.nan), rtol=1e-12)
+    assert_allclose(table["p_gxe_lrt"], [*lrt[:2], np.nan, lrt[3], np.nan], rtol=1e-12)
+    for name in ("gxe_wald", "gxe_lrt"):  # BH over the traits with a p value
+        p = table[f"p_{name}"].to_numpy()
+        ok = ~np.isnan(p)
+        ref = stats.false_discovery_control(p[ok], method="bh")
+        assert_allclose(table[f"q_{name}"].to_numpy()[ok], ref, rtol=1e-12)
+    assert list(table.columns[:4]) == ["sig2g_hom", "se_sig2g_hom", "sig2g_f", "se_sig2g_f"]
+    iid = _result("iid", s[:, :3], V[:, :3, :3], free.ll, status)
+    p_iid = gxemm.gxe_tests(iid)["p_gxe_wald"]
+    assert_allclose(p_iid, np.where(status == 0, stats.norm.sf(0.3 / 0.1), np.nan), rtol=1e-12)
+    assert list(free.table.columns[:2]) == ["sig2s_1", "se_sig2s_1"]  # the numbered table stays
+    with pytest.raises(ValueError, match="a name that makes two columns alike"):
+        free.named_table(["hom", "m"])
+    with pytest.raises(ValueError, match="3 names for 2 environments"):
+        free.named_table(["a", "b", "c"])
+    with pytest.raises(ValueError, match="gtype 'hom' fit of the same etype"):
+        free.named_table(["f", "m"], hom=free)
+
+
+def test_env_main_effects_add_what_x_does_not_span():
+    """Every environment but the last for one-hot Z; none already in X; a continuous one."""
+    rng = np.random.default_rng(1)
+    Z = np.eye(3)[rng.integers(0, 3, 40)]
+    age = rng.uniform(20, 80, (40, 1))
+    assert model.env_main_effects(None, Z) == [0, 1]
+    assert model.env_main_effects(age, Z) == [0, 1]
+    assert model.env_main_effects(np.hstack([age * 1e3, Z[:, 1:]]), Z) == []
+    assert model.env_main_effects(Z[:, [2]] * 1e-3, Z) == [0]
+    assert model.env_main_effects(age, rng.normal(size=(40, 1))) == [0]

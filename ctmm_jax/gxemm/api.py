@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import batching, checks, status
+from .. import batching, checks, inference, status
 from ..status import Status
-from . import he, reml
+from . import he, model, reml
 from .model import Inputs, check_inputs, standardize, variance_map
+from .stats import lrt, mvwald_test, wald_test
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class GxEMMResult:
     components but the noise I (REML) or all of them (HE), as the original reports;
     betas: fixed effects of [1, X] on X's own scale (REML: GLS of the standardised trait; HE:
     OLS of y); X's columns are centred and scaled inside (model.scale_design);
-    converged, n_iter, status: per trait."""
+    converged, n_iter, status: per trait ('constant': not fitted, NaN estimates);
+    n_env: the number of environments K0 (columns of Z); nonneg: fitted with nonneg=True."""
 
     sig2s: np.ndarray
     sig2Var: np.ndarray
@@ -45,24 +47,61 @@ class GxEMMResult:
     gtype: str
     etype: str
     method: str
+    n_env: int = 0  # K0, the number of environments (columns of Z)
+    nonneg: bool = False
 
     @property
     def table(self) -> pd.DataFrame:
-        """One row per trait: sig2s, h2 and their standard errors, ll, status."""
+        """One row per trait: sig2s, h2 and their standard errors numbered (sig2s_1, ...,
+        h2_1, ...), ll, status. `named_table` names them by what they are."""
+        k, h = np.shape(self.sig2s)[-1], np.shape(self.h2)[-1]
+        return self._frame([f"sig2s_{j + 1}" for j in range(k)],
+                           [f"h2_{j + 1}" for j in range(h)])  # fmt: skip
+
+    def named_table(self, levels=None, hom: GxEMMResult | None = None) -> pd.DataFrame:
+        """One row per trait, the variance components named by what they are
+        (model.component_names: sig2g_hom, sig2g_iid or sig2g_<level>, sig2e_<level>,
+        sig2e_hom) and the heritabilities too (model.h2_names: h2, h2_hom and h2_het, or
+        h2_<level>), each with its standard error se_<name>; ll, converged, n_iter, status,
+        message; for gtype 'iid' and 'free' the GxE tests of `gxe_tests` with Benjamini-Hochberg
+        q values over the table's traits: p_gxe_wald, q_gxe_wald and, given `hom` (the
+        gtype='hom' fit of the same traits with the same X, Z and etype), ll_hom, status_hom,
+        p_gxe_lrt, q_gxe_lrt.
+
+        levels: the names of the n_env environments, Z's columns in order (default env1,
+        env2, ...)."""
+        levels = [f"env{k + 1}" for k in range(self.n_env)] if levels is None else levels
+        levels = [str(v) for v in levels]
+        if len(levels) != self.n_env:
+            raise ValueError(f"levels: {len(levels)} names for {self.n_env} environments.")
+        table = self._frame(*model.table_names(self.gtype, self.etype, levels))
+        tests = gxe_tests(self, hom)
+        if hom is not None:
+            table["ll_hom"] = np.atleast_1d(hom.ll)
+            table["status_hom"] = status.short_names(np.atleast_1d(hom.status))
+        for name, p in tests.items():
+            table[name] = p
+            table[f"q{name[1:]}"] = inference.bh_qvalues(p)
+        return table
+
+    def _frame(self, names: list[str], h2_names: list[str]) -> pd.DataFrame:
+        """The table's columns (names: of sig2s; h2_names: of h2). A variance below 0 (an
+        indefinite inverse information, in a fit that did not converge) has se NaN."""
         cols = {}
         s, v = np.atleast_2d(self.sig2s), self.sig2Var.reshape((-1,) + self.sig2Var.shape[-2:])
         h, hv = np.atleast_2d(self.h2), self.h2Covmat.reshape((-1,) + self.h2Covmat.shape[-2:])
-        for j in range(s.shape[1]):
-            cols[f"sig2s_{j + 1}"] = s[:, j]
-            cols[f"se_sig2s_{j + 1}"] = np.sqrt(v[:, j, j])
-        for j in range(h.shape[1]):
-            cols[f"h2_{j + 1}"] = h[:, j]
-            cols[f"se_h2_{j + 1}"] = np.sqrt(hv[:, j, j])
+        se = lambda var: np.sqrt(np.where(var >= 0, var, np.nan))  # noqa: E731
+        for j, name in enumerate(names):
+            cols[name] = s[:, j]
+            cols[f"se_{name}"] = se(v[:, j, j])
+        for j, name in enumerate(h2_names):
+            cols[name] = h[:, j]
+            cols[f"se_{name}"] = se(hv[:, j, j])
         cols["ll"] = np.atleast_1d(self.ll)
         cols["converged"] = np.atleast_1d(self.converged)
         cols["n_iter"] = np.atleast_1d(self.n_iter)
-        cols["status"] = status.short_names(self.status)
-        cols["message"] = status.messages(self.status)
+        cols["status"] = status.short_names(np.atleast_1d(self.status))
+        cols["message"] = status.messages(np.atleast_1d(self.status))
         return pd.DataFrame(cols)
 
     def trait(self, t: int) -> dict:
@@ -70,6 +109,43 @@ class GxEMMResult:
         many = self.sig2s.ndim == 2
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return {k: v[t] if many and isinstance(v, np.ndarray) else v for k, v in values.items()}
+
+
+def gxe_tests(fit: GxEMMResult, hom: GxEMMResult | None = None) -> dict[str, np.ndarray]:
+    """Tests of gene-by-environment heterogeneity of the genetic variance, per trait (T,):
+
+    p_gxe_wald: gtype 'free', the multivariate Wald test that the n_env environment-specific
+    genetic components are 0 (mvwald_test on their block of sig2Var); gtype 'iid', the
+    one-sided Wald test of h2_het (wald_test, as the original's README); none for 'hom'.
+    p_gxe_lrt, given `hom` (the gtype='hom' REML fit of the same traits with the same X, Z and
+    etype): lrt(ll, hom.ll, df - hom.df), with the chi-bar-square null when `fit` was
+    constrained (nonneg=True: the tested components lie on their bound under the null).
+    p values are NaN where a fit behind them did not end ok."""
+    ok = np.atleast_1d(fit.converged)
+    s, V = np.atleast_2d(fit.sig2s), fit.sig2Var.reshape((-1,) + fit.sig2Var.shape[-2:])
+    out = {}
+    if fit.gtype == "free":
+        env = slice(1, 1 + fit.n_env)
+        p = [mvwald_test(s[t, env], V[t, env, env]) for t in range(len(s))]
+        out["p_gxe_wald"] = np.where(ok, np.asarray(p, dtype=np.float64), np.nan)
+    elif fit.gtype == "iid":
+        h2, cov = np.atleast_2d(fit.h2), fit.h2Covmat.reshape((-1,) + fit.h2Covmat.shape[-2:])
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN where not ok anyway
+            out["p_gxe_wald"] = np.where(ok, wald_test(h2[:, 1], cov[:, 1, 1]), np.nan)
+    if hom is None:
+        return out
+    if fit.gtype == "hom" or hom.gtype != "hom" or hom.etype != fit.etype:
+        raise ValueError(f"hom: the LRT compares a gtype 'iid' or 'free' fit with the gtype "
+                         f"'hom' fit of the same etype; got {fit.gtype}/{fit.etype} against "
+                         f"{hom.gtype}/{hom.etype}.")  # fmt: skip
+    if fit.method != "reml" or hom.method != "reml":
+        raise ValueError("hom: the LRT needs REML fits (HE has no likelihood).")
+    if np.shape(hom.ll) != np.shape(fit.ll):
+        raise ValueError(f"hom: fitted to {np.size(hom.ll)} traits, not {np.size(fit.ll)}.")
+    both = ok & np.atleast_1d(hom.converged)
+    p = lrt(np.atleast_1d(fit.ll), np.atleast_1d(hom.ll), fit.df - hom.df, boundary=fit.nonneg)
+    out["p_gxe_lrt"] = np.where(both, p, np.nan)
+    return out
 
 
 def fit(
@@ -143,7 +219,8 @@ def fit(
     out.update(_heritability(out["sig2s"], out["sig2Var"], inputs))
     if one:
         out = {k: v[0] if isinstance(v, np.ndarray) else v for k, v in out.items()}
-    return GxEMMResult(**out, gtype=gtype, etype=etype, method=method)
+    return GxEMMResult(**out, gtype=gtype, etype=etype, method=method, n_env=inputs.K0,
+                       nonneg=bool(nonneg))  # fmt: skip
 
 
 def _user_scale(betas, ll, A) -> dict:

@@ -8,6 +8,7 @@ the original GxEMM's order, multiply
     noise   : hom  I;   free diag(z_k^2) (k = 1..K0-1), I
 
 (the last environment's noise kernel is dropped: it is collinear with I for discrete Z).
+`component_names` and `h2_names` name them by what they are (sig2g_hom, sig2g_<level>, ...).
 """
 
 from __future__ import annotations
@@ -196,3 +197,56 @@ def variance_map(sig2s, gtype: str, etype: str, K0: int):
         return g, e, env_g / (env_g + e[0])
     env_e = e[-1] + jnp.concatenate([e[:-1], jnp.zeros(1)])
     return g, env_e, env_g / (env_g + env_e)
+
+
+def component_names(gtype: str, etype: str, levels) -> list[str]:
+    """Names of sig2s, in its order: genetic sig2g_hom (K), then sig2g_iid (K o Z Z^T) or
+    sig2g_<level> (K o z_k z_k^T, one per environment); noise sig2e_<level> (diag(z_k^2), every
+    level but the last) for free noise, and sig2e_hom (I) last. levels: the K0 environment
+    names (any for gtype = etype = 'hom')."""
+    levels = [str(v) for v in levels]
+    genetic = {"hom": [], "iid": ["iid"], "free": levels}[gtype]
+    noise = levels[:-1] if etype == "free" else []
+    return [f"sig2g_{g}" for g in ["hom", *genetic]] + [f"sig2e_{e}" for e in [*noise, "hom"]]
+
+
+def h2_names(gtype: str, etype: str, levels) -> list[str]:
+    """Names of the h2 of variance_map: h2 (hom genetics and noise), h2_hom and h2_het (iid:
+    the shared and the environment-specific share of the variance), else h2_<level>."""
+    if gtype == "hom" and etype == "hom":
+        return ["h2"]
+    if gtype == "iid":
+        return ["h2_hom", "h2_het"]
+    return [f"h2_{v}" for v in levels]
+
+
+def table_names(gtype: str, etype: str, levels) -> tuple[list[str], list[str]]:
+    """(component_names, h2_names), checked to make distinct columns (with their se_):
+    ValueError for a repeated level, or one named 'hom' beside sig2g_hom."""
+    levels = [str(v) for v in levels]
+    names, h2 = component_names(gtype, etype, levels), h2_names(gtype, etype, levels)
+    if len(set(levels)) < len(levels) or len(set(names + h2)) < len(names + h2):
+        raise ValueError(f"levels {levels}: repeated, or a name that makes two columns alike "
+                         "(e.g. 'hom' next to sig2g_hom); rename the level.")  # fmt: skip
+    return names, h2
+
+
+def env_main_effects(X: np.ndarray | None, Z: np.ndarray, tol: float = 1e-8) -> list[int]:
+    """Columns of Z (N, K0) to add to the covariates X (N, q) so that the fixed effects span
+    [1, X, Z]: each column in turn unless [1, X] and the columns already added explain it
+    (relative residual <= tol). For one-hot Z that is every environment but the last, the
+    intercept standing for it; none when X already holds them."""
+    N = Z.shape[0]
+    design = np.ones((N, 1)) if X is None else np.hstack([np.ones((N, 1)), X])
+    design = design / np.maximum(np.linalg.norm(design, axis=0), 1e-300)  # units do not matter
+    added = []
+    for k in range(Z.shape[1]):
+        z = Z[:, k] - Z[:, k].mean()
+        if not np.any(z):
+            continue  # constant: the intercept
+        z = z / np.linalg.norm(z)
+        r = z - design @ np.linalg.lstsq(design, z, rcond=None)[0]
+        if np.linalg.norm(r) > tol:
+            added.append(k)
+            design = np.hstack([design, z[:, None]])
+    return added

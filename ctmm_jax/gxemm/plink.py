@@ -85,6 +85,13 @@ def _rows(bed, ids: Sequence[str] | None, prefix) -> tuple[np.ndarray, tuple[str
     return np.array([where[i] for i in ids]), tuple(ids)
 
 
+def fam_ids(bfile) -> tuple[str, ...]:
+    """The individual ids (IID, the .fam's second column) of PLINK files PREFIX, in file
+    order."""
+    with _open(bfile) as bed:
+        return tuple(str(i) for i in bed.iid)
+
+
 def standardize(g: np.ndarray, maf: float, max_missing: float) -> np.ndarray:
     """Standardised columns of the allele counts g (N, m) (NaN = missing) that pass the
     filters (module docstring); (N, kept)."""
