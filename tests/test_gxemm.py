@@ -127,6 +127,23 @@ def test_nonneg_reml_is_the_bounded_dense_optimum():
         assert out.ll[t] >= -sp.fun - 1e-8
 
 
+def test_kernel_vif_is_one_over_one_minus_r2():
+    """kernel_vif against least squares of each vectorised kernel on the others (uncentred R^2),
+    and K = I makes K o z z^T the noise kernel diag(z): infinite (or huge) VIF."""
+    sim = _data()
+    Ks = _dense_kernels(sim.K, sim.Z, "free", "free")
+    vif = gxemm.kernel_vif(sim.K, sim.Z, "free", "free", levels=["a", "b"])
+    assert list(vif) == ["sig2g_hom", "sig2g_a", "sig2g_b", "sig2e_a", "sig2e_hom"]
+    V = np.stack([k.ravel() for k in Ks], 1)
+    for j, v in enumerate(vif.values()):
+        others = np.delete(V, j, axis=1)
+        fit = others @ np.linalg.lstsq(others, V[:, j], rcond=None)[0]
+        r2 = 1 - np.sum((V[:, j] - fit) ** 2) / np.sum(V[:, j] ** 2)
+        assert_allclose(v, 1 / (1 - r2), rtol=1e-8)
+    near_identity = np.eye(len(sim.Z)) + 1e-4 * sim.K
+    assert min(gxemm.kernel_vif(near_identity, sim.Z, "free", "free").values()) > 1e4
+
+
 def test_lrt_with_nonneg_uses_the_boundary_mixture():
     assert_allclose(gxemm.lrt(-10.0, -12.0, 2, boundary=True),
                     (2 * stats.chi2.sf(4.0, 1) + stats.chi2.sf(4.0, 2)) / 4)  # fmt: skip

@@ -250,3 +250,21 @@ def env_main_effects(X: np.ndarray | None, Z: np.ndarray, tol: float = 1e-8) -> 
             added.append(k)
             design = np.hstack([design, z[:, None]])
     return added
+
+
+def kernel_vif(K, Z, gtype: str = "free", etype: str = "free", levels=None) -> dict:
+    """How far each variance component is from being identified apart from the others: the
+    variance inflation factor of its kernel among all the model's kernels (genetic and noise),
+    in the Frobenius inner product, VIF_j = G_jj (G^-1)_jj with G_jk = tr(K_j K_k); VIF_j =
+    1 / (1 - R_j^2), R_j^2 the share of ||K_j||^2 that a combination of the others explains.
+    With unrelated individuals K is close to I, so K o z z^T is close to the noise kernel
+    diag(z): VIFs in the tens or more mean the GxE components are barely identifiable (their
+    tests have little power, and an unconstrained fit can trade them for noise). Dense K only.
+    Returns {component name (component_names): VIF}."""
+    K = np.asarray(K, dtype=np.float64)
+    inputs = check_inputs(np.zeros(K.shape[0]), None, K, Z, None, gtype, etype)
+    mats = list(inputs.K) + [np.diag(d) for d in inputs.noise]
+    G = np.array([[np.sum(a * b) for b in mats] for a in mats])
+    vif = np.diag(G) * np.diag(np.linalg.inv(G))
+    levels = range(1, inputs.K0 + 1) if levels is None else levels
+    return dict(zip(component_names(gtype, etype, levels), vif.tolist(), strict=True))
