@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .optimize import project
+
 
 class VarComp(NamedTuple):
     """Natural variance components of one gene: hom2 (), V (C, C)."""
@@ -265,8 +267,7 @@ def from_natural(phi: jax.Array, model: str, C: int, nonneg: bool) -> jax.Array:
         return phi
     spec = get(model)
     k = spec.n_var(C)
-    lower = bounded(model, C, phi.shape[0] - k, nonneg)
-    theta = phi if lower is None else jnp.where(lower, jnp.maximum(phi, 0.0), phi)
+    theta = project(phi, bounded(model, C, phi.shape[0] - k, nonneg))
     if spec.constrain is None:
         return theta
     return jnp.concatenate([spec.unconstrain(theta[:k], C), theta[k:]])

@@ -245,8 +245,9 @@ class MaximumLikelihood:
         n_prob = len(problems.gene)
         size = batching.bucket(n_prob, self.chunk_size)
         state = self.optimize(blocks, problems, size)
-        redo = np.flatnonzero(~np.isin(state.status, SETTLED))
-        if size != SMALL_BATCH and len(redo):
+        unsettled = ~np.isin(state.status, SETTLED) & (size != SMALL_BATCH)
+        redo = np.flatnonzero(unsettled)
+        if len(redo):
             again = self.optimize(blocks, problems.take(redo), SMALL_BATCH)
             for dst, src in zip(state, again, strict=True):
                 dst[redo] = src
@@ -257,9 +258,8 @@ class MaximumLikelihood:
             return finish_chunk(theta, *_data(blocks, problems, at[i]), **keys,
                                 observed=self.observed)  # fmt: skip
 
-        rest = np.setdiff1d(np.arange(n_prob), redo) if size != SMALL_BATCH else np.arange(n_prob)
         parts = []
-        for at, width in ((rest, size), (np.setdiff1d(np.arange(n_prob), rest), SMALL_BATCH)):
+        for at, width in ((np.flatnonzero(~unsettled), size), (redo, SMALL_BATCH)):
             if len(at):
                 parts.append((at, batching.map_batches(partial(finish, at=at), np.arange(len(at)),
                                                        width)))  # fmt: skip
