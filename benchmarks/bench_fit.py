@@ -8,6 +8,10 @@ host as NumPy arrays, so every timing includes finishing the device work.
     python benchmarks/bench_fit.py --genes 10000 --donors 100 --celltypes 4 --json out.json
     python benchmarks/bench_fit.py --shape ctp --pcs 6 --batches 20   # with covariates
     python benchmarks/bench_fit.py --shape ctp --missing 0.2          # 20% missing pairs
+    python benchmarks/bench_fit.py --platform gpu                     # on the GPU
+    python benchmarks/bench_fit.py --method he --jackknife --float32  # float32 vs float64
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+        python benchmarks/bench_fit.py --devices 2                    # 1 vs 2 devices
 
 Typical printout (2-core CPU, float64): see benchmarks/README.md.
 """
@@ -70,11 +74,12 @@ def check_correctness(data, model, method, covars):
         assert abs(ll - res.loglik[g]) < 1e-6 * max(1.0, abs(ll)), (ll, res.loglik[g])
 
 
-def bench(data, model, method, chunk, jackknife, covars):
+def bench(data, model, method, chunk, jackknife, covars, devices=None, precision="float64"):
     """First call (compiles every batch shape, then runs) and a second, warm call; compile time
     is their difference. Peak memory is the process's maximum resident set so far."""
     G, N, C = data.shape
-    kw = dict(chunk_size=chunk, jackknife=jackknife, **covars)
+    kw = dict(chunk_size=chunk, jackknife=jackknife, devices=devices, precision=precision,
+              **covars)  # fmt: skip
     t0 = time.perf_counter()
     cj.fit(data, model, method, noise="plugin", **kw)
     first_s = time.perf_counter() - t0
@@ -83,6 +88,8 @@ def bench(data, model, method, chunk, jackknife, covars):
     run_s = time.perf_counter() - t0
     t = res.table
     return dict(
+        table=t, device=res.batching["device_kind"], devices=res.batching["n_devices"],
+        precision=precision,
         shape="CTP" if isinstance(data, cj.CTPData) else "OP", model=model, method=method,
         jackknife=jackknife, genes=G, donors=N, celltypes=C, chunk=min(chunk, G),
         covariates=",".join(f"{k}:{v.shape[1]}" for c in covars.values() for k, v in c.items()),
@@ -94,6 +101,24 @@ def bench(data, model, method, chunk, jackknife, covars):
         mean_iter=float(t.n_iter.mean()), max_iter=int(t.n_iter.max()),
         peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     )  # fmt: skip
+
+
+METHODS = ("ml", "reml", "he")
+
+
+def precision_differences(t64, t32) -> dict:
+    """Max abs differences (over genes ok in both) of the variance estimates and p values,
+    and the share of genes whose status differs."""
+    both = (t64.status == "ok") & (t32.status == "ok")
+    est = [c for c in t64.columns if c == "hom2" or c.startswith("V_")]
+    ps = [c for c in t64.columns if c.startswith("p_")]
+
+    def gap(cols):
+        a, b = t64.loc[both, cols].to_numpy(float), t32.loc[both, cols].to_numpy(float)
+        return float(np.nanmax(np.abs(a - b))) if cols and both.any() else float("nan")
+
+    return dict(max_abs_estimate=gap(est), max_abs_p=gap(ps),
+                status_differs=float((t64.status != t32.status).mean()))  # fmt: skip
 
 
 def main(argv=None):
@@ -114,8 +139,19 @@ def main(argv=None):
         "--batches", type=int, default=0, help="random one-hot 'batch' with this many levels"
     )
     p.add_argument("--missing", type=float, default=0.0, help="fraction of CTP pairs missing")
+    p.add_argument("--platform", choices=("cpu", "gpu"), help="JAX platform (default: JAX's)")
+    p.add_argument(
+        "--devices", type=int, default=0, help="also fit on this many devices (speed-up vs one)"
+    )
+    p.add_argument(
+        "--float32",
+        action="store_true",
+        help="also fit in float32: time and max abs difference of estimates and p values",
+    )
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args(argv)
+    if a.platform:
+        jax.config.update("jax_platforms", a.platform)
 
     C = a.celltypes
     V = np.zeros((a.genes, C, C))
@@ -137,16 +173,26 @@ def main(argv=None):
     rows = []
     for data in datasets[a.shape]:
         check_correctness(data, a.model, a.method, covars)
-        rows.append(bench(data, a.model, a.method, a.chunk, a.jackknife, covars))
+        args = (data, a.model, a.method, a.chunk, a.jackknife, covars)
+        rows.append(base := bench(*args))
+        if a.devices > 1:
+            rows.append(bench(*args, devices=a.devices))
+            rows[-1]["speedup"] = round(base["run_s"] / rows[-1]["run_s"], 2)
+        if a.float32:
+            cj.api.FLOAT32_METHODS = METHODS  # measure what fit refuses too (README)
+            rows.append(bench(*args, precision="float32"))
+            rows[-1].update(precision_differences(base["table"], rows[-1]["table"]))
     keys = ["shape", "model", "method", "jackknife", "genes", "donors", "celltypes",
-            "covariates", "missing",
+            "covariates", "missing", "device", "devices", "precision",
             "end_to_end_s", "compile_s", "run_s", "genes_per_s", "converged", "boundary",
-            "mean_iter", "peak_rss_gb"]  # fmt: skip
+            "mean_iter", "peak_rss_gb", "speedup", "max_abs_estimate", "max_abs_p"]  # fmt: skip
+    keys = [k for k in keys if any(k in r for r in rows)]
+    for r in rows:
+        del r["table"]
     print(" | ".join(f"{k:>10}" for k in keys))
     for r in rows:
-        print(
-            " | ".join(f"{r[k]:>10.4g}" if isinstance(r[k], float) else f"{r[k]:>10}" for k in keys)
-        )
+        cells = (r.get(k, "") for k in keys)
+        print(" | ".join(f"{v:>10.4g}" if isinstance(v, float) else f"{v!s:>10}" for v in cells))
     write_json(a.json, rows)
     return rows
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import numpy as np
 
@@ -9,6 +11,8 @@ from . import batching, models
 from . import noise as noise_models
 from .blocks import to_blocks
 from .data import Covariates, CTPData, OPData
+from .devices import describe as describe_devices
+from .devices import mesh as device_mesh
 from .estimators import Problems, final_status
 from .estimators.he import MethodOfMoments
 from .estimators.mlreml import MaximumLikelihood
@@ -21,6 +25,7 @@ from .robust import sandwich
 
 METHODS = ("ml", "reml", "he")
 INFORMATION = ("expected", "observed")
+FLOAT32_METHODS = ("he",)  # where float32 is measured to be safe (fit(precision=...))
 
 
 def _check_design(X: np.ndarray, n_var: int, name: str, covariates: list[str]) -> None:
@@ -62,6 +67,8 @@ def fit(
     memory: str | int | None = None,
     max_iter: int = 200,
     tol: float = 1e-10,
+    devices: int | str | Sequence | None = None,
+    precision: str = "float64",
 ) -> FitResult:
     """Fit CTMM to every gene of `data` (batched with `jax.vmap`, in chunks of genes).
 
@@ -107,6 +114,16 @@ def fit(
             the batch is halved until its estimated need (blocks.Blocks.working_bytes) fits.
             `result.batching` records the budget and the batch size used.
         max_iter, tol: Newton / Fisher scoring stops when g^T I^-1 g < tol.
+        precision: "float64" (default), or "float32" for HE: the device arithmetic of the fit
+            (host bookkeeping stays float64). Measured (benchmarks/README.md): HE estimates
+            and p values within 5e-5 of float64; ML/REML in float32 are refused.
+        devices: split each batch's genes over local devices (devices.py; `jax.shard_map` on
+            a 1-D mesh): a count k, "all", or a list of jax devices; None: the default device.
+            Each device gets up to chunk_size genes of a batch and runs exactly the
+            single-device program on them, so estimates equal the one-device fit's bit for
+            bit wherever the per-device batches are the same (always once the genes fill
+            every device's chunk; otherwise converged fits agree to ~1e-12, see
+            estimators.mlreml.MaximumLikelihood.fit).
 
     Returns:
         FitResult; `.table` has one row per gene. For models with a nested null (iid, free)
@@ -119,6 +136,15 @@ def fit(
     models.get(model)
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
+    if precision not in ("float64", "float32"):
+        raise ValueError(f"precision={precision!r}: use 'float64' or 'float32'.")
+    if precision == "float32" and method not in FLOAT32_METHODS:
+        raise ValueError(
+            f"precision='float32' with method={method!r}: float32 is allowed for "
+            f"{', '.join(FLOAT32_METHODS)} only; Fisher scoring in float32 cannot reach the "
+            "convergence tolerance and moves p values by up to 0.03 (benchmarks/bench_fit.py "
+            "--float32): use the default float64."
+        )
     if information not in INFORMATION:
         raise ValueError(f"information={information!r}: use 'expected' or 'observed'.")
     if he_beta not in ("ols", "gls"):
@@ -126,6 +152,7 @@ def fit(
     _check_options(chunk_size=chunk_size, max_iter=max_iter, tol=tol,
                    fixed_covars=fixed_covars, random_covars=random_covars)  # fmt: skip
     budget = batching.parse_memory(batching.DEFAULT_MEMORY if memory is None else memory)
+    mesh = device_mesh(devices)
     if not jax.config.jax_enable_x64:
         raise ValueError(
             "jax_enable_x64 is off; ctmm_jax needs float64 (importing it turns it on)."
@@ -165,11 +192,14 @@ def fit(
     refits_null = method != "he" and spec.null is not None
     bar = Progress(G, f"{model} {method}") if progress is True else (progress or None)
     try:
-        with fit_call(bar, G, 1 + refits_null + (groups is not None)):
+        with (
+            fit_call(bar, G, 1 + refits_null + (groups is not None)),
+            jax.enable_x64(precision == "float64"),
+        ):
             return _fit(data, model, method, blocks, covars, random, s2_var, noise, groups,
                         n_par, information=information, nonneg=nonneg, he_beta=he_beta,
                         chunk_size=chunk_size, max_iter=max_iter, tol=tol, robust=robust,
-                        budget=budget)  # fmt: skip
+                        budget=budget, mesh=mesh)  # fmt: skip
     finally:
         if progress is True:
             bar.close()
@@ -195,12 +225,13 @@ def _fit(
     tol,
     robust,
     budget,
+    mesh,
 ) -> FitResult:
     """The estimators behind `fit`, on validated inputs."""
     G, N, C = data.shape
     estimator = _estimator(
         method, model, C, information=information, nonneg=nonneg, he_beta=he_beta,
-        chunk_size=int(chunk_size), max_iter=int(max_iter), tol=float(tol),
+        chunk_size=int(chunk_size), max_iter=int(max_iter), tol=float(tol), mesh=mesh,
     )  # fmt: skip
     est = estimator.fit(blocks, Problems(np.arange(G)))
     unidentified = _unidentified(blocks)
@@ -211,7 +242,7 @@ def _fit(
         null = fit_null(
             data, model, blocks, covars, random, unidentified, s2_var, est, codes,
             reml=method == "reml", max_iter=int(max_iter), tol=float(tol),
-            chunk_size=int(chunk_size), nonneg=bool(nonneg),
+            chunk_size=int(chunk_size), nonneg=bool(nonneg), mesh=mesh,
         )  # fmt: skip
     jk = None
     if groups is not None:
@@ -224,7 +255,8 @@ def _fit(
         data, model, method, information, est, unidentified, n_par, jackknife=jk,
         covariates=covars, random=random, null=null, noise=noise,
         batching={"memory_budget": budget, "chunk_size": chunk_size,
-                  "working_bytes_per_gene": blocks.working_bytes()},
+                  "working_bytes_per_gene": blocks.working_bytes(),
+                  **describe_devices(mesh)},
         robust=sw,
     )  # fmt: skip
 
@@ -244,14 +276,16 @@ def _check_options(*, chunk_size, max_iter, tol, fixed_covars, random_covars) ->
             )
 
 
-def _estimator(method, model, C, *, information, nonneg, he_beta, chunk_size, max_iter, tol):
+def _estimator(method, model, C, *, information, nonneg, he_beta, chunk_size, max_iter, tol,
+               mesh):  # fmt: skip
     """The estimator of `method` (estimators.Estimator); nonneg constrains the optimizer only
     (HE is a closed form)."""
     if method == "he":
-        return MethodOfMoments(model, C, he_beta, chunk_size)
+        return MethodOfMoments(model, C, he_beta, chunk_size, mesh)
     return MaximumLikelihood(
         model, C, reml=method == "reml", nonneg=bool(nonneg),
         observed=information == "observed", max_iter=max_iter, tol=tol, chunk_size=chunk_size,
+        mesh=mesh,
     )  # fmt: skip
 
 

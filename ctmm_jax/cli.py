@@ -324,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="working memory of one compiled batch, e.g. 4GB (default 2GB): the batch is "
         "halved until the estimate fits; the sidecar records the budget and batch used",
     )
+    p.add_argument(
+        "--devices",
+        help="split each batch's genes over K local devices (a number, or 'all': every GPU "
+        "of the node); results equal a one-device fit's (see README)",
+    )
     p.add_argument("-o", "--output", required=True, help="table to write (.tsv, .csv, .parquet)")
 
     p = command("merge", run_merge, "chunk outputs of `fit --chunk` -> one table")
@@ -853,6 +858,15 @@ def _fit_inputs(args) -> dict[str, str | None]:
     return files
 
 
+def _devices_option(value: str | None) -> int | str | None:
+    """--devices: None, 'all' or a whole number >= 1."""
+    if value is None or value == "all":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"--devices {value}: give a number of devices >= 1, or 'all'.")
+    return int(value)
+
+
 def run_fit(args) -> None:
     out = _check_output(args.output)
     _claim_outputs(args, _table_files(out))
@@ -862,14 +876,21 @@ def run_fit(args) -> None:
             raise UserError(f"--{flag.replace('_', '-')}: must be >= 1.")
     if not args.tol > 0:
         raise UserError("--tol: must be > 0.")
+    n_devices = _devices_option(args.devices)
     data, record = _load_data(args)
     fixed = dict(_read_covariate(s, "--fixed") for s in args.fixed)
     random = dict(_read_covariate(s, "--random") for s in args.random)
     inputs = _input_sha256(_fit_inputs(args))
     from . import noise
     from .api import fit  # imports JAX: after the quick checks of the inputs
+    from .devices import mesh
     from .progress import Progress
     from .results import column_dictionary, with_qvalues
+
+    try:
+        mesh(n_devices)  # a clear error before any data is fitted
+    except ValueError as err:
+        raise UserError(f"--devices: {err}") from None
 
     if data.n_cells is None and args.noise == "pooled":
         raise UserError("--noise pooled: needs cell counts, which only a dataset has.")
@@ -888,7 +909,8 @@ def run_fit(args) -> None:
         for lo in range(0, G, args.batch_genes):
             part = data.select_genes(slice(lo, lo + args.batch_genes))
             result = fit(part, args.model, args.method, **options, progress=bar,
-                         fixed_covars=fixed or None, random_covars=random or None)  # fmt: skip
+                         fixed_covars=fixed or None, random_covars=random or None,
+                         devices=n_devices)  # fmt: skip
             tables.append(result.table)
     finally:
         bar.close()

@@ -109,7 +109,7 @@ def _units(K: int, idx) -> np.ndarray:
 def fit_null(
     data, model: str, blocks: Blocks, covariates, random, unidentified: np.ndarray,
     s2_var: np.ndarray | None, fit, codes: np.ndarray, *, reml: bool, max_iter: int,
-    tol: float, chunk_size: int, nonneg: bool = False,
+    tol: float, chunk_size: int, nonneg: bool = False, mesh=None,
 ) -> NullFit:  # fmt: skip
     """The null fit behind `model`'s test of V, and the score of V with its variance there
     (`score_variance`), evaluated on `model`'s `blocks` (its kernels).
@@ -121,7 +121,7 @@ def fit_null(
     parameters. A model with `diag_test` (lowrank) is its own
     null: V = diag(v_1..v_C) added to its covariance, tested at `fit` (the model's fit, status
     `codes`). s2_var: (G, C) the variance of the pooled within-pair variances (noise.apply), or
-    None when the noise is taken as known."""
+    None when the noise is taken as known; mesh: the devices of the null fit (devices.py)."""
     G, N, C = data.shape
     spec = models.get(model)
     n_k = blocks.E.shape[-4]  # kernels of the model's blocks
@@ -133,7 +133,7 @@ def fit_null(
         null = spec.null
         blocks0 = to_blocks(data, null, covariates.matrix, random.matrix, random.groups)
         estimator = MaximumLikelihood(null, C, reml=reml, nonneg=nonneg, max_iter=max_iter,
-                                      tol=tol, chunk_size=chunk_size)  # fmt: skip
+                                      tol=tol, chunk_size=chunk_size, mesh=mesh)  # fmt: skip
         fit = estimator.fit(blocks0, Problems(np.arange(G)))
         codes = final_status(fit, unidentified)
         w = np.asarray(models.embed_null(np.asarray(fit.phi), model, C))

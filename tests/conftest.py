@@ -9,7 +9,9 @@ run on test-sized data), so the tests
   `$XDG_CACHE_HOME/ctmm_jax/jax-tests` or `~/.cache/ctmm_jax/jax-tests`), so a program
   compiled once is loaded, not recompiled, by later modules (whose in-memory caches are
   cleared), by the CLI's subprocesses, the notebooks' kernels and later runs, clones and
-  checkouts. The cache's keys include the program, the JAX version and the XLA flags.
+  checkouts. The cache's keys include the program, the JAX version and the XLA flags;
+- see 2 host devices (`--xla_force_host_platform_device_count=2`), so test_devices.py shards
+  batches in-process; everything else runs on the default device as before.
 """
 
 import os
@@ -22,6 +24,8 @@ USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 CACHE = Path(os.environ.get("CTMM_JAX_TEST_CACHE", USER_CACHE / "ctmm_jax" / "jax-tests"))
 
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")  # before any compile
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:  # test_devices.py
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_compilation_cache_dir", str(CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -383,14 +383,24 @@ def test_fit_options_reach_the_library_and_the_sidecar(run_dir, tmp_path, monkey
     monkeypatch.setattr("ctmm_jax.api.fit", fake_fit)
     out = tmp_path / "x.tsv"
     options = ["--information", "observed", "--nonneg", "--max-iter", "7", "--tol", "1e-6",
-               "--chunk-size", "16", "--memory", "1GB", "--jackknife", "5", "--robust"]  # fmt: skip
+               "--chunk-size", "16", "--memory", "1GB", "--jackknife", "5", "--robust",
+               "--devices", "2"]  # fmt: skip
     assert main(["fit", "-q", str(run_dir / "pb.npz"), "--model", "hom", *options,
                  "-o", str(out)]) == 0  # fmt: skip
     expected = dict(information="observed", nonneg=True, max_iter=7, tol=1e-6, chunk_size=16,
                     memory="1GB", jackknife=5, robust=True)  # fmt: skip
     model, method, passed = calls[0]
     assert (model, method) == ("hom", "reml") and passed.items() >= expected.items()
+    assert passed["devices"] == 2  # per output (the sidecar's batching), not a shared setting
     assert json.loads(Path(f"{out}.json").read_text()).items() >= expected.items()
+
+
+@pytest.mark.parametrize("value, message", [("x", "give a number of devices"),
+                                            ("9", "local device")])  # fmt: skip
+def test_devices_option_errors(value, message, run_dir, tmp_path, capsys):
+    out = str(tmp_path / "x.tsv")
+    assert main(["fit", "-q", str(run_dir / "pb.npz"), "--devices", value, "-o", out]) == 1
+    assert message in one_error_line(capsys.readouterr().err, "fit")
 
 
 def test_python_m_ctmm_jax_help():

@@ -54,8 +54,8 @@ def test_batched_equals_single_and_poisoned_gene_is_isolated():
     poisoned = cj.CTPData.from_arrays(Y, data.ctnu, data.P)
     per_gene = blocks.to_blocks(poisoned, "free").working_bytes()
     res = cj.fit(poisoned, "free", "reml", memory=3 * per_gene)  # batches of 2 genes
-    assert res.batching == {"memory_budget": 3 * per_gene, "chunk_size": 2,
-                            "working_bytes_per_gene": per_gene}  # fmt: skip
+    assert res.batching.items() >= {"memory_budget": 3 * per_gene, "chunk_size": 2,
+                                    "working_bytes_per_gene": per_gene}.items()  # fmt: skip
     assert not res.table.converged.iloc[2]
     assert res.table.status.iloc[2] != "ok"
     for g in (0, 1, 3, 4):

@@ -163,3 +163,20 @@ def test_jackknife_null_calibration():
     assert 0.04 < np.mean(t.p_V_jk < 0.05) < 0.12
     assert 0.003 < np.mean(t.p_V_jk < 0.01) < 0.04
     assert 0.035 < np.mean(t.p_ct_beta_jk < 0.05) < 0.065
+
+
+def test_float32_he_agrees_with_float64_and_reml_is_refused():
+    """precision='float32' runs HE's device arithmetic in float32 (jax.enable_x64(False));
+    estimates and p values stay within 1e-4 of float64 (bench_fit.py --float32 measures
+    <= 5e-5 at N = 100). ML/REML in float32 are refused (they cannot reach the tolerance)."""
+    data = small_data("ctp", G=8, N=30, seed=4)
+    t64 = cj.fit(data, "free", "he", jackknife=True).table
+    t32 = cj.fit(data, "free", "he", jackknife=True, precision="float32").table
+    assert (t64.status == t32.status).all()
+    for prefix in ("hom2", "V_", "p_"):
+        cols = [c for c in t64.columns if c.startswith(prefix)]
+        np.testing.assert_allclose(t32[cols].to_numpy(float), t64[cols].to_numpy(float),
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+    assert not np.array_equal(t32["hom2"], t64["hom2"])  # it did run in float32
+    with pytest.raises(ValueError, match="float32"):
+        cj.fit(data, "free", "reml", precision="float32")

@@ -26,12 +26,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from .. import batching, checks, progress
+from .. import batching, checks, devices, progress
 from ..blocks import Blocks, Design
 from ..status import Status
 from . import Estimates, Problems
-from .mlreml import gls, over_genes
+from .mlreml import design_axes, gls, over_genes
 
 NORMALS_BATCH = 16  # jackknife replicates whose normal equations are computed together
 
@@ -171,38 +172,46 @@ def he_jackknife_chunk_per_gene(y, noise, mask, design, keep) -> HEFit:
     return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), fits)
 
 
-def run_he(blocks: Blocks, genes: np.ndarray, *, chunk_size: int) -> HEFit:
+def run_he(blocks: Blocks, genes: np.ndarray, *, chunk_size: int, mesh=None) -> HEFit:
     """HE for genes of `blocks`: phi (P, k), beta (P, p), outcome (P,)."""
-    return _run(he_chunk, he_chunk_per_gene, blocks, genes, chunk_size)
+    return _run(he_chunk, he_chunk_per_gene, (), (), blocks, genes, chunk_size, mesh)
 
 
 def run_he_jackknife(
-    blocks: Blocks, genes: np.ndarray, keep: np.ndarray, *, chunk_size: int
+    blocks: Blocks, genes: np.ndarray, keep: np.ndarray, *, chunk_size: int, mesh=None
 ) -> HEFit:
     """Jackknife HE for genes of `blocks`: phi (P, R, k), beta (P, R, p), outcome (P, R) for
     the replicates of keep (R, N) (Problems.kept)."""
     keep = jnp.asarray(keep)
-    per_gene = partial(he_jackknife_chunk_per_gene, keep=keep)
+    per_gene = he_jackknife_chunk_per_gene
     if blocks.mask is not None or blocks.per_gene:  # `_run` takes the per-gene path
-        return _run(None, per_gene, blocks, genes, chunk_size)
+        return _run(None, per_gene, (), (keep,), blocks, genes, chunk_size, mesh)
     normals = jackknife_normals(blocks.design(), keep)
-    shared = partial(he_jackknife_chunk, keep=keep, normals=normals)
-    return _run(shared, per_gene, blocks, genes, chunk_size)
+    return _run(he_jackknife_chunk, per_gene, (keep, normals), (keep,), blocks, genes,
+                chunk_size, mesh)  # fmt: skip
 
 
-def _run(shared_fn, per_gene_fn, blocks: Blocks, genes: np.ndarray, chunk_size: int) -> HEFit:
-    """Batches of genes; the shared-normal path unless genes differ in mask or design."""
+def _run(shared_fn, per_gene_fn, shared_extra: tuple, per_gene_extra: tuple, blocks: Blocks,
+         genes: np.ndarray, chunk_size: int, mesh) -> HEFit:  # fmt: skip
+    """Batches of genes, sharded over the devices of mesh (devices.py); the shared-normal path
+    (shared_fn(y, noise, design, *shared_extra)) unless genes differ in mask or design
+    (per_gene_fn(y, noise, mask, design, *per_gene_extra))."""
     per_gene = blocks.mask is not None or blocks.per_gene
+    k = devices.count(mesh)
 
     def batch(g):
         y, noise = jnp.asarray(blocks.y[g]), jnp.asarray(blocks.noise[g])
         design = blocks.design(g)
         if not per_gene:
-            return shared_fn(y, noise, design)
+            args = (y, noise, design, *shared_extra)
+            return devices.call(shared_fn, mesh, args, (0, 0) + (None,) * (len(args) - 2))
         mask = np.ones(blocks.y[g].shape) if blocks.mask is None else blocks.mask[g]
-        return per_gene_fn(y, noise, jnp.asarray(mask), design)
+        args = (y, noise, jnp.asarray(mask), design, *per_gene_extra)
+        axes = (0, 0, 0, design_axes(design)) + (None,) * len(per_gene_extra)
+        return devices.call(per_gene_fn, mesh, args, axes)
 
-    return batching.map_batches(batch, genes, batching.bucket(len(genes), chunk_size))
+    width = batching.bucket(-(-len(genes) // k), chunk_size)  # per device
+    return batching.map_batches(batch, genes, width * k)
 
 
 @dataclass(frozen=True)
@@ -216,17 +225,18 @@ class MethodOfMoments:
     C: int
     beta: str = "ols"
     chunk_size: int = 256
+    mesh: Mesh | None = None  # devices sharing each batch (devices.py); None: one device
 
     def fit(self, blocks: Blocks, problems: Problems) -> Estimates:
         if problems.drop is None:
-            he_fit = run_he(blocks, problems.gene, chunk_size=self.chunk_size)
+            he_fit = run_he(blocks, problems.gene, chunk_size=self.chunk_size, mesh=self.mesh)
             phi, beta, checked = he_fit.phi, he_fit.beta, he_fit.outcome
         else:
             genes, which = np.unique(problems.gene, return_inverse=True)
             N = blocks.y.shape[1]
             n_groups = N if problems.groups is None else int(problems.groups.max()) + 1
             keep = problems._replace(drop=np.arange(n_groups)).kept(np.arange(n_groups), N)
-            reps = run_he_jackknife(blocks, genes, keep, chunk_size=self.chunk_size)
+            reps = run_he_jackknife(blocks, genes, keep, chunk_size=self.chunk_size, mesh=self.mesh)
             phi, beta = reps.phi[which, problems.drop], reps.beta[which, problems.drop]
             checked = reps.outcome[which, problems.drop]
         cond = None

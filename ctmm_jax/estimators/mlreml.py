@@ -18,8 +18,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from .. import batching, checks, likelihood, models, progress
+from .. import batching, checks, devices, likelihood, models, progress
 from ..blocks import Blocks, Design, ols_residuals, start_values
 from ..likelihood import GeneData
 from ..optimize import MAX_HALVINGS, OptState, fisher_scoring, init_state
@@ -142,12 +143,15 @@ def _gls_gene(w, y, noise, mask, design):
 _KEYS = ("model", "C", "nonneg")  # static; `reml` is traced (ML and REML share programs)
 
 
+def design_axes(design: Design):
+    """vmap axes of a design: X and E carry a gene axis when they differ by gene
+    (blocks.Blocks.per_gene); the rest of the design is shared."""
+    return Design(0, 0, None, None, None, None) if design.X.ndim == 4 else None
+
+
 def over_genes(fn, n_args: int, design: Design):
-    """vmap fn over its first n_args arguments and, when X and E carry a gene axis
-    (blocks.Blocks.per_gene), over those too; the rest of the design is shared."""
-    per_gene = design.X.ndim == 4  # static
-    axes = Design(0, 0, None, None, None, None) if per_gene else None
-    return jax.vmap(fn, in_axes=(0,) * n_args + (axes,))
+    """vmap fn over its first n_args arguments and over the design's gene axes."""
+    return jax.vmap(fn, in_axes=(0,) * n_args + (design_axes(design),))
 
 
 @partial(jax.jit, static_argnames=_KEYS)
@@ -228,61 +232,71 @@ class MaximumLikelihood:
     max_iter: int = 200
     tol: float = 1e-10
     chunk_size: int = 256
+    mesh: Mesh | None = None  # devices sharing each batch (devices.py); None: one device
 
     @property
     def _keys(self) -> dict:
         """Keyword arguments of the compiled chunk functions."""
         return dict(model=self.model, C=self.C, reml=self.reml, nonneg=self.nonneg)
 
+    def _call(self, fn, n_per_problem: int, args: tuple, **statics):
+        """fn(*args) on this estimator's devices: the first n_per_problem args and the design
+        (args[n_per_problem]) carry the problem axis, any later args are shared."""
+        design = args[n_per_problem]
+        axes = (0,) * n_per_problem + (design_axes(design),)
+        axes += (None,) * (len(args) - len(axes))
+        return devices.call(fn, self.mesh, args, axes, **self._keys, **statics)
+
     def fit(self, blocks: Blocks, problems: Problems) -> Estimates:
         """Every fit of `problems`. Fits that end unsettled (not ok, not constant, not
         infeasible at the start: stopped at the boundary, out of iterations or step halvings)
-        are run again, from their start, in batches of exactly SMALL_BATCH: XLA's arithmetic
-        differs in the last bits between batch widths, and near the positive-definite wall
-        the ill-conditioned steps amplify that to ~1e-6, so only a canonical width makes
-        their reported values independent of chunk_size (converged fits agree to ~1e-12
-        whatever the width)."""
+        are run again, from their start, in batches of exactly SMALL_BATCH per device: XLA's
+        arithmetic differs in the last bits between batch widths, and near the
+        positive-definite wall the ill-conditioned steps amplify that to ~1e-6, so only a
+        canonical width makes their reported values independent of chunk_size (converged
+        fits agree to ~1e-12 whatever the width)."""
         n_prob = len(problems.gene)
-        size = batching.bucket(n_prob, self.chunk_size)
-        state = self.optimize(blocks, problems, size)
-        unsettled = ~np.isin(state.status, SETTLED) & (size != SMALL_BATCH)
+        k = devices.count(self.mesh)
+        width = batching.bucket(-(-n_prob // k), self.chunk_size)  # per device
+        state = self.optimize(blocks, problems, width)
+        unsettled = ~np.isin(state.status, SETTLED) & (width != SMALL_BATCH)
         redo = np.flatnonzero(unsettled)
         if len(redo):
             again = self.optimize(blocks, problems.take(redo), SMALL_BATCH)
             for dst, src in zip(state, again, strict=True):
                 dst[redo] = src
-        keys = self._keys
 
         def finish(i, at):
             theta = jnp.asarray(state.theta[at[i]])
-            return finish_chunk(theta, *_data(blocks, problems, at[i]), **keys,
-                                observed=self.observed)  # fmt: skip
+            return self._call(finish_chunk, 4, (theta, *_data(blocks, problems, at[i])),
+                              observed=self.observed)  # fmt: skip
 
         parts = []
-        for at, width in ((np.flatnonzero(~unsettled), size), (redo, SMALL_BATCH)):
+        for at, w in ((np.flatnonzero(~unsettled), width), (redo, SMALL_BATCH)):
             if len(at):
                 parts.append((at, batching.map_batches(partial(finish, at=at), np.arange(len(at)),
-                                                       width)))  # fmt: skip
+                                                       w * k)))  # fmt: skip
         fits = batching.gather(parts, n_prob)
         return Estimates(
             fits.phi, fits.var_cov, fits.beta, fits.beta_cov, -state.nll, state.n_iter,
             state.status, fits.cond,
         )  # fmt: skip
 
-    def optimize(self, blocks: Blocks, problems: Problems, size: int) -> OptState:
+    def optimize(self, blocks: Blocks, problems: Problems, width: int) -> OptState:
         """Every fit of `problems`: rounds of ROUND_ITERS iterations, each round on the fits
-        still running, regrouped into batches of `size` (or a sixteenth of it once few are
-        left: two compiled batch shapes). Full-size batches allow
+        still running, regrouped into batches of `width` per device (or a sixteenth of it once
+        few are left: two compiled batch shapes). Full-size batches allow
         BIG_BATCH_HALVINGS step halvings; fits that need more (STALLED) continue in small
         batches with the full budget. Returns the final optimizer states (host arrays)."""
         n_prob = len(problems.gene)
-        keys = self._keys
-        small = size if size <= SMALL_BATCH else size // 16  # few problems: one batch shape
+        k = devices.count(self.mesh)
+        size = width * k
+        small = k * (width if width <= SMALL_BATCH else width // 16)  # few left: one shape
 
         def init(i):
             phi0 = None if problems.phi0 is None else jnp.asarray(problems.phi0[i])
             y, noise, mask, design = _data(blocks, problems, i)
-            return init_chunk(y, noise, mask, phi0, design, **keys)
+            return self._call(init_chunk, 4, (y, noise, mask, phi0, design))
 
         state = batching.map_batches(init, np.arange(n_prob), size)
         reported = 0
@@ -304,9 +318,6 @@ class MaximumLikelihood:
                 for part, pad in batching.batches(idx, bsize):
                     s = jax.tree.map(lambda a, pad=pad: jnp.asarray(a[pad]), state)
                     until = jnp.minimum(s.n_iter + ROUND_ITERS, self.max_iter)
-                    out = advance_chunk(
-                        s, until, *_data(blocks, problems, pad), jnp.asarray(halvings), **keys,
-                        tol=self.tol,
-                    )  # fmt: skip
-                    parts.append((part, out))
+                    args = (s, until, *_data(blocks, problems, pad), jnp.asarray(halvings))
+                    parts.append((part, self._call(advance_chunk, 5, args, tol=self.tol)))
             state = batching.scatter(state, parts)
