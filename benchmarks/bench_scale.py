@@ -12,6 +12,7 @@ N) are fitted and, with --plot, drawn.
 
     python benchmarks/bench_scale.py --json scale.json --plot scale.png
     python benchmarks/bench_scale.py --donors 1000 --celltypes 4 8 14 --genes 2000
+    python benchmarks/bench_scale.py --platform gpu --genes 20000   # the device is recorded
 
 Typical printout (2-core CPU): see benchmarks/README.md.
 """
@@ -70,6 +71,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--blocks", type=int, default=20, help="groups of the block jackknife")
     ap.add_argument("--loo-max", type=int, default=300, help="largest N for the full jackknife")
+    ap.add_argument("--platform", choices=("cpu", "gpu"), help="JAX platform (default: JAX's)")
     ap.add_argument("--json")
     ap.add_argument("--plot")
     ap.add_argument("--one", nargs=2, type=int, help=argparse.SUPPRESS)
@@ -81,6 +83,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     env = dict(os.environ, CTMM_JAX_CACHE="off")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if args.platform:
+        env["JAX_PLATFORMS"] = args.platform
     for N in args.donors:
         for C in args.celltypes:
             cmd = [sys.executable, __file__, "--one", str(N), str(C), "--genes", str(args.genes),

@@ -10,6 +10,10 @@ run on test-sized data), so the tests
   compiled once is loaded, not recompiled, by later modules (whose in-memory caches are
   cleared), by the CLI's subprocesses, the notebooks' kernels and later runs, clones and
   checkouts. The cache's keys include the program, the JAX version and the XLA flags;
+- run BLAS single-threaded (OPENBLAS_NUM_THREADS=1, for the libraries loaded later and the
+  subprocesses; threadpoolctl for numpy's, which a pytest plugin loads before this file): the
+  dense NumPy/SciPy oracles are small matrices, and OpenBLAS threads competing with XLA's and
+  with the other xdist worker on 2 cores made one oracle 25x slower (171 s vs 6.4 s);
 - see 2 host devices (`--xla_force_host_platform_device_count=2`), so test_devices.py shards
   batches in-process; everything else runs on the default device as before.
 """
@@ -17,8 +21,15 @@ run on test-sized data), so the tests
 import os
 from pathlib import Path
 
-import jax
-import pytest
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+import scipy.linalg  # noqa: E402, F401  (SciPy's OpenBLAS loads now, under the limit)
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+threadpool_limits(1, user_api="blas")  # the BLAS already loaded (numpy's)
 
 USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 CACHE = Path(os.environ.get("CTMM_JAX_TEST_CACHE", USER_CACHE / "ctmm_jax" / "jax-tests"))
