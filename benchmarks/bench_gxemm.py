@@ -4,9 +4,14 @@ Cases (--case, default all):
   readme     REML hom, iid and free (noise hom) for one trait, dense K (N = --n); the last row
              sums the three (target: <= 20 s end to end together at N = 1000, 2-core CPU)
   traits     REML hom, iid and free for --traits traits sharing K (simulate(n_traits=...))
+  eigen      REML hom/hom for --traits traits in K's eigenbasis (the default for that model,
+             O(N p^2) per trait and iteration after one eigendecomposition of K) and on the
+             dense path (eigen=False, O(N^3) per iteration) for min(--traits, --dense-traits)
   he         HE (free genetics, hom noise) for --he-traits traits (target: <= 60 s for 10,000)
   genotypes  REML free for one trait from the genotypes S (K never formed) and from dense K
 
+path: how REML ran (GxEMMResult.structure): dense (Cholesky of the N x N Sigma), eigen (K's
+eigenbasis, gtype = etype = hom only), lowrank (genotypes S, Woodbury); for HE the design's.
 Simulation: N individuals, --snps SNPs with allele frequency 0.1, two environments, genetic
 variances 0.1 and 0.4 (environment-specific only), noise 1, means Z @ (0.1, -0.5), X = Z[:, 1:].
 Every fit starts from empty JAX caches (jax.clear_caches, so no row reuses another's compiled
@@ -58,7 +63,7 @@ from common import write_json  # noqa: E402
 
 from ctmm_jax import gxemm  # noqa: E402
 
-CASES = ("readme", "traits", "he", "genotypes")
+CASES = ("readme", "traits", "eigen", "he", "genotypes")
 README_GTYPES = ("hom", "iid", "free")
 
 
@@ -104,10 +109,12 @@ def check(out, sim, gtype, etype, method):
     assert abs(ll - res["ll"]) < 1e-6 * max(1.0, abs(ll)), (ll, res["ll"])
 
 
-def bench(case, sim, gtype, etype="hom", method="reml", path="K", chunk=None, repeat=1):
-    """First call from empty caches (compiles, then runs), then `repeat` warm calls."""
+def bench(case, sim, gtype, etype="hom", method="reml", path="K", chunk=None, repeat=1,
+          eigen=None):  # fmt: skip
+    """First call from empty caches (compiles, then runs), then `repeat` warm calls. path "K"
+    (kinship) or "S" (genotypes); eigen as gxemm.fit's."""
     K, S = (sim.K, None) if path == "K" else (None, sim.S)
-    kw = dict(gtype=gtype, etype=etype, method=method, S=S, chunk_size=chunk)
+    kw = dict(gtype=gtype, etype=etype, method=method, S=S, chunk_size=chunk, eigen=eigen)
     jax.clear_caches()
     times = []
     for _ in range(1 + repeat):
@@ -118,7 +125,7 @@ def bench(case, sim, gtype, etype="hom", method="reml", path="K", chunk=None, re
     check(out, sim, gtype, etype, method)
     T = 1 if sim.y.ndim == 1 else sim.y.shape[0]
     return dict(
-        case=case, gtype=gtype, etype=etype, method=method, path=path, traits=T,
+        case=case, gtype=gtype, etype=etype, method=method, path=out.structure, traits=T,
         n=sim.Z.shape[0], snps=sim.S.shape[1],
         end_to_end_s=round(first_s, 3), compile_s=round(first_s - run_s, 3),
         second_s=round(times[1], 3), run_s=round(run_s, 3), traits_per_s=round(T / run_s, 1),
@@ -171,6 +178,8 @@ def main(argv=None):
     p.add_argument("--snps", type=int, default=100)
     p.add_argument("--traits", type=int, default=100, help="traits of the 'traits' case")
     p.add_argument("--he-traits", type=int, default=10_000, help="traits of the 'he' case")
+    p.add_argument("--dense-traits", type=int, default=32,
+                   help="traits of the 'eigen' case's dense row (at most --traits)")  # fmt: skip
     p.add_argument("--chunk", type=int, default=None, help="traits per batch (library default)")
     p.add_argument("--repeat", type=int, default=1, help="warm calls per fit (run_s: fastest)")
     p.add_argument("--seed", type=int, default=0)
@@ -188,6 +197,12 @@ def main(argv=None):
     if "traits" in cases:
         sim = simulate(a.n, a.snps, a.seed, n_traits=a.traits)
         rows += [bench("traits", sim, g, chunk=a.chunk, repeat=a.repeat) for g in README_GTYPES]
+    if "eigen" in cases:
+        sim = simulate(a.n, a.snps, a.seed, n_traits=a.traits)
+        rows.append(bench("eigen", sim, "hom", chunk=a.chunk, repeat=a.repeat, eigen=True))
+        if a.dense_traits > 0:
+            few = sim._replace(y=sim.y[: a.dense_traits])
+            rows.append(bench("eigen", few, "hom", chunk=a.chunk, repeat=a.repeat, eigen=False))
     if "he" in cases:
         sim = simulate(a.n, a.snps, a.seed, n_traits=a.he_traits)
         rows.append(bench("he", sim, "free", method="he", chunk=a.chunk, repeat=a.repeat))
