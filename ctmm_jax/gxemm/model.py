@@ -342,9 +342,10 @@ def kernel_vif(K, Z, gtype: str = "free", etype: str = "free", levels=None) -> d
     tests have little power, and an unconstrained fit can trade them for noise); `fit` warns
     (IdentifiabilityWarning) when a GxE component's VIF exceeds VIF_WARN. inf: a kernel is an
     exact combination of the others. Dense K only.
-    Returns {component name (component_names): VIF}."""
+    Returns {component name (component_names, levels default env1, env2, ... as
+    GxEMMResult.named_table and fit's warning): VIF}."""
     K = np.asarray(K, dtype=np.float64)
     inputs = check_inputs(np.zeros(K.shape[0]), None, K, Z, None, gtype, etype)
-    levels = range(1, inputs.K0 + 1) if levels is None else levels
+    levels = [f"env{k + 1}" for k in range(inputs.K0)] if levels is None else levels
     names = component_names(gtype, etype, levels)
     return dict(zip(names, vif_of(inputs).tolist(), strict=True))
