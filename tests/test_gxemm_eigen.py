@@ -82,6 +82,9 @@ def test_eigen_fit_equals_dense_fit(nonneg):
     assert_allclose(lrt_eig, lrt_den, **SAME_FIT)
     one = gxemm.fit(sim.y[2], sim.X, sim.K, sim.Z, **kw)  # one trait: the batch's row
     assert_allclose(one.sig2s, eig.sig2s[2], **SAME_FIT)
+    row = eig.trait(2)  # per-trait fields indexed, the shared kernel_vif whole
+    assert_allclose(row["sig2s"], eig.sig2s[2])
+    assert_allclose(row["kernel_vif"], one.kernel_vif)
 
 
 def test_eigen_path_only_where_exact():

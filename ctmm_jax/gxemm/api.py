@@ -111,10 +111,12 @@ class GxEMMResult:
         return pd.DataFrame(cols)
 
     def trait(self, t: int) -> dict:
-        """The original's output list for trait t, as a dict."""
+        """The original's output list for trait t, as a dict (kernel_vif, shared by the traits,
+        as it is)."""
         many = self.sig2s.ndim == 2
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {k: v[t] if many and isinstance(v, np.ndarray) else v for k, v in values.items()}
+        return {k: v[t] if many and isinstance(v, np.ndarray) and k != "kernel_vif" else v
+                for k, v in values.items()}  # fmt: skip
 
 
 def gxe_tests(fit: GxEMMResult, hom: GxEMMResult | None = None) -> dict[str, np.ndarray]:
