@@ -4,9 +4,15 @@ Cases (--case, default all):
   readme     REML hom, iid and free (noise hom) for one trait, dense K (N = --n); the last row
              sums the three (target: <= 20 s end to end together at N = 1000, 2-core CPU)
   traits     REML hom, iid and free for --traits traits sharing K (simulate(n_traits=...))
+  eigen      REML hom/hom for --traits traits in K's eigenbasis (the default for that model,
+             O(N p^2) per trait and iteration after one eigendecomposition of K) and on the
+             dense path (eigen=False, O(N^3) per iteration) for min(--traits, --dense-traits)
   he         HE (free genetics, hom noise) for --he-traits traits (target: <= 60 s for 10,000)
   genotypes  REML free for one trait from the genotypes S (K never formed) and from dense K
 
+path: how REML ran (GxEMMResult.structure, the JSON's `structure`): K dense (Cholesky of the
+N x N Sigma), eig in K's eigenbasis (gtype = etype = hom only), S low rank (genotypes,
+Woodbury); for HE the design's; "-" for a sum of rows.
 Simulation: N individuals, --snps SNPs with allele frequency 0.1, two environments, genetic
 variances 0.1 and 0.4 (environment-specific only), noise 1, means Z @ (0.1, -0.5), X = Z[:, 1:].
 Every fit starts from empty JAX caches (jax.clear_caches, so no row reuses another's compiled
@@ -22,20 +28,27 @@ iter the mean number of iterations (0 for HE).
     python benchmarks/bench_gxemm.py --json gxemm.json        # all cases, full size
     python benchmarks/bench_gxemm.py --case readme            # --case he, traits, genotypes
 
-Small-size printout, to show the format (2-core CPU, float64, jax 0.10.2, 2026-11-25;
-`python benchmarks/bench_gxemm.py --n 200 --traits 5 --he-traits 200`):
+Small-size printout, to show the format (2-core CPU shared with other work, float64, jax 0.10.2,
+2026-12-02; `python benchmarks/bench_gxemm.py --n 200 --traits 5 --he-traits 200`):
 
      case        gtype method path traits   N e2e_s compile 2nd_s run_s traits/s conv  iter rss_gb
-   readme          hom   reml    K      1 200 1.955    1.93 0.024 0.024     41.5    1     3  0.463
-   readme          iid   reml    K      1 200  2.05   2.028 0.022 0.022     46.3    1     4  0.547
-   readme         free   reml    K      1 200 2.128   2.112 0.016 0.016     61.6    1     4  0.648
-   readme hom+iid+free   reml    K      1 200 6.133    6.07 0.062 0.062     16.1    1 3.667  0.648
-   traits          hom   reml    K      5 200 1.782   1.753 0.029 0.029    174.4    1   2.8   0.65
-   traits          iid   reml    K      5 200   2.2   2.156 0.045 0.045    112.1    1     5  0.667
-   traits         free   reml    K      5 200 2.149   2.107 0.042 0.042    118.4    1   5.2  0.698
-       he         free     he    K    200 200 1.027   1.019 0.007 0.007    27692    1     0  0.698
-genotypes         free   reml    S      1 200 4.505   3.048 1.457 1.457      0.7    1     3   0.91
-genotypes         free   reml    K      1 200 2.275    2.26 0.016 0.016     64.1    1     4   0.91
+   readme          hom   reml  eig      1 200  2.62   2.608 0.013 0.013     79.2    1     3  0.485
+   readme          iid   reml    K      1 200 2.663   2.608 0.055 0.055     18.2    1     4  0.533
+   readme         free   reml    K      1 200 2.711   2.637 0.074 0.074     13.5    1     4  0.555
+   readme hom+iid+free   reml    -      1 200 7.994   7.853 0.142 0.142        7    1 3.667  0.555
+   traits          hom   reml  eig      5 200 2.455   2.431 0.024 0.024    205.4    1   2.8  0.613
+   traits          iid   reml    K      5 200 3.105   2.869 0.236 0.236     21.2    1     5  0.652
+   traits         free   reml    K      5 200 3.278   2.971 0.306 0.306     16.3    1   5.2  0.677
+    eigen          hom   reml  eig      5 200 1.114   1.084  0.03  0.03    166.9    1   2.8  0.677
+    eigen          hom   reml    K      5 200  2.14   2.033 0.108 0.108     46.3    1   2.8  0.677
+       he         free     he    K    200 200 1.268   1.225 0.043 0.043     4637    1     0  0.677
+genotypes         free   reml    S      1 200 5.813   3.592 2.221 2.221      0.5    1     3  0.854
+genotypes         free   reml    K      1 200 1.232   1.095 0.137 0.137      7.3    1     4  0.854
+
+The eigen path at full size (benchmarks/README.md):
+
+    python benchmarks/bench_gxemm.py --case eigen --n 1000 --traits 1000 --dense-traits 32 \\
+        --repeat 3
 """
 
 from __future__ import annotations
@@ -58,7 +71,8 @@ from common import write_json  # noqa: E402
 
 from ctmm_jax import gxemm  # noqa: E402
 
-CASES = ("readme", "traits", "he", "genotypes")
+CASES = ("readme", "traits", "eigen", "he", "genotypes")
+PATHS = {"dense": "K", "eigen": "eig", "lowrank": "S"}  # GxEMMResult.structure, shortened
 README_GTYPES = ("hom", "iid", "free")
 
 
@@ -104,10 +118,12 @@ def check(out, sim, gtype, etype, method):
     assert abs(ll - res["ll"]) < 1e-6 * max(1.0, abs(ll)), (ll, res["ll"])
 
 
-def bench(case, sim, gtype, etype="hom", method="reml", path="K", chunk=None, repeat=1):
-    """First call from empty caches (compiles, then runs), then `repeat` warm calls."""
+def bench(case, sim, gtype, etype="hom", method="reml", path="K", chunk=None, repeat=1,
+          eigen=None):  # fmt: skip
+    """First call from empty caches (compiles, then runs), then `repeat` warm calls. path "K"
+    (kinship) or "S" (genotypes); eigen as gxemm.fit's."""
     K, S = (sim.K, None) if path == "K" else (None, sim.S)
-    kw = dict(gtype=gtype, etype=etype, method=method, S=S, chunk_size=chunk)
+    kw = dict(gtype=gtype, etype=etype, method=method, S=S, chunk_size=chunk, eigen=eigen)
     jax.clear_caches()
     times = []
     for _ in range(1 + repeat):
@@ -118,7 +134,8 @@ def bench(case, sim, gtype, etype="hom", method="reml", path="K", chunk=None, re
     check(out, sim, gtype, etype, method)
     T = 1 if sim.y.ndim == 1 else sim.y.shape[0]
     return dict(
-        case=case, gtype=gtype, etype=etype, method=method, path=path, traits=T,
+        case=case, gtype=gtype, etype=etype, method=method, path=PATHS[out.structure],
+        structure=out.structure, traits=T,
         n=sim.Z.shape[0], snps=sim.S.shape[1],
         end_to_end_s=round(first_s, 3), compile_s=round(first_s - run_s, 3),
         second_s=round(times[1], 3), run_s=round(run_s, 3), traits_per_s=round(T / run_s, 1),
@@ -131,7 +148,8 @@ def bench(case, sim, gtype, etype="hom", method="reml", path="K", chunk=None, re
 def together(rows, case):
     """The sum of the rows of one case (the README's three fits, as a user runs them)."""
     mine = [r for r in rows if r["case"] == case]
-    total = dict(mine[-1], gtype="+".join(r["gtype"] for r in mine))
+    total = dict(mine[-1], gtype="+".join(r["gtype"] for r in mine),
+                 path="-", structure="-")  # fmt: skip
     for k in ("end_to_end_s", "compile_s", "second_s", "run_s"):
         total[k] = round(sum(r[k] for r in mine), 3)
     total["traits_per_s"] = round(total["traits"] / total["run_s"], 1)
@@ -171,6 +189,8 @@ def main(argv=None):
     p.add_argument("--snps", type=int, default=100)
     p.add_argument("--traits", type=int, default=100, help="traits of the 'traits' case")
     p.add_argument("--he-traits", type=int, default=10_000, help="traits of the 'he' case")
+    p.add_argument("--dense-traits", type=int, default=32,
+                   help="traits of the 'eigen' case's dense row (at most --traits)")  # fmt: skip
     p.add_argument("--chunk", type=int, default=None, help="traits per batch (library default)")
     p.add_argument("--repeat", type=int, default=1, help="warm calls per fit (run_s: fastest)")
     p.add_argument("--seed", type=int, default=0)
@@ -188,6 +208,12 @@ def main(argv=None):
     if "traits" in cases:
         sim = simulate(a.n, a.snps, a.seed, n_traits=a.traits)
         rows += [bench("traits", sim, g, chunk=a.chunk, repeat=a.repeat) for g in README_GTYPES]
+    if "eigen" in cases:
+        sim = simulate(a.n, a.snps, a.seed, n_traits=a.traits)
+        rows.append(bench("eigen", sim, "hom", chunk=a.chunk, repeat=a.repeat, eigen=True))
+        if a.dense_traits > 0:
+            few = sim._replace(y=sim.y[: a.dense_traits])
+            rows.append(bench("eigen", few, "hom", chunk=a.chunk, repeat=a.repeat, eigen=False))
     if "he" in cases:
         sim = simulate(a.n, a.snps, a.seed, n_traits=a.he_traits)
         rows.append(bench("he", sim, "free", method="he", chunk=a.chunk, repeat=a.repeat))

@@ -1355,13 +1355,22 @@ def run_gxemm(args) -> None:
     _say(args, f"fitting {T} traits x {N} donors (gtype {args.gtype}, etype {args.etype}"
          f"{', and gtype hom for the LRT' if lrt else ''}) ...")  # fmt: skip
     start = time.perf_counter()
-    result = fit(data.y, data.X, data.K, data.Z, **options)
-    hom = fit(data.y, data.X, data.K, data.Z, **{**options, "gtype": "hom"}) if lrt else None
+    with warnings.catch_warnings():  # said below in one line, with the environments' names
+        warnings.simplefilter("ignore", model.IdentifiabilityWarning)
+        result = fit(data.y, data.X, data.K, data.Z, **options)
+        hom = fit(data.y, data.X, data.K, data.Z, **{**options, "gtype": "hom"}) if lrt else None
+    weak = model.weak_gxe(result.kernel_vif, args.gtype, args.etype, data.levels)
+    if weak:
+        print(f"ctmm-jax gxemm: warning: {model.gxe_vif_message(weak)}", file=sys.stderr)
+    names = model.component_names(args.gtype, args.etype, data.levels)
+    vif = {n: float(v) if np.isfinite(v) else "inf"
+           for n, v in zip(names, result.kernel_vif, strict=True)}  # fmt: skip
     table = result.named_table(data.levels, hom=hom)
     table = table.set_axis(pd.Index(data.traits, name=data.index_name))
     meanings = column_dictionary(table.columns).set_index("column")["meaning"]
     settings = {"command": "gxemm", **data.record, "input_sha256": inputs, **options,
                 "lrt": lrt, "env_main_effects": not args.no_env_effects, "df": int(result.df),
+                "kernel_vif": vif, "weakly_identified": list(weak),
                 "n_traits": T, "n_donors": N, "n_converged": int(table["converged"].sum()),
                 "tests": {c: meanings[c] for c in table.columns if c.startswith("p_")},
                 "seconds": round(time.perf_counter() - start, 3),

@@ -53,8 +53,8 @@ def test_reml_loglik_dense_and_genotype_paths_equal_numpy(gtype, etype):
     ref = reference.reml_loglik(y, _X(sim), _sigma(s, Ks))
     for K, S in ((sim.K, None), (None, sim.S)):
         inputs = model.check_inputs(sim.y, sim.X, K, sim.Z, S, gtype, etype)
-        design, lowrank = reml.design_of(inputs)
-        ll = -reml.nll(jnp.asarray(s), jnp.asarray(y), design, lowrank)
+        design, structure = reml.design_of(inputs)
+        ll = -reml.nll(jnp.asarray(s), jnp.asarray(y), design, structure)
         # the fit's design is [1, X] centred and scaled, X_s = X A: ll = ll_s + log|det A|
         assert_allclose(inputs.X, _X(sim) @ inputs.X_map, **CLOSED_FORM)
         assert_allclose(ll + np.linalg.slogdet(inputs.X_map)[1], ref, **CLOSED_FORM)

@@ -109,6 +109,9 @@ def test_named_inputs_equal_direct_fits_on_matched_arrays(study, capsys):
         **{f"bfile{e}": sha256_file(f"{study.prefix}{e}") for e in (".bed", ".bim", ".fam")},
     }  # fmt: skip
     assert set(meta["tests"]) == {"p_gxe_wald", "p_gxe_lrt"}
+    vif = gxemm.kernel_vif(study.K, study.Z, "free", "hom", levels=["1", "2"])
+    assert meta["kernel_vif"] == pytest.approx(vif, rel=1e-10) and meta["weakly_identified"] == []
+    assert "warning" not in capsys.readouterr().err
     dictionary = pd.read_csv(study.dir / "out.tsv.columns.tsv", sep="\t")
     assert list(dictionary["column"]) == COLUMNS
     assert "K o z z^T" in dictionary.set_index("column").loc["sig2g_2", "meaning"]
@@ -130,6 +133,35 @@ def test_kinship_table_instead_of_bfile(study, capsys):
     np.testing.assert_allclose(numeric(got), numeric(expected), **TIGHT)
     meta = json.loads((study.dir / "k.tsv.json").read_text())
     assert meta["input_sha256"]["K"] == sha256_file(study.dir / "K.tsv") and meta["bfile"] is None
+
+
+def test_weakly_identified_gxe_is_one_warning_line(study, capsys):
+    """Issue 16: K close to I (unrelated donors) makes K o z z^T nearly the noise kernel
+    diag(z): one line on stderr names the GxE components with their VIFs (gxemm.kernel_vif),
+    the sidecar records every VIF; the table is written as without the warning."""
+    K = 0.95 * np.eye(N) + 0.05 * study.K
+    pd.DataFrame(K, index=study.ids, columns=study.ids).to_csv(study.dir / "K_near_I.tsv",
+                                                               sep="\t")  # fmt: skip
+    argv = gx(study, "--covars", "age,PC1", "--env", "sex", "--gtype", "free", "--etype", "free",
+              "--nonneg", out="weak.tsv")  # fmt: skip
+    i = argv.index("--bfile")
+    argv[i : i + 2] = ["--K", str(study.dir / "K_near_I.tsv")]
+    assert main(argv) == 0
+    vif = gxemm.kernel_vif(K, study.Z, "free", "free", levels=["1", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"ctmm-jax gxemm: warning: the GxE variance is weakly identified: kernel VIF sig2g_1 "
+        f"{vif['sig2g_1']:.3g}, sig2g_2 {vif['sig2g_2']:.3g} (above 10 "
+    ), err
+    meta = json.loads((study.dir / "weak.tsv.json").read_text())
+    assert meta["kernel_vif"] == pytest.approx(vif, rel=1e-10)
+    assert meta["weakly_identified"] == ["sig2g_1", "sig2g_2"]
+    got = pd.read_csv(study.dir / "weak.tsv", sep="\t", index_col=0)
+    with pytest.warns(gxemm.IdentifiabilityWarning):
+        free = gxemm.fit(study.y, study.X, K, study.Z, gtype="free", etype="free", nonneg=True)
+    hom = gxemm.fit(study.y, study.X, K, study.Z, gtype="hom", etype="free", nonneg=True)
+    expected = free.named_table(["1", "2"], hom=hom)
+    np.testing.assert_allclose(numeric(got), numeric(expected), **TIGHT)
 
 
 def test_bed_counts_logcpm_filter_and_intersect(study, capsys):

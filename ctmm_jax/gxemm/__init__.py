@@ -11,6 +11,7 @@ See model.py for the kernels, reml.py and he.py for the estimators, stats.py for
 from .api import GxEMMResult as GxEMMResult
 from .api import fit as fit
 from .api import gxe_tests as gxe_tests
+from .model import IdentifiabilityWarning as IdentifiabilityWarning
 from .model import kernel_vif as kernel_vif
 from .plink import grm as grm
 from .plink import read_genotypes as read_genotypes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
 import jax
@@ -12,7 +13,7 @@ import pandas as pd
 from .. import batching, checks, inference, status
 from ..status import Status
 from . import he, model, reml
-from .model import Inputs, check_inputs, standardize, variance_map
+from .model import IdentifiabilityWarning, Inputs, check_inputs, standardize, variance_map
 from .stats import lrt, mvwald_test, wald_test
 
 
@@ -30,7 +31,10 @@ class GxEMMResult:
     betas: fixed effects of [1, X] on X's own scale (REML: GLS of the standardised trait; HE:
     OLS of y); X's columns are centred and scaled inside (model.scale_design);
     converged, n_iter, status: per trait ('constant': not fitted, NaN estimates);
-    n_env: the number of environments K0 (columns of Z); nonneg: fitted with nonneg=True."""
+    n_env: the number of environments K0 (columns of Z); nonneg: fitted with nonneg=True;
+    kernel_vif: (k,) each kernel's variance inflation factor among the model's kernels, in
+    sig2s order (model.vif_of; shared by the traits); structure: how REML was computed
+    ('dense', 'lowrank' or 'eigen', reml.design_of; HE: the design's 'dense' or 'lowrank')."""
 
     sig2s: np.ndarray
     sig2Var: np.ndarray
@@ -49,6 +53,8 @@ class GxEMMResult:
     method: str
     n_env: int = 0  # K0, the number of environments (columns of Z)
     nonneg: bool = False
+    kernel_vif: np.ndarray | None = None  # (k,) model.vif_of, sig2s order
+    structure: str | None = None  # reml.design_of's structure
 
     @property
     def table(self) -> pd.DataFrame:
@@ -105,10 +111,12 @@ class GxEMMResult:
         return pd.DataFrame(cols)
 
     def trait(self, t: int) -> dict:
-        """The original's output list for trait t, as a dict."""
+        """The original's output list for trait t, as a dict (kernel_vif, shared by the traits,
+        as it is)."""
         many = self.sig2s.ndim == 2
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {k: v[t] if many and isinstance(v, np.ndarray) else v for k, v in values.items()}
+        return {k: v[t] if many and isinstance(v, np.ndarray) and k != "kernel_vif" else v
+                for k, v in values.items()}  # fmt: skip
 
 
 def gxe_tests(fit: GxEMMResult, hom: GxEMMResult | None = None) -> dict[str, np.ndarray]:
@@ -151,7 +159,7 @@ def gxe_tests(fit: GxEMMResult, hom: GxEMMResult | None = None) -> dict[str, np.
 def fit(
     y, X=None, K=None, Z=None, *, gtype: str = "hom", etype: str = "hom", method: str = "reml",
     S=None, max_iter: int = 100, tol: float = 1e-8, chunk_size: int | None = None,
-    nonneg: bool = False,
+    nonneg: bool = False, eigen: bool | None = None,
 ) -> GxEMMResult:  # fmt: skip
     """Fit GxEMM to one trait y (N) or many traits (T, N) sharing X, K (or genotypes S) and Z.
 
@@ -166,16 +174,38 @@ def fit(
     rounding noise up to unit variance). nonneg=True (REML) keeps the genetic variance
     components and the noise >= 0 (projected Newton): GxE components can end exactly at 0, and
     their LRT is then `lrt(..., boundary=True)`; with free noise and discrete environments each
-    environment's noise is kept >= 0 (reml.constrained_coordinates)."""
+    environment's noise is kept >= 0 (reml.constrained_coordinates).
+
+    eigen: REML for gtype = etype = 'hom' with dense K (Sigma = s_g K + s_e I) in K's
+    eigenbasis (reml.py, "eigen"): K = Q diag(lam) Q^T once, then O(N p^2) per trait and
+    iteration instead of O(N^3). None (default): whenever exact (that model with K); False:
+    the dense path; True: ValueError unless exact. The estimates are the dense path's up to
+    rounding (the same iterations).
+
+    Identifiability: each kernel's VIF among the model's kernels (model.vif_of, once per call,
+    kept in `kernel_vif`); when a GxE component's exceeds model.VIF_WARN (10) one
+    IdentifiabilityWarning names them (model.weak_gxe, levels env1, env2, ...)."""
     if method not in ("reml", "he"):
         raise ValueError(f"method={method!r}: use 'reml' or 'he'.")
     if not (int(max_iter) >= 1 and tol > 0):
         raise ValueError("max_iter must be >= 1 and tol > 0.")
+    if eigen not in (None, True, False):
+        raise ValueError(f"eigen={eigen!r}: use None (whenever exact), True or False.")
     one = np.ndim(y) == 1
     inputs = check_inputs(y, X, K, Z, S, gtype, etype)
-    design, lowrank = reml.design_of(inputs)
+    if eigen and not reml.eigen_exact(inputs):
+        raise ValueError(
+            f"eigen=True: the eigen path is exact only for gtype='hom', etype='hom' with a "
+            f"dense K (got gtype={gtype!r}, etype={etype!r}"
+            f"{', genotypes S' if inputs.K is None else ''}); use eigen=None."
+        )
+    vif = model.vif_of(inputs)
+    levels = [f"env{k + 1}" for k in range(inputs.K0)]
+    weak = model.weak_gxe(vif, gtype, etype, levels)
+    if weak:
+        warnings.warn(model.gxe_vif_message(weak), IdentifiabilityWarning, stacklevel=2)
+    design, structure = reml.design_of(inputs)  # dense or low rank: HE's design
     T = inputs.y.shape[0]
-    size = int(chunk_size or (256 if lowrank else 8))
     resid = inputs.y - inputs.y @ np.linalg.pinv(inputs.X).T @ inputs.X.T  # OLS on [1, X]
     flat = np.asarray(checks.no_variation(inputs.y, resid, axis=-1))  # (T,)
     checked = np.where(flat, Status.NO_VARIATION, Status.OK)
@@ -192,9 +222,13 @@ def fit(
         null = np.zeros((T, inputs.n_kernels))
         null[:, -1] = 1.0  # all noise: Sigma = I for the standardised trait
         starts = np.stack([np.nan_to_num(he_fit.sig2s, nan=0.0), null])
-        keys = dict(lowrank=lowrank, max_iter=int(max_iter), tol=float(tol), nonneg=bool(nonneg),
-                    discrete=inputs.discrete)  # fmt: skip
         fitted = np.flatnonzero(~flat)  # a flat trait cannot be standardised
+        if eigen is not False and len(fitted):
+            design, structure = reml.design_of(inputs, eigen=True)
+        size = int(chunk_size or {"dense": 8, "lowrank": 256, "eigen": 1024}[structure])
+        keys = dict(structure=structure, max_iter=int(max_iter), tol=float(tol),
+                    nonneg=bool(nonneg), discrete=inputs.discrete,
+                    batch=size if structure == "eigen" else None)  # fmt: skip
         if len(fitted):
             r = _chunks(
                 lambda ys, st: reml.fit_chunk(ys, st, design, **keys),
@@ -220,7 +254,7 @@ def fit(
     if one:
         out = {k: v[0] if isinstance(v, np.ndarray) else v for k, v in out.items()}
     return GxEMMResult(**out, gtype=gtype, etype=etype, method=method, n_env=inputs.K0,
-                       nonneg=bool(nonneg))  # fmt: skip
+                       nonneg=bool(nonneg), kernel_vif=vif, structure=structure)  # fmt: skip
 
 
 def _user_scale(betas, ll, A) -> dict:

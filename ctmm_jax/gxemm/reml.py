@@ -10,12 +10,18 @@ A = (X^T Sigma^-1 X)^-1:
                                             expected information, near the optimum)
     info_kl = 1/2 tr(P K_k P K_l)          (expected information, sig2Var = info^-1)
 
-Two structures share the core optimizer (optimize.fisher_scoring):
-- dense K (N x N): an iteration costs one Cholesky and one inverse of Sigma (O(N^3)) plus
+Three structures share the core optimizer (optimize.fisher_scoring); `design_of` picks one:
+- "dense", K (N x N): an iteration costs one Cholesky and one inverse of Sigma (O(N^3)) plus
   O(k N^2); the expected information (O(k N^3)) is computed once, at the optimum.
-- genotypes S (N x M): K_g = U_g U_g^T is low rank and the noise is diagonal, which is the core
-  CTMM likelihood with N blocks of one value, the noise kernels as block kernels and U as
-  random covariates (likelihood.py, Woodbury): O(N m^2 + m^3) per iteration, m = total rank.
+- "lowrank", genotypes S (N x M): K_g = U_g U_g^T is low rank and the noise is diagonal, which
+  is the core CTMM likelihood with N blocks of one value, the noise kernels as block kernels
+  and U as random covariates (likelihood.py, Woodbury): O(N m^2 + m^3) per iteration, m =
+  total rank.
+- "eigen", gtype = etype = 'hom' with dense K: Sigma = s_g K + s_e I shares K's eigenvectors,
+  K = Q diag(lam) Q^T, so with y~ = Q^T y and X~ = Q^T X (rotated once for all traits) Sigma is
+  diag(w), w = s_g lam + s_e, and every quantity above has a closed form over the eigenvalues
+  (as GCTA and FaST-LMM): O(N p^2) per iteration (`_eigen_value`). Exact, not an
+  approximation: REML is invariant to the orthogonal rotation Q^T.
 """
 
 from __future__ import annotations
@@ -137,6 +143,99 @@ def _lowrank_final(s, **kw):
     return score, info, beta, beta_cov
 
 
+# --- one dense K, hom noise: K's eigenbasis ---------------------------------------------------
+
+
+def eigen_exact(inputs) -> bool:
+    """Whether Sigma = sum_k s_k K_k is diagonal in one basis for every s: one dense genetic
+    kernel (gtype 'hom': K itself) and the noise kernel I alone (etype 'hom')."""
+    return (
+        inputs.K is not None
+        and inputs.K.shape[0] == 1
+        and inputs.noise.shape[0] == 1
+        and bool(np.all(inputs.noise == 1.0))
+    )
+
+
+def eigen_design(inputs) -> dict:
+    """K = Q diag(lam) Q^T (NumPy eigh, once): X~ = Q^T X (N, p), the kernels' diagonals in
+    that basis, genetic lam (1, N) and noise 1 (1, N), and Q (N, N) to rotate the traits
+    (`fit_chunk`, `nll`)."""
+    if not eigen_exact(inputs):
+        raise ValueError(
+            "the eigen path needs gtype='hom', etype='hom' and a dense K (Sigma = s_g K + "
+            "s_e I); other models are fitted on the dense or genotype path."
+        )
+    lam, Q = np.linalg.eigh(inputs.K[0])
+    return dict(
+        X=jnp.asarray(Q.T @ inputs.X), genetic=jnp.asarray(lam[None]),
+        noise=jnp.ones((1, len(lam))), Q=jnp.asarray(Q),
+    )  # fmt: skip
+
+
+def _eigen_w(s, genetic, noise):
+    """Sigma's eigenvalues w = sum_k s_k d_k (N,) and the kernels' diagonals D (k, N)."""
+    D = jnp.concatenate([genetic, noise])
+    return s @ D, D
+
+
+def _eigen_value(s, y, X, genetic, noise):
+    """(nll, cond) with Sigma = diag(w) (rotated y and X): 2 nll = sum log w_i
+    + log|X^T W X| + y^T W y - b^T (X^T W X)^-1 b + (N - p) log 2 pi, W = diag(1 / w),
+    b = X^T W y; cond = max w / min w, Sigma's condition number."""
+    N, p = X.shape
+    w, _ = _eigen_w(s, genetic, noise)
+    W = 1.0 / w
+    La = jnp.linalg.cholesky((X * W[:, None]).T @ X)
+    z = solve_triangular(La, X.T @ (W * y), lower=True)
+    nll2 = jnp.log(w).sum() + 2 * jnp.log(jnp.diagonal(La)).sum() + (W * y) @ y - z @ z
+    nll2 = nll2 + (N - p) * LOG_2PI
+    cond = w.max() / w.min()
+    feasible = (w.min() > 0) & jnp.isfinite(nll2) & (cond <= COND_MAX)
+    return jnp.where(feasible, 0.5 * nll2, jnp.inf), cond
+
+
+def _eigen_projection(s, X, genetic, noise):
+    """The pieces of P = W - B, B = G A G^T with G = W X (N, p) and A = (X^T W X)^-1:
+    D (k, N), W (N,), G, A and h = diag(B) (N,) (so diag(P) = W - h)."""
+    w, D = _eigen_w(s, genetic, noise)
+    W = 1.0 / w
+    G = X * W[:, None]
+    A = jnp.linalg.inv(X.T @ G)
+    h = jnp.einsum("ip,pq,iq->i", G, A, G)
+    return D, W, G, A, h
+
+
+def _eigen_py(y, W, G, A):
+    """P y = W y - G A G^T y = W (y - X beta), and beta = A G^T y."""
+    beta = A @ (G.T @ y)
+    return W * y - G @ beta, beta
+
+
+def _eigen_score_ai(s, y, X, genetic, noise):
+    """score_k = 1/2 (d_k . diag(P) - u_k . P y) and AI_kl = 1/2 u_k^T P u_l with
+    u_k = d_k o P y; P u = W u - G A G^T u: O(N p k) (the dense path's quantities)."""
+    D, W, G, A, h = _eigen_projection(s, X, genetic, noise)
+    Py, _ = _eigen_py(y, W, G, A)
+    u = D * Py  # (k, N): K_k P y
+    score = 0.5 * (D @ (W - h) - u @ Py)
+    uG = u @ G  # (k, p)
+    AI = 0.5 * ((u * W) @ u.T - uG @ A @ uG.T)
+    return score, AI, AI
+
+
+def _eigen_final(s, y, X, genetic, noise):
+    """Score, expected information, GLS beta and A at s. With P = W - B:
+    tr(P D_k P D_l) = sum_i W_i^2 d_ki d_li - 2 sum_i W_i h_i d_ki d_li + tr(A M_k A M_l),
+    M_k = G^T D_k G (p, p) (tr(W D_k B D_l) = sum_i W_i B_ii d_ki d_li: diagonal factors)."""
+    D, W, G, A, h = _eigen_projection(s, X, genetic, noise)
+    Py, beta = _eigen_py(y, W, G, A)
+    AM = A @ jnp.einsum("ip,ki,iq->kpq", G, D, G)  # (k, p, p): A M_k
+    info = 0.5 * ((D * (W * W - 2 * W * h)) @ D.T + jnp.einsum("kpq,lqp->kl", AM, AM))
+    score = 0.5 * (D @ (W - h) - (D * Py) @ Py)
+    return score, info, beta, A
+
+
 # --- one trait, then a batch ----------------------------------------------------------------
 
 
@@ -152,7 +251,7 @@ def constrained_coordinates(design: dict, nonneg: bool, discrete: bool):
     continuous environments) the noise of I is bounded and the e_k take any sign."""
     if not nonneg:
         return None, None
-    kg = design["K"].shape[0] if "K" in design else design["groups"].shape[0]
+    kg = _n_genetic(design)
     ke = design["noise"].shape[0]
     if not discrete or ke == 1:
         lower = np.concatenate([np.ones(kg, bool), np.zeros(ke - 1, bool), np.ones(1, bool)])
@@ -176,16 +275,30 @@ def _in_coordinates(value, score_info, B):
     return value_theta, score_info_theta
 
 
-def _fit_one(y, s_starts, design, *, lowrank: bool, max_iter: int, tol: float,
+def _n_genetic(design: dict) -> int:
+    """The number of genetic kernels of a design (any structure)."""
+    for key, axis in (("K", 0), ("groups", 0), ("genetic", 0)):
+        if key in design:
+            return design[key].shape[axis]
+    raise KeyError("design: no genetic kernels")
+
+
+# (value, score_info, final) of one trait for each structure of `design_of`
+STRUCTURES = {
+    "dense": (_dense_value, _dense_score_ai, _dense_final),
+    "lowrank": (_lowrank_value, _lowrank_score_info, _lowrank_final),
+    "eigen": (_eigen_value, _eigen_score_ai, _eigen_final),
+}
+
+
+def _fit_one(y, s_starts, design, *, structure: str, max_iter: int, tol: float,
              nonneg: bool = False, discrete: bool = False) -> Fit:  # fmt: skip
-    """Fisher scoring (dense: with the average information) from the most likely of the start
-    values s_starts (n_starts, k); under nonneg projected Newton (optimize.fisher_scoring with
-    bounds) in the coordinates of `constrained_coordinates`, the starts projected onto them."""
-    value, score_info, final = (
-        (_lowrank_value, _lowrank_score_info, _lowrank_final)
-        if lowrank
-        else (_dense_value, _dense_score_ai, _dense_final)
-    )
+    """Fisher scoring (dense and eigen: with the average information) from the most likely of
+    the start values s_starts (n_starts, k); under nonneg projected Newton
+    (optimize.fisher_scoring with bounds) in the coordinates of `constrained_coordinates`, the
+    starts projected onto them. y and design as the structure's functions take them (eigen:
+    rotated, `rotate`)."""
+    value, score_info, final = STRUCTURES[structure]
     value_, score_info_ = partial(value, y=y, **design), partial(score_info, y=y, **design)
     B, lower = constrained_coordinates(design, nonneg, discrete)
     if B is not None:
@@ -207,25 +320,53 @@ def _fit_one(y, s_starts, design, *, lowrank: bool, max_iter: int, tol: float,
                state.n_iter, state.status)  # fmt: skip
 
 
-@partial(jax.jit, static_argnames=("lowrank", "max_iter", "tol", "batch", "nonneg", "discrete"))
-def fit_chunk(y, starts, design, *, lowrank, max_iter, tol, batch=None, nonneg=False,
+def rotate(y, design: dict, structure: str):
+    """(y, design) as the structure's per-trait functions take them: for "eigen" the traits
+    rotated to K's eigenbasis, y (T, N) -> y Q (each row Q^T y), and Q dropped from the
+    design; unchanged otherwise."""
+    if structure != "eigen":
+        return y, design
+    design = dict(design)
+    return y @ design.pop("Q"), design
+
+
+@partial(jax.jit, static_argnames=("structure", "max_iter", "tol", "batch", "nonneg",
+                                   "discrete"))  # fmt: skip
+def fit_chunk(y, starts, design, *, structure, max_iter, tol, batch=None, nonneg=False,
               discrete=False) -> Fit:  # fmt: skip
     """REML for traits y (T, N) from start values starts (n_starts, T, k): `batch` traits at a
-    time are vmapped (None: one at a time; a trait is O(N^3) dense work, which a CPU runs best
-    as plain matrix products, while a GPU gains from batching)."""
-    one = partial(_fit_one, design=design, lowrank=lowrank, max_iter=max_iter, tol=tol,
+    time are vmapped (None: one at a time; a dense trait is O(N^3) work, which a CPU runs best
+    as plain matrix products, while a GPU gains from batching; an eigen trait is O(N p^2) per
+    iteration, too little work to run alone)."""
+    y, design = rotate(y, design, structure)
+    batch = None if batch is None else min(batch, y.shape[0])
+    one = partial(_fit_one, design=design, structure=structure, max_iter=max_iter, tol=tol,
                   nonneg=nonneg, discrete=discrete)  # fmt: skip
     return jax.lax.map(lambda a: one(*a), (y, jnp.swapaxes(starts, 0, 1)), batch_size=batch)
 
 
-def nll(s, y, design: dict, lowrank: bool) -> jax.Array:
-    """REML negative log-likelihood of one trait at sig2s s (for tests and profiles)."""
-    return (_lowrank_value if lowrank else _dense_value)(s, y=y, **design)[0]
+def nll(s, y, design: dict, structure: str) -> jax.Array:
+    """REML negative log-likelihood of one trait y (N,) at sig2s s (for tests and profiles)."""
+    y, design = rotate(y, design, structure)
+    return STRUCTURES[structure][0](s, y=y, **design)[0]
 
 
-def design_of(inputs) -> tuple[dict, bool]:
-    """Device arrays shared by the traits, and whether the genetic kernels are low rank."""
+def moments(s, y, design: dict, structure: str):
+    """(score, average information, expected information) of one trait y (N,) at sig2s s
+    (for tests): every structure's, in sig2s order."""
+    y, design = rotate(y, design, structure)
+    _, score_info, final = STRUCTURES[structure]
+    return score_info(s, y=y, **design)[:2] + final(s, y=y, **design)[1:2]
+
+
+def design_of(inputs, eigen: bool = False) -> tuple[dict, str]:
+    """Device arrays shared by the traits and their structure: "lowrank" with genotypes,
+    "eigen" when asked for and exact (`eigen_exact`: gtype = etype = 'hom' with dense K),
+    "dense" otherwise."""
     X, noise = jnp.asarray(inputs.X), jnp.asarray(inputs.noise)
-    if inputs.K is not None:
-        return dict(X=X, K=jnp.asarray(inputs.K), noise=noise), False
-    return dict(X=X, U=jnp.asarray(inputs.U), groups=jnp.asarray(inputs.groups), noise=noise), True
+    if inputs.K is None:
+        U, groups = jnp.asarray(inputs.U), jnp.asarray(inputs.groups)
+        return dict(X=X, U=U, groups=groups, noise=noise), "lowrank"
+    if eigen and eigen_exact(inputs):
+        return eigen_design(inputs), "eigen"
+    return dict(X=X, K=jnp.asarray(inputs.K), noise=noise), "dense"
