@@ -245,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctnu", help="original-format ctnu file (with --y, --shape ctp)")
     p.add_argument("--nu", help="original-format nu file (with --y, --shape op)")
     p.add_argument(
+        "--n-cells",
+        help="cells behind each value, same layout as P (with --y, --shape ctp): the noise is "
+        "then pooled over donors (--noise pooled, the default) instead of the plug-in ctnu",
+    )
+    p.add_argument(
         "--shape",
         choices=("ctp", "op"),
         default="ctp",
@@ -805,8 +810,12 @@ def _load_data(args):
         if args.genes or chunk or args.std:
             raise UserError("--genes, --chunk and --std need a dataset (the files hold one gene).")
         y, P = _existing(args.y, "--y"), _existing(args.P, "--P")
+        if args.n_cells is not None and args.shape != "ctp":
+            raise UserError("--n-cells: pools the CTP noise; use it with --shape ctp and --ctnu.")
         if args.shape == "ctp":
-            data = CTPData.from_files(y=y, P=P, ctnu=_existing(args.ctnu, "--ctnu"))
+            n_cells = None if args.n_cells is None else _existing(args.n_cells, "--n-cells")
+            data = CTPData.from_files(y=y, P=P, ctnu=_existing(args.ctnu, "--ctnu"),
+                                      n_cells=n_cells)  # fmt: skip
         else:
             data = OPData.from_files(y=y, P=P, nu=_existing(args.nu, "--nu"))
         selected = list(data.genes)
@@ -848,7 +857,7 @@ def _fit_inputs(args) -> dict[str, str | None]:
         files = {"dataset": args.dataset}
     else:
         noise = {"ctnu": args.ctnu} if args.shape == "ctp" else {"nu": args.nu}
-        files = {"y": args.y, "P": args.P, **noise}
+        files = {"y": args.y, "P": args.P, **noise, "n_cells": args.n_cells}
     for option in ("fixed", "random"):
         for spec in getattr(args, option):
             name, _, path = spec.partition("=")
@@ -893,7 +902,9 @@ def run_fit(args) -> None:
         raise UserError(f"--devices: {err}") from None
 
     if data.n_cells is None and args.noise == "pooled":
-        raise UserError("--noise pooled: needs cell counts, which only a dataset has.")
+        raise UserError(
+            "--noise pooled: needs cell counts: a dataset, or --n-cells with the original's files."
+        )
     if data.n_cells is None and args.noise is None:
         print(f"ctmm-jax fit: warning: {noise.plugin_warning(data)}", file=sys.stderr)
     options = dict(noise=noise.resolve(data, args.noise),

@@ -341,12 +341,15 @@ class CTPData:
 
     @classmethod
     def from_files(
-        cls, y: str | PathLike, P: str | PathLike, ctnu: str | PathLike, gene: str = "gene"
-    ) -> CTPData:
+        cls, y: str | PathLike, P: str | PathLike, ctnu: str | PathLike, gene: str = "gene",
+        n_cells: str | PathLike | None = None,
+    ) -> CTPData:  # fmt: skip
         """One gene from the original CTMM text files (whitespace separated, no header, one row
-        per donor, one column per cell type; .gz is fine)."""
+        per donor, one column per cell type; .gz is fine); n_cells: a file of the cells behind
+        each value, in the same layout (then the noise can be pooled, noise.py)."""
         Y, ctnu = _loadtxt(y, "y (CTP file)", 2), _loadtxt(ctnu, "ctnu file", 2)
-        return cls.from_arrays(Y, ctnu, _loadtxt(P, "P file", 2), genes=[gene])
+        cells = None if n_cells is None else _loadtxt(n_cells, "n_cells file", 2)
+        return cls.from_arrays(Y, ctnu, _loadtxt(P, "P file", 2), genes=[gene], n_cells=cells)
 
 
 @dataclass(frozen=True)

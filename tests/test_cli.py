@@ -764,3 +764,28 @@ def test_truncated_h5ad_and_nan_input_name_the_file(tenx, capsys):
                  "-o", str(d / "pb.npz")]) == 1  # fmt: skip
     line = one_error_line(capsys.readouterr().err, "pseudobulk")
     assert "x.tsv: 1 non-finite values" in line and "(cell 'AAAC00003-1', gene 'g2')" in line
+
+
+def test_original_files_with_cell_counts_pool_the_noise(tmp_path, capsys):
+    """--n-cells with the original's one-gene files: the fit pools the noise (no plug-in
+    warning) and equals the library's fit of the same arrays with their cell counts."""
+    rng = np.random.default_rng(5)
+    N, C = 30, 3
+    n_cells = rng.integers(5, 40, size=(N, C)).astype(float)
+    P = rng.dirichlet(np.ones(C), size=N)
+    Y = rng.normal(size=(N, C)) + rng.normal(size=(N, 1))
+    ctnu = rng.gamma(4.0, 0.25, size=(N, C)) / n_cells
+    files = {"y": Y, "P": P, "ctnu": ctnu, "n-cells": n_cells}
+    for name, values in files.items():
+        np.savetxt(tmp_path / f"{name}.txt", values)
+    args = [f"--{k}={tmp_path / k}.txt" for k in files]
+    out = tmp_path / "one.tsv"
+    assert main(["fit", "-q", *args, "--model", "free", "-o", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    one = cj.CTPData.from_arrays(Y[None], ctnu[None], P, genes=["gene"], n_cells=n_cells)
+    expected = cj.fit(one, "free", "reml").table
+    assert json.loads(Path(f"{out}.json").read_text())["noise"] == "pooled"
+    np.testing.assert_allclose(numeric(read(out)), numeric(expected), **TIGHT)
+    op = ["fit", "-q", *args[:2], f"--nu={tmp_path / 'y.txt'}", args[3], "--shape", "op"]
+    assert main([*op, "-o", str(out), "--force"]) == 1
+    assert "--n-cells" in one_error_line(capsys.readouterr().err, "fit")
