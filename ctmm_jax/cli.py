@@ -823,6 +823,8 @@ def _load_data(args):
     else:
         if args.y is not None:
             raise UserError("give either a dataset or --y/--P files, not both.")
+        if args.n_cells is not None:
+            raise UserError("--n-cells: goes with the original's files; a dataset has its counts.")
         try:
             pb = preprocess.Pseudobulk.load(_existing(args.dataset, "dataset"))
         except ValueError as err:

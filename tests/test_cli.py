@@ -789,3 +789,5 @@ def test_original_files_with_cell_counts_pool_the_noise(tmp_path, capsys):
     op = ["fit", "-q", *args[:2], f"--nu={tmp_path / 'y.txt'}", args[3], "--shape", "op"]
     assert main([*op, "-o", str(out), "--force"]) == 1
     assert "--n-cells" in one_error_line(capsys.readouterr().err, "fit")
+    assert main(["fit", "-q", "pb.npz", args[3], "-o", str(out), "--force"]) == 1
+    assert "--n-cells" in one_error_line(capsys.readouterr().err, "fit")
