@@ -180,3 +180,28 @@ def test_float32_he_agrees_with_float64_and_reml_is_refused():
     assert not np.array_equal(t32["hom2"], t64["hom2"])  # it did run in float32
     with pytest.raises(ValueError, match="float32"):
         cj.fit(data, "free", "reml", precision="float32")
+
+
+@pytest.mark.parametrize("n_groups", [None, 4])
+def test_partition_jackknife_closed_form_equals_replicate_by_replicate(n_groups):
+    """The closed form for replicates that partition the donors (leave-one-out: None; 4
+    delete-m blocks) equals `he_jackknife_chunk`, which refits each replicate from its masked
+    residuals (CLOSED_FORM tolerance), with a fixed covariate in the design."""
+    import jax.numpy as jnp
+
+    from ctmm_jax.blocks import to_blocks
+    from ctmm_jax.estimators import he
+
+    data = small_data("ctp", G=6, N=15, seed=2)
+    pcs = np.random.default_rng(3).normal(size=(15, 2))
+    b = to_blocks(data, "free", pcs)
+    groups = np.arange(15) if n_groups is None else np.arange(15) % n_groups
+    keep = (groups[None] != np.unique(groups)[:, None]).astype(float)
+    design = b.design()
+    nm = he.jackknife_normals(design, jnp.asarray(keep))
+    y, noise = jnp.asarray(b.y), jnp.asarray(b.noise)
+    drop = None if n_groups is None else jnp.asarray(1.0 - keep)
+    closed = he.he_jackknife_partition(y, noise, design, drop, nm.QtQ)
+    direct = he.he_jackknife_chunk(y, noise, design, jnp.asarray(keep), nm)
+    for name in ("phi", "beta", "outcome"):
+        assert_allclose(getattr(closed, name), getattr(direct, name), **CLOSED_FORM)
