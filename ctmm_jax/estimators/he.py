@@ -35,6 +35,9 @@ from . import Estimates, Problems
 from .mlreml import design_axes, gls, over_genes
 
 NORMALS_BATCH = 16  # jackknife replicates whose normal equations are computed together
+# the closed-form partition jackknife holds per-donor p x p tensors (`_partition_bytes`); past
+# this size a batch takes the replicate-by-replicate path, whose memory does not grow with p^2
+PARTITION_BYTES = 256 * 2**20
 
 
 class Normal(NamedTuple):
@@ -248,13 +251,26 @@ def run_he_jackknife(
         return _run(None, per_gene, (), (keep,), blocks, genes, chunk_size, mesh)
     design = blocks.design()
     normals = jackknife_normals(design, keep)
-    if _partition(np.asarray(keep)) and design.E.shape[1] == 1 and design.U is None:
+    if (
+        _partition(np.asarray(keep))
+        and design.E.shape[1] == 1
+        and design.U is None
+        and (_partition_bytes(design, min(chunk_size, len(genes))) <= PARTITION_BYTES)
+    ):
         loo = keep.shape[0] == keep.shape[1] and bool(np.all(np.diag(np.asarray(keep)) == 0))
         drop = None if loo else 1.0 - keep
         return _run(he_jackknife_partition, per_gene, (drop, normals.QtQ), (keep,), blocks,
                     genes, chunk_size, mesh)  # fmt: skip
     return _run(he_jackknife_chunk, per_gene, (keep, normals), (keep,), blocks, genes,
                 chunk_size, mesh)  # fmt: skip
+
+
+def _partition_bytes(design: Design, batch: int) -> int:
+    """Bytes of the largest per-donor tensor of `he_jackknife_partition` (Omega: batch x N x
+    k x p x p doubles)."""
+    (X, _), E = design.full, design.E
+    N, _, p = X.shape
+    return 8 * batch * N * E.shape[0] * p * p
 
 
 def _partition(keep: np.ndarray) -> bool:
