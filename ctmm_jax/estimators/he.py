@@ -138,6 +138,13 @@ def jackknife_normals(design, keep) -> Normal:
 
 
 @jax.jit
+def jackknife_gram(design, keep) -> jax.Array:
+    """QtQ (R, k, k) of the replicates of keep alone (`jackknife_normals` without the
+    diag_MKM that only the replicate-by-replicate path uses; XLA drops their computation)."""
+    return jackknife_normals(design, keep).QtQ
+
+
+@jax.jit
 def he_jackknife_chunk(y, noise, design, keep, normals: Normal) -> HEFit:
     """Jackknife HE for a batch of genes: (G, R, k) and (G, R, p) for the R replicates of
     keep with their normal equations (`jackknife_normals`, computed once for all batches),
@@ -249,18 +256,18 @@ def run_he_jackknife(
     per_gene = he_jackknife_chunk_per_gene
     if blocks.mask is not None or blocks.per_gene:  # `_run` takes the per-gene path
         return _run(None, per_gene, (), (keep,), blocks, genes, chunk_size, mesh)
-    design = blocks.design()
-    normals = jackknife_normals(design, keep)
+    design, keep_host = blocks.design(), np.asarray(keep)
     if (
-        _partition(np.asarray(keep))
+        _partition(keep_host)
         and design.E.shape[1] == 1
         and design.U is None
-        and (_partition_bytes(design, min(chunk_size, len(genes))) <= PARTITION_BYTES)
+        and _partition_bytes(design, min(chunk_size, len(genes))) <= PARTITION_BYTES
     ):
-        loo = keep.shape[0] == keep.shape[1] and bool(np.all(np.diag(np.asarray(keep)) == 0))
-        drop = None if loo else 1.0 - keep
-        return _run(he_jackknife_partition, per_gene, (drop, normals.QtQ), (keep,), blocks,
-                    genes, chunk_size, mesh)  # fmt: skip
+        loo = np.array_equal(keep_host, 1.0 - np.eye(len(keep_host)))
+        extra = (None if loo else 1.0 - keep, jackknife_gram(design, keep))
+        return _run(he_jackknife_partition, per_gene, extra, (keep,), blocks, genes,
+                    chunk_size, mesh)  # fmt: skip
+    normals = jackknife_normals(design, keep)
     return _run(he_jackknife_chunk, per_gene, (keep, normals), (keep,), blocks, genes,
                 chunk_size, mesh)  # fmt: skip
 
