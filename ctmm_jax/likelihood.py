@@ -43,6 +43,25 @@ LOG_2PI = jnp.log(2.0 * jnp.pi)
 COND_MAX = 1e8  # feasible region: max_i |Sigma_i|_F * max_i |Sigma_i^-1|_F <= COND_MAX
 
 
+class Within(NamedTuple):
+    """The cells of each (donor, cell type) pair, (N, C) each, 0 where no pair is observed:
+    dof = n_ic - 1 and ss = sum_k (y_ick - ybar_ic)^2 (the within-pair sum of squares)."""
+
+    dof: jax.Array
+    ss: jax.Array
+
+
+class CellNoise(NamedTuple):
+    """The `noise` argument of a gene under noise="cells" (estimators, noise.py): values with
+    noise variance fixed + sum_c s2_c loadings_ic, s2 fitted. fixed: (N, b); loadings, dof,
+    ss: (N, C) (`Within`). Everywhere else `noise` is the (N, b) array of known variances."""
+
+    fixed: jax.Array
+    loadings: jax.Array
+    dof: jax.Array
+    ss: jax.Array
+
+
 class GeneData(NamedTuple):
     """One gene in block form.
 
@@ -61,7 +80,10 @@ class GeneData(NamedTuple):
     traces in O(N b^2) (rankone.py) instead of O(N b^4); X_i must be I_b (CTP);
     loadings: (N, n_l) or None: n_l more kernels, their weights after the model's: per donor
     diag(loadings_i o e_c) (CTP, n_l = b) or the scalars loadings_ic (OP, b = 1), e.g. d Sigma /
-    d s2_c of the pooled within-pair variances (nulltest.py).
+    d s2_c of the pooled within-pair variances (nulltest.py);
+    within: the cells behind the values, for the exact likelihood of noise="cells"
+    (`Within`): the weights of the n_l = C loadings are then the within-pair variances s2_c,
+    and the NLL adds the cells' within-pair term (`within_nll2`).
     """
 
     y: jax.Array
@@ -74,6 +96,7 @@ class GeneData(NamedTuple):
     groups: jax.Array | None = None
     diag_j: jax.Array | None = None
     loadings: jax.Array | None = None
+    within: Within | None = None
 
     @property
     def n_kernels(self) -> int:
@@ -287,9 +310,49 @@ def factor(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Factor:
     nll2 = logdet + jnp.sum(d.y * u) + n_observed(d) * LOG_2PI
     # reml may be traced: ML and REML share one compiled program
     nll2 = nll2 + jnp.where(reml, linalg.logdet_from_cholesky(Lx) - p * LOG_2PI, 0.0)
+    if d.within is not None:  # static: noise="cells"
+        nll2 = nll2 + within_nll2(phi, d)
     feasible = jnp.isfinite(nll2) & (cond <= COND_MAX)
     nll = jnp.where(feasible, 0.5 * nll2, jnp.inf)
     return Factor(W, WX1, S, mme_inv, M, u, gamma[:p], nll, cond, r1)
+
+
+def _within(d: GeneData, phi: jax.Array):
+    """(s2 (C,), dof, ss (N, C)) of the cells model: the weights of the loadings, and the
+    cells of the observed pairs (a missing value or left-out donor contributes nothing)."""
+    n_e, C = d.E.shape[0], d.within.dof.shape[1]
+    m = 1.0 if d.mask is None else d.mask  # (N, C) CTP, (N, 1) OP
+    return phi[n_e : n_e + C], d.within.dof * m, d.within.ss * m
+
+
+def within_nll2(phi: jax.Array, d: GeneData) -> jax.Array:
+    """Twice the NLL of the cells' deviations from their pair means (noise="cells"). Given
+    the pair's effects the n_ic cells are iid N(mean, s2_c), and their density factorises
+    into that of the mean, N(ybar_ic; ., s2_c / n_ic) (the pseudobulk likelihood), times
+
+        (2 pi s2_c)^(-(n_ic - 1)/2) n_ic^(-1/2) exp(-ss_ic / (2 s2_c)),
+
+    so the sum of the two is the log-likelihood of the cells themselves:
+    2 nll_within = sum_ic (n_ic - 1)(log 2 pi + log s2_c) + log n_ic + ss_ic / s2_c.
+    +inf unless every s2_c > 0."""
+    s2, dof, ss = _within(d, phi)
+    safe = jnp.where(s2 > 0, s2, 1.0)  # finite gradients where infeasible
+    used = dof > 0
+    terms = dof * (LOG_2PI + jnp.log(safe)) + jnp.log1p(dof) + ss / safe
+    return jnp.where(jnp.all(s2 > 0), jnp.where(used, terms, 0.0).sum(), jnp.inf)
+
+
+def _add_within(phi, d: GeneData, score, info, hess):
+    """The within-pair term's score 1/2 sum_i (dof/s2 - ss/s2^2), expected information
+    1/2 sum_i dof/s2^2 and Hessian 1/2 sum_i (2 ss/s2^3 - dof/s2^2) on the s2 coordinates."""
+    s2, dof, ss = _within(d, phi)
+    D, SS = dof.sum(0), ss.sum(0)
+    idx = d.E.shape[0] + jnp.arange(s2.shape[0])
+    return (
+        score.at[idx].add(0.5 * (D / s2 - SS / s2**2)),
+        info.at[idx, idx].add(0.5 * D / s2**2),
+        hess.at[idx, idx].add(0.5 * (2.0 * SS / s2**3 - D / s2**2)),
+    )
 
 
 def nll(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> jax.Array:
@@ -405,7 +468,10 @@ def moments(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Moments:
     Q = t.uKWKu - ZtWKu @ f.mme_inv @ ZtWKu.T  # y'Pi K_k Pi K_l Pi y
     if d.U is not None:
         score, info, Q = _add_random(d, f, F, ZtWKu, Nj, reml, score, info, Q)
-    return Moments(f.nll, f.cond, score, info, Q - info, f.beta, f.mme_inv[:p, :p])
+    hess = Q - info
+    if d.within is not None:  # static: noise="cells"
+        score, info, hess = _add_within(phi, d, score, info, hess)
+    return Moments(f.nll, f.cond, score, info, hess, f.beta, f.mme_inv[:p, :p])
 
 
 def donor_scores(phi: jax.Array, d: GeneData, reml: bool | jax.Array):
@@ -424,6 +490,10 @@ def donor_scores(phi: jax.Array, d: GeneData, reml: bool | jax.Array):
     E = jnp.broadcast_to(E, (E.shape[0], N, b, b))
     s = 0.5 * (jnp.einsum("nab,knba->nk", P, E) - jnp.einsum("na,knab,nb->nk", f.u, E, f.u))
     g = jnp.concatenate([jnp.einsum("nap,na->np", d.X, f.u), f.u.sum(1)[:, None] * FU], 1)
+    if d.within is not None:  # static: each donor's cells, 1/2 (dof_ic / s2_c - ss_ic / s2_c^2)
+        s2, dof, ss = _within(d, phi)
+        n_e = d.E.shape[0]
+        s = s.at[:, n_e : n_e + s2.shape[0]].add(0.5 * (dof / s2 - ss / s2**2))
     return s, g
 
 
