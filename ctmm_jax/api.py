@@ -79,9 +79,10 @@ def fit(
             method of moments, he.py).
         noise: the noise variances (noise.py): "pooled" (each cell type's within-pair
             variance pooled over donors, divided by the pair's cells; the default when the
-            data carry cell counts) or "plugin" (ctnu / nu as given, treated as known; the
-            default otherwise, with a warning: with few cells per pair it inflates the test
-            of V).
+            data carry cell counts), "cells" (the exact likelihood of Gaussian cells: the
+            within-pair variances s2_c are fitted with the model and reported as `s2_<ct>`;
+            ML/REML) or "plugin" (ctnu / nu as given, treated as known; the default
+            otherwise, with a warning: with few cells per pair it inflates the test of V).
         jackknife: also refit with each donor left out (True) or, with k (an int), with
             each of k groups of donors left out (the delete-m block jackknife: k fits per gene
             instead of N; jackknife.donor_groups), and add jackknife standard errors and Wald
@@ -157,7 +158,12 @@ def fit(
         raise ValueError(
             "jax_enable_x64 is off; ctmm_jax needs float64 (importing it turns it on)."
         )
-    data, noise, s2_var = noise_models.apply(data, noise)
+    if noise == "cells" and method == "he":
+        raise ValueError(
+            "noise='cells' is a likelihood (the s2_c are fitted with the model): use method="
+            "'ml' or 'reml', or noise='pooled' with HE."
+        )
+    data, noise, s2_var, cells = noise_models.apply(data, noise)
     G, N, C = data.shape
     if method == "he" and not models.get(model).linear:
         raise ValueError(
@@ -166,7 +172,7 @@ def fit(
         )
     covars = Covariates.build(fixed_covars, data.donors)
     random = Covariates.build(random_covars, data.donors, kind="random")
-    blocks = to_blocks(data, model, covars.matrix, random.matrix, random.groups)
+    blocks = to_blocks(data, model, covars.matrix, random.matrix, random.groups, cells)
     n_var = models.n_var(model, C) + len(random.values)
     n_par = n_var + blocks.n_fixed
     name = "CTP design" if isinstance(data, CTPData) else "OP design (P)"

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import likelihood, models
+from . import noise as noise_models
 from .data import CTPData, OPData
 from .likelihood import GeneData
 
@@ -52,6 +53,7 @@ class Blocks(NamedTuple):
     groups: np.ndarray | None = None  # (n_rand, m)
     mask: np.ndarray | None = None  # (G, N, b)
     diag_j: np.ndarray | None = None  # (n_var, b + 1), likelihood.GeneData.diag_j
+    cells: noise_models.Cells | None = None  # noise="cells": noise is then 0 (its fixed part)
 
     @property
     def per_gene(self) -> bool:
@@ -64,12 +66,21 @@ class Blocks(NamedTuple):
         arrays = (X, E, self.F, self.U, self.groups, self.diag_j)
         return Design(*(None if a is None else jnp.asarray(a) for a in arrays))
 
+    def noise_of(self, genes: np.ndarray):
+        """The `noise` argument of the estimators for `genes` (device arrays): the known
+        variances (len(genes), N, b), or under noise="cells" a likelihood.CellNoise."""
+        noise = jnp.asarray(self.noise[genes])
+        if self.cells is None:
+            return noise
+        return likelihood.CellNoise(noise, *(jnp.asarray(a[genes]) for a in self.cells))
+
     def gene(self, g: int) -> GeneData:
         """Gene g as likelihood.GeneData (device arrays), e.g. to evaluate its likelihood."""
         X, E = (self.X[g], self.E[g]) if self.per_gene else (self.X, self.E)
         mask = None if self.mask is None else self.mask[g]
         arrays = (self.y[g], self.noise[g], X, E, mask, self.F, self.U, self.groups, self.diag_j)
-        return GeneData(*(None if a is None else jnp.asarray(a) for a in arrays))
+        d = GeneData(*(None if a is None else jnp.asarray(a) for a in arrays))
+        return d if self.cells is None else with_cells(d, self.noise_of(g))
 
     @property
     def n_fixed(self) -> int:
@@ -100,15 +111,35 @@ class Blocks(NamedTuple):
         return 8 * (doubles + 4 * N * b)
 
 
+def with_cells(d: GeneData, noise) -> GeneData:
+    """d with the estimators' `noise` argument: known variances (an array) as they are, or a
+    likelihood.CellNoise (noise="cells"): its fixed part, the loadings of the s2_c and the
+    within-pair term."""
+    if not isinstance(noise, likelihood.CellNoise):
+        return d._replace(noise=noise)
+    return d._replace(noise=noise.fixed, loadings=noise.loadings,
+                      within=likelihood.Within(noise.dof, noise.ss))  # fmt: skip
+
+
 def to_blocks(
     data: CTPData | OPData, model: str, F: np.ndarray | None = None,
     R: np.ndarray | None = None, groups: np.ndarray | None = None,
+    cells: noise_models.Cells | None = None,
 ) -> Blocks:  # fmt: skip
     """CTP: N blocks of C values, X_i = I_C, kernels E_k; OP: N scalars, X_i = P_i^T, kernels
     P_i^T E_k P_i. The covariates stay donor-level (likelihood.GeneData): the full design is
     [X_i, 1_b f_i^T] and the random part 1_b r_i^T (R R^T (x) J_C for CTP).
     F: (N, k) fixed covariates (design.md 2-3: one coefficient per covariate, shared by the cell
-    types); R: (N, m) random-covariate designs side by side, groups (n_rand, m) their columns."""
+    types); R: (N, m) random-covariate designs side by side, groups (n_rand, m) their columns;
+    cells: noise="cells" (noise.Cells): the noise variances are then fitted, s2_c loadings_ic,
+    and the blocks' known noise is 0."""
+    blocks = _blocks(data, model, F, R, groups)
+    if cells is None:
+        return blocks
+    return blocks._replace(noise=np.zeros_like(blocks.noise), cells=cells)
+
+
+def _blocks(data, model, F, R, groups) -> Blocks:
     G, N, C = data.shape
     F = np.zeros((N, 0)) if F is None else F
     E = models.kernels(model, C)
@@ -149,7 +180,16 @@ def residual_variance(d: GeneData) -> jax.Array:
 
 def start_values(d: GeneData, model: str, C: int) -> jax.Array:
     """Start parameters phi of one gene (models.start_values): the mean squared OLS residual
-    shared by the model's parts and the random covariates, as the original CTMM. Positive
-    definite whenever that residual is > 0."""
+    shared by the model's parts and the random covariates, as the original CTMM, and under
+    noise="cells" the pooled within-pair variances sum_i ss_ic / sum_i dof_ic (1 where a cell
+    type has no pair with 2 cells or more) before the r2. Positive definite whenever that
+    residual is > 0."""
     n_rand = 0 if d.groups is None else d.groups.shape[0]
-    return models.start_values(residual_variance(d), model, C, n_rand)
+    phi = models.start_values(residual_variance(d), model, C, n_rand)
+    if d.within is None:
+        return phi
+    m = 1.0 if d.mask is None else d.mask
+    dof, ss = (d.within.dof * m).sum(0), (d.within.ss * m).sum(0)
+    s2 = jnp.where((dof > 0) & (ss > 0), ss / jnp.where(dof > 0, dof, 1.0), 1.0)
+    k = models.n_var(model, C)
+    return jnp.concatenate([phi[:k], s2, phi[k:]])

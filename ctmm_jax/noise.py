@@ -10,7 +10,14 @@ SS_gic = ctnu_gic n_ic (n_ic - 1) over the donors observed for each gene and cel
 
     s2_gc = sum_i SS_gic / sum_i (n_ic - 1),    ctnu_gic = s2_gc / n_ic,
 
-and OP uses nu_gi = sum_c P_ic^2 s2_gc / n_ic. Under either model a value whose noise variance
+and OP uses nu_gi = sum_c P_ic^2 s2_gc / n_ic.
+
+"cells" is the exact likelihood of the cells (Gaussian within a pair, variance s2_gc): the
+pseudobulk likelihood with noise s2_gc / n_ic (OP: sum_c P_ic^2 s2_gc / n_ic) plus the
+within-pair term of the cells' deviations from their pair means (likelihood.within_nll2),
+with s2_g1..s2_gC C more parameters fitted jointly with the model's (ML and REML; the tests of
+V then treat them as nuisance parameters, refitted under the null). It uses the same values
+as "pooled" and needs the same cell counts. Under every model a value whose noise variance
 is 0 (every cell equal, usually all zero) is missing for the fit: it would claim the value is
 known exactly and make the donor's covariance singular as V_c -> 0.
 """
@@ -26,7 +33,7 @@ from scipy import stats
 
 from .data import CTPData, OPData
 
-NOISE = ("pooled", "plugin")
+NOISE = ("pooled", "cells", "plugin")
 
 
 class PluginNoiseWarning(UserWarning):
@@ -71,13 +78,25 @@ def pooled_ctnu(ctnu: np.ndarray, n_cells: np.ndarray, observed: np.ndarray) -> 
     return _ctnu_from_s2(pooled_s2(ctnu, n_cells, observed)[0], n_cells, ctnu)
 
 
+class Cells(NamedTuple):
+    """The cells behind each value for noise="cells" (likelihood.CellNoise), (G, N, C) each, 0
+    where a pair is not in the fit: loadings d noise / d s2_c (CTP 1 / n_ic, OP P_ic^2 / n_ic),
+    dof = n_ic - 1 and ss = ctnu_ic n_ic (n_ic - 1) of the pairs with a within-pair variance."""
+
+    loadings: np.ndarray
+    dof: np.ndarray
+    ss: np.ndarray
+
+
 class Noise(NamedTuple):
-    """`apply`'s result: data with the chosen noise variances; name: the noise model;
-    s2_var: (G, C) the sampling variance of the pooled s2_gc, None for plugin."""
+    """`apply`'s result: data with the chosen noise variances (for "cells", the pooled ones:
+    start values, and the values in the fit); name: the noise model; s2_var: (G, C) the
+    sampling variance of the pooled s2_gc for "pooled", else None; cells: for "cells"."""
 
     data: CTPData | OPData
     name: str
     s2_var: np.ndarray | None
+    cells: Cells | None = None
 
 
 def resolve(data: CTPData | OPData, noise: str | None) -> str:
@@ -85,9 +104,9 @@ def resolve(data: CTPData | OPData, noise: str | None) -> str:
     counts, else "plugin". ValueError for an unknown name, or "pooled" without cell counts."""
     if noise is not None and noise not in NOISE:
         raise ValueError(f"noise={noise!r} is unknown; use one of {', '.join(NOISE)}.")
-    if data.n_cells is None and noise == "pooled":
+    if data.n_cells is None and noise in ("pooled", "cells"):
         raise ValueError(
-            "noise='pooled' needs the cells per (donor, cell type): pass n_cells to "
+            f"noise={noise!r} needs the cells per (donor, cell type): pass n_cells to "
             "CTPData.from_arrays / OPData.from_arrays, or build the data with "
             "`ctmm-jax pseudobulk` (Pseudobulk.to_ctp / to_op), or use noise='plugin'."
         )
@@ -95,29 +114,40 @@ def resolve(data: CTPData | OPData, noise: str | None) -> str:
 
 
 def apply(data: CTPData | OPData, noise: str | None) -> Noise:
-    """The data with the noise variances of model `noise` ("pooled", "plugin", or None: pooled
-    when the data know their cell counts, else plugin with a PluginNoiseWarning; `resolve`),
-    and values whose noise variance is 0 marked missing; with the pooled model, the sampling
-    variance of the pooled within-pair variances (for the score test, nulltest.py)."""
+    """The data with the noise variances of model `noise` ("pooled", "cells", "plugin", or
+    None: pooled when the data know their cell counts, else plugin with a PluginNoiseWarning;
+    `resolve`), and values whose noise variance is 0 marked missing; with the pooled model,
+    the sampling variance of the pooled within-pair variances (for the score test,
+    nulltest.py); with "cells", the cells behind the values (`Cells`)."""
     if noise is None and data.n_cells is None:
         warnings.warn(plugin_warning(data), PluginNoiseWarning, stacklevel=3)
     noise = resolve(data, noise)
     if noise == "plugin":
         return Noise(_apply_ctp(data, data.ctnu) if isinstance(data, CTPData) else
                      _apply_op(data, data.nu), "plugin", None)  # fmt: skip
+    G, N, C = data.shape
+    n = np.broadcast_to(data.n_cells, (G, N, C))
     if isinstance(data, CTPData):
         pooled = np.ones(data.shape, bool) if data.mask is None else data.mask
         s2, s2_var = pooled_s2(data.ctnu, data.n_cells, pooled)
         new = _apply_ctp(data, _ctnu_from_s2(s2, data.n_cells, data.ctnu))
+        in_fit = np.ones(data.shape, bool) if new.mask is None else new.mask
+        loadings = np.divide(1.0, n, out=np.zeros(n.shape), where=in_fit & (n > 0))
     else:
-        G, N, C = data.shape
         P = np.broadcast_to(data.P if data.P_gene is None else data.P_gene, (G, N, C))
         # pairs with a within-pair variance, of the donors observed for the gene
         pooled = (P > 0) & np.isfinite(data.ctnu) & data.observed_donors[..., None]
         s2, s2_var = pooled_s2(data.ctnu, data.n_cells, pooled)
         ctnu = _ctnu_from_s2(s2, data.n_cells, data.ctnu)
         new = _apply_op(data, np.einsum("gnc,gnc->gn", np.where(P > 0, ctnu, 0.0), P**2))
-    return Noise(new, "pooled", s2_var)
+        in_fit = pooled & new.observed_donors[..., None]
+        loadings = np.divide(P**2, n, out=np.zeros(n.shape), where=(P > 0) & (n > 0))
+        loadings = loadings * new.observed_donors[..., None]
+    if noise == "pooled":
+        return Noise(new, "pooled", s2_var)
+    dof = np.where(in_fit, n - 1.0, 0.0)
+    cells = Cells(loadings, dof, np.where(in_fit, np.nan_to_num(data.ctnu) * n * dof, 0.0))
+    return Noise(new, "cells", None, cells)
 
 
 def _apply_ctp(data: CTPData, ctnu: np.ndarray) -> CTPData:

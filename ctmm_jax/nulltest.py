@@ -25,8 +25,8 @@ from . import batching, models
 from .blocks import Blocks, to_blocks
 from .data import CTPData
 from .estimators import Problems, final_status, problem_data
-from .estimators.mlreml import MaximumLikelihood, over_genes
-from .likelihood import GeneData, moments
+from .estimators.mlreml import MaximumLikelihood, gene_data, over_genes
+from .likelihood import moments
 
 
 class NullFit(NamedTuple):
@@ -46,15 +46,16 @@ class NullFit(NamedTuple):
 
 
 def _gene_moments(w, y, noise, mask, a, design, *, reml):
-    """Score and expected information of one gene at kernel weights w (n_k + n_rand,), with C
-    more kernels d Sigma / d s2_c at weight 0 (Sigma unchanged; likelihood.GeneData.loadings):
-    CTP a_ic e_c e_c^T with a_ic = 1 / n_ic; OP scalars a_ic = P_ic^2 / n_ic. a: (N, C), or
-    None for no s2 kernels."""
+    """Score and expected information of one gene at kernel weights w (n_k [+ C] + n_rand,;
+    noise="cells": the fitted s2_c after the kernels), with, for pooled noise, C more kernels
+    d Sigma / d s2_c at weight 0 (Sigma unchanged; likelihood.GeneData.loadings): CTP
+    a_ic e_c e_c^T with a_ic = 1 / n_ic; OP scalars a_ic = P_ic^2 / n_ic. a: (N, C), or None
+    for no such kernels."""
+    d = gene_data(y, noise, mask, design)
     if a is not None:
         n_k = design.E.shape[0]
         w = jnp.concatenate([w[:n_k], jnp.zeros(a.shape[1]), w[n_k:]])
-    d = GeneData(y, noise, design.X, design.E, mask, design.F, design.U, design.groups,
-                 design.diag_j, a)  # fmt: skip
+        d = d._replace(loadings=a)
     m = moments(w, d, reml)
     return m.score, m.info
 
@@ -121,24 +122,30 @@ def fit_null(
     parameters. A model with `diag_test` (lowrank) is its own
     null: V = diag(v_1..v_C) added to its covariance, tested at `fit` (the model's fit, status
     `codes`). s2_var: (G, C) the variance of the pooled within-pair variances (noise.apply), or
-    None when the noise is taken as known; mesh: the devices of the null fit (devices.py)."""
+    None when the noise is taken as known; mesh: the devices of the null fit (devices.py).
+    Under noise="cells" (blocks.cells) the fitted s2_c are nuisance parameters like the r2."""
     G, N, C = data.shape
     spec = models.get(model)
     n_k = blocks.E.shape[-4]  # kernels of the model's blocks
     n_rand = len(random.values)
-    n_s2 = 0 if s2_var is None else C
+    cells = blocks.cells is not None
+    n_s2 = C if s2_var is not None or cells else 0
     K = n_k + n_s2 + n_rand  # extended coordinates: kernels, s2, r2
-    r2_units = _units(K, n_k + n_s2 + np.arange(n_rand))
+    s2_units = _units(K, n_k + np.arange(n_s2))
+    # refitted under the null: the r2, and the s2 where they are fitted (cells)
+    nuisance = np.hstack([s2_units, _units(K, n_k + n_s2 + np.arange(n_rand))]) if cells else (
+        _units(K, n_k + n_s2 + np.arange(n_rand)))  # fmt: skip
     if spec.null is not None:
         null = spec.null
-        blocks0 = to_blocks(data, null, covariates.matrix, random.matrix, random.groups)
+        blocks0 = to_blocks(data, null, covariates.matrix, random.matrix, random.groups,
+                            blocks.cells)  # fmt: skip
         estimator = MaximumLikelihood(null, C, reml=reml, nonneg=nonneg, max_iter=max_iter,
                                       tol=tol, chunk_size=chunk_size, mesh=mesh)  # fmt: skip
         fit = estimator.fit(blocks0, Problems(np.arange(G)))
         codes = final_status(fit, unidentified)
         w = np.asarray(models.embed_null(np.asarray(fit.phi), model, C))
         tested = spec.tests(C)["V"]
-        D = np.hstack([_units(K, np.setdiff1d(np.arange(n_k), tested)), r2_units])
+        D = np.hstack([_units(K, np.setdiff1d(np.arange(n_k), tested)), nuisance])
         D = np.broadcast_to(D, (G,) + D.shape)
     else:  # diag_test: the model's own fit, V = diag added to its kernels
         null, phi = model, np.asarray(fit.phi)
@@ -148,7 +155,7 @@ def fit_null(
         w = np.hstack([np.asarray(weights(jnp.asarray(phi[:, :n_var]))), phi[:, n_var:]])
         J = np.zeros((G, K, n_var))
         J[:, :n_k] = np.asarray(jac(jnp.asarray(phi[:, :n_var])))
-        D = np.concatenate([J, np.broadcast_to(r2_units, (G,) + r2_units.shape)], axis=2)
+        D = np.concatenate([J, np.broadcast_to(nuisance, (G,) + nuisance.shape)], axis=2)
         tested = models.diag_kernels(model, C)
     a = None if s2_var is None else noise_loadings(data)
     problems = Problems(np.arange(G))
@@ -160,8 +167,8 @@ def fit_null(
         return moments_chunk(jnp.asarray(w[i]), y, noise, mask, a_i, design, reml)
 
     score, info = batching.map_batches(batch, np.arange(G), batching.bucket(G, chunk_size))
+    S = s2_units if s2_var is not None else np.zeros((K, 0))  # pooled: s2 estimated outside
     s2_var = np.zeros((G, 0)) if s2_var is None else s2_var
-    s, var = score_variance(np.asarray(score), np.asarray(info), _units(K, tested), D,
-                            _units(K, n_k + np.arange(n_s2)), s2_var)  # fmt: skip
+    s, var = score_variance(np.asarray(score), np.asarray(info), _units(K, tested), D, S, s2_var)
     loglik = fit.loglik if fit.loglik is not None else np.full(G, np.nan)
     return NullFit(null, codes, np.asarray(loglik), s, var, boundary=nonneg)

@@ -103,6 +103,13 @@ COLUMNS: list[tuple[str, str, str, str]] = [
     ("V_<x>", "float64", "cell type-specific variance (V entry) of <x>", "y^2"),
     ("r2_<x>", "float64", "variance of random covariate <x>", "y^2"),
     (
+        "s2_<x>",
+        "float64",
+        "within-pair variance of the cells of cell type <x>, fitted with the model "
+        "(noise='cells'); the noise variance of a value is s2 / its cells",
+        "y^2",
+    ),  # fmt: skip
+    (
         "randomvar_<x>",
         "float64",
         "variance explained by random covariate <x>: r2 tr(R R^T) / N",
@@ -170,8 +177,8 @@ def column_dictionary(columns) -> pd.DataFrame:
 class FitResult:
     """Fit of every gene. Arrays carry a leading gene axis (G).
 
-    phi: (G, n_var + n_rand) the model's parameters (models.py order, then r2 of each random
-    covariate); var_cov: their covariance (inverse information; NaN for HE); beta: (G, p);
+    phi: (G, n_var [+ C] + n_rand) the model's parameters (models.py order; then, with
+    noise="cells", the within-pair variances s2_c; then r2 of each random covariate); var_cov: their covariance (inverse information; NaN for HE); beta: (G, p);
     beta_cov: (G, p, p) (NaN for HE); loglik: (G,) with the constants of design.md section 4
     (NaN for HE); status: (G,) status.Status codes; df: (G,) N_g - n_par with N_g the donors
     with an observed value; pvalues: name -> (G,) p values (`pvalues` below; NaN where the
@@ -240,7 +247,8 @@ class FitResult:
         n_donors = data.observed_donors.sum(axis=1)  # a donor with nothing observed is dropped
         df = n_donors - n_par
         rand_names = list(random.values) if random is not None else []
-        columns = models.table_columns(model, cts) + [[f"r2_{n}"] for n in rand_names]
+        s2_names = [[f"s2_{ct}"] for ct in cts] if noise == "cells" else []
+        columns = models.table_columns(model, cts) + s2_names + [[f"r2_{n}"] for n in rand_names]
         ct_beta, ct_beta_cov = beta[:, :C], beta_cov[:, :C, :C]
         pvalues = _pvalues(model, phi, var_cov, ct_beta, ct_beta_cov, df, codes, loglik, null)
         ok = (codes == Status.OK) & (df >= 1)  # TOO_FEW_DONORS implies the second; kept explicit

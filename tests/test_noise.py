@@ -44,10 +44,10 @@ def test_apply_pooled_and_plugin_ctp():
     Y, ctnu, n = _cells()
     ctnu[0, 3, 1] = 0.0  # every cell of the pair equal
     data = cj.CTPData.from_arrays(Y, ctnu, n / n.sum(1, keepdims=True), n_cells=n)
-    pooled, used, _ = noise.apply(data, None)
+    pooled, used = noise.apply(data, None)[:2]
     assert used == "pooled" and pooled.mask is None
     assert_allclose(pooled.ctnu, noise.pooled_ctnu(ctnu, n, np.ones(Y.shape, bool)), rtol=1e-14)
-    plug, used, _ = noise.apply(data, "plugin")
+    plug, used = noise.apply(data, "plugin")[:2]
     assert used == "plugin" and plug.mask.sum() == Y.size - 1 and not plug.mask[0, 3, 1]
     assert plug.ctnu[0, 3, 1] == 1.0 and plug.Y[0, 3, 1] == 0.0
 
@@ -59,7 +59,7 @@ def test_apply_pooled_op_from_ctp_with_missing():
     mask = np.ones((G, N, C), bool)
     mask[1, 2, 0] = mask[2, 5, :] = False
     ctp = cj.CTPData.from_arrays(Y, ctnu, n / n.sum(1, keepdims=True), mask=mask, n_cells=n)
-    op, used, _ = noise.apply(cj.OPData.from_ctp(ctp), None)
+    op, used = noise.apply(cj.OPData.from_ctp(ctp), None)[:2]
     s2n = noise.pooled_ctnu(ctp.ctnu, n, mask)
     Pg = cj.OPData.from_ctp(ctp).P_gene
     expected = np.einsum("gnc,gnc->gn", np.where(mask, s2n, 0.0), Pg**2)
@@ -205,7 +205,7 @@ def test_score_test_with_pooled_noise_against_dense(shape):
     Y = Y + np.random.default_rng(5).normal(0, 0.3, (3, 20, 1))  # a shared donor effect
     data = cj.CTPData.from_arrays(Y, ctnu, n / n.sum(1, keepdims=True), n_cells=n)
     data = data if shape == "ctp" else cj.OPData.from_ctp(data)
-    pooled, _, s2_var = noise.apply(data, "pooled")
+    pooled, _, s2_var = noise.apply(data, "pooled")[:3]
     res = cj.fit(data, "free", "reml")
     hom = cj.fit(pooled, "hom", "reml", noise="plugin")
     C = 3

@@ -63,14 +63,14 @@ class Estimator(Protocol):
 
 def problem_data(blocks: Blocks, problems: Problems, i: np.ndarray):
     """Device (y, noise, mask) of problems i: the genes' masks times the left-out donors' (mask
-    None when nothing is missing or left out)."""
+    None when nothing is missing or left out); noise as blocks.Blocks.noise_of."""
     g = problems.gene[i]
     mask = None if blocks.mask is None else blocks.mask[g]
     if problems.drop is not None:
         N, b = blocks.y.shape[1:]
         keep = np.repeat(problems.kept(i, N)[..., None], b, axis=2)
         mask = keep if mask is None else mask * keep
-    y, noise = jnp.asarray(blocks.y[g]), jnp.asarray(blocks.noise[g])
+    y, noise = jnp.asarray(blocks.y[g]), blocks.noise_of(g)
     return y, noise, None if mask is None else jnp.asarray(mask)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from .. import batching, checks, devices, likelihood, models, progress
-from ..blocks import Blocks, Design, ols_residuals, start_values
+from ..blocks import Blocks, Design, ols_residuals, start_values, with_cells
 from ..likelihood import GeneData
 from ..optimize import MAX_HALVINGS, OptState, fisher_scoring, init_state
 from ..status import BOUNDARY_COND, NOT_FITTED, Status
@@ -68,16 +68,18 @@ class GeneFit(NamedTuple):
     cond: jax.Array  # () conditioning of Sigma (likelihood.factor)
 
 
-def _gene(y, noise, mask, design: Design) -> GeneData:
-    return GeneData(y, noise, design.X, design.E, mask, design.F, design.U, design.groups,
-                    design.diag_j)  # fmt: skip
+def gene_data(y, noise, mask, design: Design) -> GeneData:
+    """One problem's GeneData; noise: known variances, or a likelihood.CellNoise."""
+    d = GeneData(y, None, design.X, design.E, mask, design.F, design.U, design.groups,
+                 design.diag_j)  # fmt: skip
+    return with_cells(d, noise)
 
 
 def _init_gene(y, noise, mask, phi0, design, *, model, C, reml, nonneg) -> OptState:
     """Start state: the moment start values (blocks.start_values), or phi0 when given and its
     NLL is lower (an infeasible or NaN phi0 never wins). A gene that fails the checks made
     before fitting (checks.outcome: too few donors, no variation) is not iterated."""
-    d = _gene(y, noise, mask, design)
+    d = gene_data(y, noise, mask, design)
     obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
     to_theta = partial(models.from_natural, model=model, C=C, nonneg=nonneg)
     start = to_theta(start_values(d, model, C))
@@ -87,7 +89,8 @@ def _init_gene(y, noise, mask, phi0, design, *, model, C, reml, nonneg) -> OptSt
         # LAPACK factorisations (many random-covariate columns) are scheduled concurrently
         both = jax.lax.map(partial(init_state, obj.value), jnp.stack([start, to_theta(phi0)]))
         s = jax.tree.map(lambda a: jnp.where(both.nll[1] < both.nll[0], a[1], a[0]), both)
-    n_par = start.shape[0] + d.n_fixed
+    n_s2 = 0 if d.within is None else d.within.dof.shape[1]  # identified by the cells
+    n_par = start.shape[0] - n_s2 + d.n_fixed
     check = checks.outcome(likelihood.observed(d).y, ols_residuals(d), d.mask, n_par)
     return s._replace(status=jnp.where(check == Status.OK, s.status, check))
 
@@ -95,7 +98,7 @@ def _init_gene(y, noise, mask, phi0, design, *, model, C, reml, nonneg) -> OptSt
 def _advance_gene(
     state, until, y, noise, mask, design, *, model, C, reml, nonneg, tol, max_halvings
 ) -> OptState:
-    obj = objective(_gene(y, noise, mask, design), model=model, C=C, reml=reml, nonneg=nonneg)
+    obj = objective(gene_data(y, noise, mask, design), model=model, C=C, reml=reml, nonneg=nonneg)
     state = state._replace(
         status=jnp.where(state.status == Status.STALLED, Status.RUNNING, state.status)
     )
@@ -109,7 +112,7 @@ def _advance_gene(
 def _finish_gene(theta, y, noise, mask, design, *, model, C, reml, nonneg, observed) -> GeneFit:
     """Parameters, inverse information in phi (J^T I_w J, J = dw/dphi, for nonlinear models)
     and GLS at theta."""
-    d = _gene(y, noise, mask, design)
+    d = gene_data(y, noise, mask, design)
     phi = models.to_natural(theta, model, C, nonneg)
     weights = partial(models.kernel_weights, model=model, C=C)
     m = likelihood.moments(weights(phi), d, reml)
@@ -126,7 +129,7 @@ def _finish_gene(theta, y, noise, mask, design, *, model, C, reml, nonneg, obser
 def _meat_gene(phi, y, noise, mask, design, *, model, C, reml):
     """sum_i s_i s_i^T of the donors' score contributions in phi (s_i = J^T s_w,i, J = dw/dphi;
     likelihood.donor_scores) and sum_i g_i g_i^T of their GLS contributions."""
-    d = _gene(y, noise, mask, design)
+    d = gene_data(y, noise, mask, design)
     weights = partial(models.kernel_weights, model=model, C=C)
     s_w, g = likelihood.donor_scores(weights(phi), d, reml)
     s = s_w @ jax.jacfwd(weights)(phi)
@@ -135,7 +138,7 @@ def _meat_gene(phi, y, noise, mask, design, *, model, C, reml):
 
 def _gls_gene(w, y, noise, mask, design):
     """GLS beta, its covariance and cond at kernel weights w (ML factor: no REML term)."""
-    f = likelihood.factor(w, _gene(y, noise, mask, design), False)
+    f = likelihood.factor(w, gene_data(y, noise, mask, design), False)
     p = f.beta.shape[0]
     return f.beta, f.mme_inv[:p, :p], f.cond
 
