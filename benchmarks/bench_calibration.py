@@ -1,11 +1,15 @@
-"""Benchmark: calibration of the tests of V on cell-level simulations (type I error and power).
+"""Benchmark: calibration of the tests of V, hom2 and the cell-type means on cell-level
+simulations (type I error and power).
 
 Each configuration simulates cells, makes pseudobulk, and fits CTP free REML (with its null
 hom fit) once per noise model: "oracle" (the true noise variance of each pseudobulk value,
 plug-in), "plugin" (each pair's own ctnu, as the original CTMM), "pooled" (ctmm_jax's
-default, noise.py) and "cells" (the exact likelihood of Gaussian cells, s2_c fitted). Each fit gives three tests of V = 0: `p_V` (score test at the null fit,
-the default), `p_V_lrt` (LRT) and `p_V_wald` (the original's Wald F). Null genes have V = 0,
-power genes V = diag(a, 0, 0, a / 2) (a shrinks as 1/sqrt(N)); both have hom2 > 0.
+default, noise.py) and "cells" (the exact likelihood of Gaussian cells, s2_c fitted). Each fit
+gives three tests of V = 0: `p_V` (score test at the null fit, the default), `p_V_lrt` (LRT)
+and `p_V_wald` (the original's Wald F). Null genes have V = 0, power genes
+V = diag(a, 0, 0, a / 2) (a shrinks as 1/sqrt(N)); both have hom2 > 0. `--null hom2` and
+`--null ct_beta` instead test hom2 = 0 (`p_hom2`) and equal cell-type means (`p_ct_beta`) on
+genes made for them (null_and_power).
 
 Generators (neither is the model's own: the noise variances are estimated from cells):
 - gauss: Gaussian cells y = beta_c + alpha_i + gamma_ic + e, e ~ N(0, s2_c), s2_c by cell
@@ -55,7 +59,8 @@ from ctmm_jax import preprocess  # noqa: E402
 C = 4
 S2 = np.array([1.0, 0.5, 2.0, 1.0])  # within-pair variance of each cell type (Gaussian cells)
 HOM2 = 0.05
-TESTS = ("p_V", "p_V_lrt", "p_V_wald")
+MEANS = np.array([1.0, 0.5, 0.0, -0.5])  # cell-type means of Gaussian cells (--null V, hom2)
+TESTS = {"V": ("p_V", "p_V_lrt", "p_V_wald"), "hom2": ("p_hom2",), "ct_beta": ("p_ct_beta",)}
 NOISE = ("oracle", "plugin", "pooled", "cells")
 
 
@@ -70,16 +75,18 @@ def pair_cells(rng, N: int, n: float) -> np.ndarray:
     return 2 + rng.poisson(max(n - 2.0, 0.0), size=(N, C))
 
 
-def pair_effects(rng, G: int, N: int, V: np.ndarray) -> np.ndarray:
-    """(G, N, C) alpha_i + gamma_ic: a donor effect shared by the cell types plus V's part."""
-    alpha = rng.normal(0.0, np.sqrt(HOM2), size=(G, N, 1))
+def pair_effects(rng, G: int, N: int, V: np.ndarray, hom2: np.ndarray) -> np.ndarray:
+    """(G, N, C) alpha_i + gamma_ic: a donor effect shared by the cell types (variance hom2,
+    one per gene) plus V's part."""
+    alpha = rng.normal(size=(G, N, 1)) * np.sqrt(hom2)[:, None, None]
     return alpha + rng.normal(size=(G, N, C)) * np.sqrt(V)[:, None, :]
 
 
-def simulate_gauss(rng, G, N, n, V, hetero: bool):
-    """CTPData (with n_cells) and the true ctnu, via each pair's sufficient statistics."""
+def simulate_gauss(rng, G, N, n, V, hom2, means, hetero: bool):
+    """CTPData (with n_cells) and the true ctnu, via each pair's sufficient statistics; `means`
+    (G, C) the cell-type means."""
     counts = pair_cells(rng, N, n)
-    mu = pair_effects(rng, G, N, V) + np.array([1.0, 0.5, 0.0, -0.5])
+    mu = pair_effects(rng, G, N, V, hom2) + means[:, None, :]
     s2 = np.broadcast_to(S2, (G, N, C))
     if hetero:
         s2 = s2 * np.exp(rng.normal(0.0, 0.5, size=(G, N, C)))
@@ -98,11 +105,12 @@ def _log_counts(rng, mean_cp10k, L, size=5.0):
     return np.log1p(x / L * 1e4)
 
 
-def simulate_counts(rng, G, N, n, V, baseline: bool):
-    """CTPData from pseudobulk of log-normalised NB counts, and the oracle ctnu."""
+def simulate_counts(rng, G, N, n, V, hom2, shift, baseline: bool):
+    """CTPData from pseudobulk of log-normalised NB counts, and the oracle ctnu; `shift` (G, C)
+    moves each cell type's log rate."""
     counts = pair_cells(rng, N, n)
     mu = np.log(3.0) + (np.array([0.0, 0.5, 1.0, 1.5]) if baseline else np.zeros(C))
-    rate = np.exp(mu + pair_effects(rng, G, N, V))  # (G, N, C) mean per 10,000 UMIs
+    rate = np.exp(mu + shift[:, None, :] + pair_effects(rng, G, N, V, hom2))  # per 10,000 UMIs
     donor = np.repeat(np.arange(N * C) // C, counts.ravel())
     ct = np.repeat(np.arange(N * C) % C, counts.ravel())
     L = 3000.0 * np.exp(rng.normal(0.0, 0.3, size=len(donor)))
@@ -117,11 +125,33 @@ def simulate_counts(rng, G, N, n, V, baseline: bool):
     return pb.to_ctp(), oracle / counts
 
 
-def simulate(generator: str, G: int, N: int, n: float, V: np.ndarray, seed: int):
+def simulate(generator: str, G: int, N: int, n: float, V: np.ndarray, seed: int,
+             hom2: np.ndarray, shift: np.ndarray, equal_means: bool = False):  # fmt: skip
+    """Gaussian cells have means MEANS + shift (0 + shift with equal_means), counts log rates
+    mu + shift."""
     rng = np.random.default_rng(seed)
     if generator.startswith("gauss"):
-        return simulate_gauss(rng, G, N, n, V, hetero=generator == "gauss-hetero")
-    return simulate_counts(rng, G, N, n, V, baseline=generator == "counts-baseline")
+        return simulate_gauss(rng, G, N, n, V, hom2, (0.0 if equal_means else MEANS) + shift,
+                              hetero=generator == "gauss-hetero")  # fmt: skip
+    return simulate_counts(rng, G, N, n, V, hom2, shift, baseline=generator == "counts-baseline")
+
+
+def null_and_power(null: str, N: int, n: float, n_null: int, n_power: int):
+    """Per gene V (G, C), hom2 (G,) and shift of the means (G, C), for the null genes (the
+    first n_null) and the power genes of the test of `null`:
+    - V: V = 0, and V = diag(a, 0, 0, a / 2) for power (hom2 = 0.05);
+    - hom2: hom2 = 0 (V = 0.05 I), and hom2 = a for power;
+    - ct_beta: equal cell-type means (simulate's equal_means; hom2 = 0.05, V = 0), and the
+      first cell type's mean moved by b, about 2.5 standard errors of a difference of means."""
+    G, a = n_null + n_power, effect_size(N, n)
+    V, hom2, shift = np.zeros((G, C)), np.full(G, HOM2), np.zeros((G, C))
+    if null == "V":
+        V[n_null:] = [a, 0.0, 0.0, a / 2]
+    elif null == "hom2":
+        V[:], hom2[:n_null], hom2[n_null:] = 0.05, 0.0, a
+    else:
+        shift[n_null:, 0] = 2.5 * np.sqrt(2 * (1.0 / n + 0.05) / N)
+    return V, hom2, shift
 
 
 def with_oracle_noise(data, true):
@@ -131,13 +161,14 @@ def with_oracle_noise(data, true):
 
 
 def run_config(generator, N, n, n_null, n_power, seed, model="free", method="reml", pcs=0,
-               shape="ctp", nonneg=False, noises=NOISE):  # fmt: skip
-    """Type I error (null genes) and power (the others) of each noise model and test; shape
-    "op" fits the overall pseudobulk of the same cells (OPData.from_ctp: nu from ctnu)."""
-    a = effect_size(N, n)
-    V = np.zeros((n_null + n_power, C))
-    V[n_null:] = [a, 0.0, 0.0, a / 2]
-    data, true = simulate(generator, n_null + n_power, N, n, V, seed)
+               shape="ctp", nonneg=False, noises=NOISE, null="V"):  # fmt: skip
+    """Type I error (null genes) and power (the others) of each noise model and test of
+    `null` (V, hom2 or ct_beta: null_and_power); shape "op" fits the overall pseudobulk of
+    the same cells (OPData.from_ctp: nu from ctnu)."""
+    V, hom2, shift = null_and_power(null, N, n, n_null, n_power)
+    data, true = simulate(
+        generator, n_null + n_power, N, n, V, seed, hom2, shift, equal_means=null == "ct_beta"
+    )
     fixed = None
     if pcs:
         rng = np.random.default_rng(seed + 1)
@@ -153,17 +184,17 @@ def run_config(generator, N, n, n_null, n_power, seed, model="free", method="rem
         seconds = time.perf_counter() - t0
         tab = res.table
         null, alt = tab.iloc[:n_null], tab.iloc[n_null:]
-        for test in [t for t in TESTS if t in tab]:  # lowrank: p_V only
+        for test in [t for t in TESTS[null] if t in tab]:  # lowrank: p_V only
             p0, p1 = null[test].to_numpy(), alt[test].to_numpy()
             pvals[(noise, test)] = p0
             ok0, ok1 = ~np.isnan(p0), ~np.isnan(p1)
             rows.append(dict(
                 generator=generator, shape=shape, donors=N, cells=n, model=model,
-                method=method, pcs=pcs, nonneg=nonneg,
+                method=method, pcs=pcs, nonneg=nonneg, null=null,
                 noise=noise, test=test, n_null=int(ok0.sum()), n_power=int(ok1.sum()),
                 alpha05=float(np.mean(p0[ok0] < 0.05)), alpha01=float(np.mean(p0[ok0] < 0.01)),
                 power05=float(np.mean(p1[ok1] < 0.05)) if ok1.any() else float("nan"),
-                V_power=a, seconds=round(seconds, 2),
+                V_power=effect_size(N, n), seconds=round(seconds, 2),
             ))  # fmt: skip
     return rows, pvals
 
@@ -177,7 +208,7 @@ def qq_plot(pvals: dict, title: str, path: str) -> None:
 
     fig, axes = plt.subplots(1, len(noises), figsize=(4 * len(noises), 4), sharey=True)
     for ax, noise in zip(np.atleast_1d(axes), noises, strict=True):
-        for test in [t for t in TESTS if (noise, t) in pvals]:
+        for test in [t for tests in TESTS.values() for t in tests if (noise, t) in pvals]:
             p = np.sort(pvals[(noise, test)][~np.isnan(pvals[(noise, test)])])
             e = (np.arange(1, len(p) + 1) - 0.5) / len(p)
             ax.plot(-np.log10(e), -np.log10(np.maximum(p, 1e-300)), ".", ms=3, label=test)
@@ -222,8 +253,16 @@ def main(argv=None) -> None:
         action="store_true",
         help="fit with nonneg=True (variances >= 0; the LRT's chi-bar-square null)",
     )
-    ap.add_argument("--noise", nargs="+", default=list(NOISE), choices=NOISE,
-                    help="noise models to compare (oracle and pooled are in the summary)")
+    ap.add_argument(
+        "--noise",
+        nargs="+",
+        default=list(NOISE),
+        choices=NOISE,
+        help="noise models to compare (oracle and pooled are in the summary)",
+    )
+    ap.add_argument("--null", default="V", choices=tuple(TESTS),
+                    help="the hypothesis of the null genes: V = 0 (p_V, p_V_lrt, p_V_wald), "
+                    "hom2 = 0 (p_hom2) or equal cell-type means (p_ct_beta)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="gauss and counts, N=100, n=10 and 50")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json")
@@ -242,12 +281,12 @@ def main(argv=None) -> None:
     for k, (gen, N, n, model, method, pcs) in enumerate(configs):
         r, pvals = run_config(gen, N, n, args.null_genes, args.power_genes, args.seed + k,
                               model, method, pcs, args.shape, args.nonneg,
-                              tuple(args.noise))  # fmt: skip
+                              tuple(args.noise), args.null)  # fmt: skip
         rows += r
         tab = pd.DataFrame(r).pivot(index="noise", columns="test",
                                     values=["alpha05", "alpha01", "power05"])  # fmt: skip
         print(f"\n{gen} N={N} cells={n:g} {model} {method} pcs={pcs} nonneg={args.nonneg} "
-              f"(V of power genes {r[0]['V_power']:.3g})", flush=True)  # fmt: skip
+              f"null={args.null}", flush=True)  # fmt: skip
         print(tab.round(3).to_string())
         if args.qq:
             qq_plot(pvals, f"{gen}, N = {N}, {n:g} cells per pair, {model} {method}",
@@ -259,8 +298,15 @@ def main(argv=None) -> None:
 def summary(df: pd.DataFrame) -> None:
     """The README table: type I error at 0.05 / 0.01 of p_V (the default test) by noise model,
     the original's Wald test with plug-in noise, and power next to the oracle LRT's (free) or
-    the oracle p_V's (lowrank, which has no LRT)."""
-    main_rows = df[(df.method == "reml") & (df.pcs == 0)]
+    the oracle p_V's (lowrank, which has no LRT); the other nulls' tests in tables of their
+    own (summary_of_test)."""
+    if "null" not in df:  # JSON written before --null
+        df = df.assign(null="V")
+    for test in df.loc[df.null != "V", "test"].unique():
+        summary_of_test(df[df.test == test], test)
+    main_rows = df[(df.method == "reml") & (df.pcs == 0) & (df.null == "V")]
+    if main_rows.empty:
+        return
     if "shape" not in main_rows:  # JSON written before --shape
         main_rows = main_rows.assign(shape="ctp")
     keys = ["generator", "shape", "model", "donors", "cells"]
@@ -280,6 +326,20 @@ def summary(df: pd.DataFrame) -> None:
             row["power cells p_V"] = f"{cell.loc[('cells', 'p_V')].power05:.2f}"
         out.append(row)
     print("\nType I error at 0.05/0.01 of p_V (score test) by noise model; power at 0.05")
+    print(markdown(pd.DataFrame(out)))
+
+
+def summary_of_test(df: pd.DataFrame, test: str) -> None:
+    """Type I error at 0.05 / 0.01 and power at 0.05 of `test` by noise model."""
+    keys = ["generator", "shape", "model", "method", "donors", "cells"]
+    out = []
+    for (gen, shape, model, method, N, n), g in df.groupby(keys, sort=False):
+        row = {"generator": gen, "shape": shape, "model": model, "method": method, "N": N,
+               "cells": f"{n:g}"}  # fmt: skip
+        for r in g.itertuples():
+            row[f"{r.noise} {test}"] = f"{r.alpha05:.3f}/{r.alpha01:.3f} ({r.power05:.2f})"
+        out.append(row)
+    print(f"\nType I error at 0.05/0.01 of {test} by noise model (power at 0.05)")
     print(markdown(pd.DataFrame(out)))
 
 

@@ -275,10 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nonneg", action="store_true", help="constrain variances to be >= 0")
     p.add_argument(
         "--noise",
-        choices=("pooled", "plugin"),
+        choices=("pooled", "cells", "plugin"),
         help="noise variances: pooled (each cell type's within-pair variance pooled over "
-        "donors; default for datasets, which know their cell counts) or plugin (ctnu as "
-        "given, as the original; the only choice for --y/--P files)",
+        "donors; default for datasets, which know their cell counts), cells (the exact "
+        "likelihood of the cells: the within-pair variances s2_<ct> fitted with the model; "
+        "ML/REML) or plugin (ctnu as given, as the original; the only choice for --y/--P "
+        "files without --n-cells)",
     )
     p.add_argument("--max-iter", type=int, default=200, help="optimizer iterations (default 200)")
     p.add_argument("--tol", type=float, default=1e-10, help="convergence tolerance (default 1e-10)")
@@ -903,10 +905,9 @@ def run_fit(args) -> None:
     except ValueError as err:
         raise UserError(f"--devices: {err}") from None
 
-    if data.n_cells is None and args.noise == "pooled":
-        raise UserError(
-            "--noise pooled: needs cell counts: a dataset, or --n-cells with the original's files."
-        )
+    if data.n_cells is None and args.noise in ("pooled", "cells"):
+        raise UserError(f"--noise {args.noise}: needs cell counts: a dataset, or --n-cells "
+                        "with the original's files.")  # fmt: skip
     if data.n_cells is None and args.noise is None:
         print(f"ctmm-jax fit: warning: {noise.plugin_warning(data)}", file=sys.stderr)
     options = dict(noise=noise.resolve(data, args.noise),

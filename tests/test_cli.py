@@ -791,3 +791,31 @@ def test_original_files_with_cell_counts_pool_the_noise(tmp_path, capsys):
     assert "--n-cells" in one_error_line(capsys.readouterr().err, "fit")
     assert main(["fit", "-q", "pb.npz", args[3], "-o", str(out), "--force"]) == 1
     assert "--n-cells" in one_error_line(capsys.readouterr().err, "fit")
+
+
+def test_cells_noise_from_the_command_line(tmp_path, capsys):
+    """--noise cells: the library's exact cells likelihood (s2_<ct> columns, the sidecar names
+    it); refused with HE and without cell counts, each with a one-line error."""
+    rng = np.random.default_rng(6)
+    N, C = 30, 3
+    n_cells = rng.integers(5, 40, size=(N, C)).astype(float)
+    P = rng.dirichlet(np.ones(C), size=N)
+    Y = rng.normal(size=(N, C)) + rng.normal(size=(N, 1))
+    ctnu = rng.gamma(4.0, 0.25, size=(N, C)) / n_cells
+    files = {"y": Y, "P": P, "ctnu": ctnu, "n-cells": n_cells}
+    for name, values in files.items():
+        np.savetxt(tmp_path / f"{name}.txt", values)
+    args = [f"--{k}={tmp_path / k}.txt" for k in files]
+    out = tmp_path / "cells.tsv"
+    assert main(["fit", "-q", *args, "--model", "free", "--noise", "cells", "-o", str(out)]) == 0
+    one = cj.CTPData.from_arrays(Y[None], ctnu[None], P, genes=["gene"], n_cells=n_cells)
+    expected = cj.fit(one, "free", "reml", noise="cells").table
+    table = read(out)
+    assert [f"s2_ct{c}" for c in range(C)] == [c for c in table if c.startswith("s2_")]
+    assert json.loads(Path(f"{out}.json").read_text())["noise"] == "cells"
+    np.testing.assert_allclose(numeric(table), numeric(expected), **TIGHT)
+    he = ["fit", "-q", *args, "--noise", "cells", "--method", "he", "-o", str(out), "--force"]
+    assert main(he) == 1
+    assert "use method='ml' or 'reml'" in one_error_line(capsys.readouterr().err, "fit")
+    assert main(["fit", "-q", *args[:3], "--noise", "cells", "-o", str(out), "--force"]) == 1
+    assert "--noise cells: needs cell counts" in one_error_line(capsys.readouterr().err, "fit")
