@@ -140,7 +140,7 @@ def null_and_power(null: str, N: int, n: float, n_null: int, n_power: int):
     """Per gene V (G, C), hom2 (G,) and shift of the means (G, C), for the null genes (the
     first n_null) and the power genes of the test of `null`:
     - V: V = 0, and V = diag(a, 0, 0, a / 2) for power (hom2 = 0.05);
-    - hom2: hom2 = 0 (V = 0.05 I), and hom2 = a for power;
+    - hom2: hom2 = 0 (V = 0.05 I), and hom2 = a / 3 for power;
     - ct_beta: equal cell-type means (simulate's equal_means; hom2 = 0.05, V = 0), and the
       first cell type's mean moved by b, about 2.5 standard errors of a difference of means."""
     G, a = n_null + n_power, effect_size(N, n)
@@ -148,7 +148,7 @@ def null_and_power(null: str, N: int, n: float, n_null: int, n_power: int):
     if null == "V":
         V[n_null:] = [a, 0.0, 0.0, a / 2]
     elif null == "hom2":
-        V[:], hom2[:n_null], hom2[n_null:] = 0.05, 0.0, a
+        V[:], hom2[:n_null], hom2[n_null:] = 0.05, 0.0, a / 3
     else:
         shift[n_null:, 0] = 2.5 * np.sqrt(2 * (1.0 / n + 0.05) / N)
     return V, hom2, shift
@@ -183,9 +183,9 @@ def run_config(generator, N, n, n_null, n_power, seed, model="free", method="rem
                      fixed_covars=fixed, nonneg=nonneg)  # fmt: skip
         seconds = time.perf_counter() - t0
         tab = res.table
-        null, alt = tab.iloc[:n_null], tab.iloc[n_null:]
+        zero, alt = tab.iloc[:n_null], tab.iloc[n_null:]
         for test in [t for t in TESTS[null] if t in tab]:  # lowrank: p_V only
-            p0, p1 = null[test].to_numpy(), alt[test].to_numpy()
+            p0, p1 = zero[test].to_numpy(), alt[test].to_numpy()
             pvals[(noise, test)] = p0
             ok0, ok1 = ~np.isnan(p0), ~np.isnan(p1)
             rows.append(dict(

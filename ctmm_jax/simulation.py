@@ -83,6 +83,21 @@ def simulate(
     )  # fmt: skip
 
 
+def cell_log_means(rng, G: int, N: int, C: int, hom2, V, ct_sd: float) -> np.ndarray:
+    """(G, N, C) log rates per 10,000 UMIs of simulate_cells: log r_g + b_gc + a_gi + g_gic,
+    the first draws of its generator `rng` (so the same seed gives the same rates whatever the
+    cells drawn after them)."""
+    hom2 = np.broadcast_to(np.asarray(hom2, dtype=np.float64), (G,))
+    V = np.broadcast_to(np.asarray(V, dtype=np.float64), (G, C))
+    if (hom2 < 0).any() or (V < 0).any():
+        raise ValueError("hom2, V: variances must be >= 0 to simulate from them.")
+    log_rate = np.log(5.0) + rng.standard_normal(G)
+    ct_effect = ct_sd * rng.standard_normal((G, C))
+    donor_effect = np.sqrt(hom2)[:, None] * rng.standard_normal((G, N))
+    specific = np.sqrt(V)[:, None, :] * rng.standard_normal((G, N, C))
+    return log_rate[:, None, None] + ct_effect[:, None, :] + donor_effect[..., None] + specific
+
+
 def simulate_cells(
     n_genes: int = 200,
     n_donors: int = 40,
@@ -115,16 +130,7 @@ def simulate_cells(
     """
     G, N, C = int(n_genes), int(n_donors), int(n_celltypes)
     rng = np.random.default_rng(seed)
-    hom2 = np.broadcast_to(np.asarray(hom2, dtype=np.float64), (G,))
-    V = np.broadcast_to(np.asarray(V, dtype=np.float64), (G, C))
-    if (hom2 < 0).any() or (V < 0).any():
-        raise ValueError("hom2, V: variances must be >= 0 to simulate from them.")
-    log_rate = np.log(5.0) + rng.standard_normal(G)
-    ct_effect = ct_sd * rng.standard_normal((G, C))
-    donor_effect = np.sqrt(hom2)[:, None] * rng.standard_normal((G, N))
-    specific = np.sqrt(V)[:, None, :] * rng.standard_normal((G, N, C))
-    log_mu = log_rate[:, None, None] + ct_effect[:, None, :] + donor_effect[..., None] + specific
-
+    log_mu = cell_log_means(rng, G, N, C, hom2, V, ct_sd)
     n_cells = np.maximum(rng.poisson(cells_per_donor, N), 2)
     donor = np.repeat(np.arange(N), n_cells)
     props = rng.dirichlet(np.full(C, 2.0), size=N)
