@@ -257,7 +257,10 @@ class MaximumLikelihood:
         arithmetic differs in the last bits between batch widths, and near the
         positive-definite wall the ill-conditioned steps amplify that to ~1e-6, so only a
         canonical width makes their reported values independent of chunk_size (converged
-        fits agree to ~1e-12 whatever the width)."""
+        fits agree to ~1e-12 whatever the width). Fits that stall in the first, wider pass
+        (they need more step halvings, usually on their way to the wall) are not continued
+        there but join that rerun: continued, most would only end unsettled and be run a
+        third time (OP free REML, 10,000 genes: 11.2 s -> 8.4 s)."""
         n_prob = len(problems.gene)
         k = devices.count(self.mesh)
         width = batching.bucket(-(-n_prob // k), self.chunk_size)  # per device
@@ -290,7 +293,8 @@ class MaximumLikelihood:
         still running, regrouped into batches of `width` per device (or a sixteenth of it once
         few are left: two compiled batch shapes). Full-size batches allow
         BIG_BATCH_HALVINGS step halvings; fits that need more (STALLED) continue in small
-        batches with the full budget. Returns the final optimizer states (host arrays)."""
+        batches with the full budget where `width` is SMALL_BATCH, and are left STALLED
+        otherwise (for `fit` to rerun). Returns the final optimizer states (host arrays)."""
         n_prob = len(problems.gene)
         k = devices.count(self.mesh)
         size = width * k
@@ -306,6 +310,8 @@ class MaximumLikelihood:
         while True:
             active = np.isin(state.status, (Status.RUNNING, Status.STALLED))
             active &= state.n_iter < self.max_iter
+            if width > SMALL_BATCH:  # `fit` reruns them from the start at the canonical width
+                active &= state.status != Status.STALLED
             progress.report(n_prob - int(active.sum()) - reported, n_prob)
             reported = n_prob - int(active.sum())
             stalled = np.flatnonzero(active & (state.status == Status.STALLED))
