@@ -178,7 +178,8 @@ class FitResult:
     """Fit of every gene. Arrays carry a leading gene axis (G).
 
     phi: (G, n_var [+ C] + n_rand) the model's parameters (models.py order; then, with
-    noise="cells", the within-pair variances s2_c; then r2 of each random covariate); var_cov: their covariance (inverse information; NaN for HE); beta: (G, p);
+    noise="cells", the within-pair variances s2_c; then r2 of each random covariate);
+    var_cov: their covariance (inverse information; NaN for HE); beta: (G, p);
     beta_cov: (G, p, p) (NaN for HE); loglik: (G,) with the constants of design.md section 4
     (NaN for HE); status: (G,) status.Status codes; df: (G,) N_g - n_par with N_g the donors
     with an observed value; pvalues: name -> (G,) p values (`pvalues` below; NaN where the

@@ -160,7 +160,7 @@ def test_fit_with_cells_noise_maximises_the_dense_likelihood():
         w = res.phi[g]
         assert_allclose(res.table[["s2_ct0", "s2_ct1", "s2_ct2"]].to_numpy()[g], w[4:])
 
-        def loglik(w):
+        def loglik(w, g=g):
             y, X, Sigma, _ = dense_cells(cells, g, w[0] + np.diag(w[1:4]), w[4:])
             return reference.ml_loglik(y, X, Sigma)
 
@@ -206,5 +206,5 @@ def test_cells_score_test_and_lrt_against_dense(method):
         w = res.phi[g]
         l1 = loglik(*dense_cells(cells, g, w[0] + np.diag(w[1:4]), w[4:])[:3])
         assert_allclose(res.table["loglik_null"].iloc[g], loglik(y, X, Sigma), **CLOSED_FORM)
-        assert_allclose(res.table["p_V_lrt"].iloc[g], stats.chi2.sf(2 * (l1 - loglik(y, X, Sigma)), C),
-                        **CLOSED_FORM)  # fmt: skip
+        lrt = 2 * (l1 - loglik(y, X, Sigma))
+        assert_allclose(res.table["p_V_lrt"].iloc[g], stats.chi2.sf(lrt, C), **CLOSED_FORM)

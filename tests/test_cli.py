@@ -766,10 +766,10 @@ def test_truncated_h5ad_and_nan_input_name_the_file(tenx, capsys):
     assert "x.tsv: 1 non-finite values" in line and "(cell 'AAAC00003-1', gene 'g2')" in line
 
 
-def test_original_files_with_cell_counts_pool_the_noise(tmp_path, capsys):
-    """--n-cells with the original's one-gene files: the fit pools the noise (no plug-in
-    warning) and equals the library's fit of the same arrays with their cell counts."""
-    rng = np.random.default_rng(5)
+def one_gene_files(tmp_path, seed):
+    """The original's one-gene files (y, P, ctnu) plus cell counts, 30 donors x 3 cell types:
+    the arrays and the `--y=... --P=... --ctnu=... --n-cells=...` arguments."""
+    rng = np.random.default_rng(seed)
     N, C = 30, 3
     n_cells = rng.integers(5, 40, size=(N, C)).astype(float)
     P = rng.dirichlet(np.ones(C), size=N)
@@ -778,7 +778,14 @@ def test_original_files_with_cell_counts_pool_the_noise(tmp_path, capsys):
     files = {"y": Y, "P": P, "ctnu": ctnu, "n-cells": n_cells}
     for name, values in files.items():
         np.savetxt(tmp_path / f"{name}.txt", values)
-    args = [f"--{k}={tmp_path / k}.txt" for k in files]
+    return files, [f"--{k}={tmp_path / k}.txt" for k in files]
+
+
+def test_original_files_with_cell_counts_pool_the_noise(tmp_path, capsys):
+    """--n-cells with the original's one-gene files: the fit pools the noise (no plug-in
+    warning) and equals the library's fit of the same arrays with their cell counts."""
+    files, args = one_gene_files(tmp_path, 5)
+    Y, P, ctnu, n_cells = files.values()
     out = tmp_path / "one.tsv"
     assert main(["fit", "-q", *args, "--model", "free", "-o", str(out)]) == 0
     assert "warning" not in capsys.readouterr().err
@@ -796,16 +803,9 @@ def test_original_files_with_cell_counts_pool_the_noise(tmp_path, capsys):
 def test_cells_noise_from_the_command_line(tmp_path, capsys):
     """--noise cells: the library's exact cells likelihood (s2_<ct> columns, the sidecar names
     it); refused with HE and without cell counts, each with a one-line error."""
-    rng = np.random.default_rng(6)
-    N, C = 30, 3
-    n_cells = rng.integers(5, 40, size=(N, C)).astype(float)
-    P = rng.dirichlet(np.ones(C), size=N)
-    Y = rng.normal(size=(N, C)) + rng.normal(size=(N, 1))
-    ctnu = rng.gamma(4.0, 0.25, size=(N, C)) / n_cells
-    files = {"y": Y, "P": P, "ctnu": ctnu, "n-cells": n_cells}
-    for name, values in files.items():
-        np.savetxt(tmp_path / f"{name}.txt", values)
-    args = [f"--{k}={tmp_path / k}.txt" for k in files]
+    files, args = one_gene_files(tmp_path, 6)
+    Y, P, ctnu, n_cells = files.values()
+    C = P.shape[1]
     out = tmp_path / "cells.tsv"
     assert main(["fit", "-q", *args, "--model", "free", "--noise", "cells", "-o", str(out)]) == 0
     one = cj.CTPData.from_arrays(Y[None], ctnu[None], P, genes=["gene"], n_cells=n_cells)
