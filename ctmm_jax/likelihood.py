@@ -383,6 +383,14 @@ def _traces_per_donor(E, W, u, H) -> _Traces:
     )
 
 
+def _traces_scalar(e, w, u, h) -> _Traces:
+    """1 x 1 blocks (OP): E_ki = e_ki, W_i = w_i, H_i = h_i scalars, so every trace is a sum of
+    elementwise products over donors (no N tiny matrix products): e (k, N); w, u, h (N,)."""
+    M, Ku = e * w, e * u  # W_i E_ki, E_ki u_i
+    return _Traces(trWK=M.sum(1), quad=Ku @ u, T1=M @ M.T, uKWKu=(Ku * w) @ Ku.T,
+                   T2=(e * h) @ M.T)  # fmt: skip
+
+
 def _traces_shared(E0, W, u, H) -> _Traces:
     """Kernels shared by every donor (CTP): sum over donors first (contractions over N, which
     vectorise far better than N small matrix products), then contract with the kernels."""
@@ -409,6 +417,16 @@ def _design_terms_shared(E0, WX, w, u, FU):
     return F_bb, F_bd, s, ZtWKu_b, t
 
 
+def _design_terms_scalar(e, WX, w, u, FU):
+    """1 x 1 blocks (OP): `_design_terms_per_donor` with E_ki = e_ki, as products over donors;
+    e (k, N), WX (N, p), w and u (N,)."""
+    N, p = WX.shape
+    outer = (WX[:, :, None] * WX[:, None, :]).reshape(N, p * p)  # rows (W X)_i^T (W X)_i
+    F_bb = (e @ outer).reshape(-1, p, p)
+    F_bd = jnp.einsum("kn,np,nj->kpj", e * w, WX, FU)
+    return F_bb, F_bd, e * w**2, (e * u) @ WX, e * w * u
+
+
 def _design_terms_per_donor(E, WX, w, u, FU):
     """Kernels that differ by donor (OP): block by block."""
     KWX, Kw, Ku = E @ WX[None], (E @ w[None, ..., None])[..., 0], (E @ u[None, ..., None])[..., 0]
@@ -426,6 +444,9 @@ def _design_terms(E, WX1, u, FU) -> tuple[jax.Array, jax.Array]:
     WX, w = WX1[..., :pb], WX1[..., pb]
     if E.shape[1] == 1:  # static
         F_bb, F_bd, s, ZtWKu_b, t = _design_terms_shared(E[:, 0], WX, w, u, FU)
+    elif E.shape[-1] == 1:  # static: 1 x 1 blocks (OP)
+        F_bb, F_bd, s, ZtWKu_b, t = _design_terms_scalar(E[..., 0, 0], WX[:, 0], w[:, 0],
+                                                         u[:, 0], FU)  # fmt: skip
     else:
         F_bb, F_bd, s, ZtWKu_b, t = _design_terms_per_donor(E, WX, w, u, FU)
     return _sym_block(F_bb, F_bd, _donor_gram(s, FU)), jnp.concatenate([ZtWKu_b, t @ FU], -1)
@@ -458,6 +479,8 @@ def moments(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Moments:
         H, E = _projected_blocks(f.WX1, Nj, FU), d.all_kernels()
         if E.shape[1] == 1:  # static
             t = _traces_shared(E[:, 0], f.W, f.u, H)
+        elif E.shape[-1] == 1:  # static: 1 x 1 blocks (OP)
+            t = _traces_scalar(E[..., 0, 0], f.W[:, 0, 0], f.u[:, 0], H[:, 0, 0])
         else:
             t = _traces_per_donor(E, f.W, f.u, H)
         F, ZtWKu = _design_terms(E, f.WX1, f.u, FU)
