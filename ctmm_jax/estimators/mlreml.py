@@ -268,7 +268,7 @@ class MaximumLikelihood:
         unsettled = ~np.isin(state.status, SETTLED) & (width != SMALL_BATCH)
         redo = np.flatnonzero(unsettled)
         if len(redo):
-            again = self.optimize(blocks, problems.take(redo), SMALL_BATCH)
+            again = self.optimize(blocks, problems.take(redo), SMALL_BATCH, of=n_prob)
             for dst, src in zip(state, again, strict=True):
                 dst[redo] = src
 
@@ -288,13 +288,17 @@ class MaximumLikelihood:
             state.status, fits.cond,
         )  # fmt: skip
 
-    def optimize(self, blocks: Blocks, problems: Problems, width: int) -> OptState:
+    def optimize(self, blocks: Blocks, problems: Problems, width: int, of: int | None = None
+                 ) -> OptState:  # fmt: skip
         """Every fit of `problems`: rounds of ROUND_ITERS iterations, each round on the fits
         still running, regrouped into batches of `width` per device (or a sixteenth of it once
         few are left: two compiled batch shapes). Full-size batches allow
         BIG_BATCH_HALVINGS step halvings; fits that need more (STALLED) continue in small
         batches with the full budget where `width` is SMALL_BATCH, and are left STALLED
-        otherwise (for `fit` to rerun). Returns the final optimizer states (host arrays)."""
+        otherwise (for `fit` to rerun). Progress is reported as a share of `of` problems
+        (default: these), counting a fit once: where `fit` reruns the unsettled ones (width
+        not SMALL_BATCH), only settled fits count here. Returns the final optimizer states
+        (host arrays)."""
         n_prob = len(problems.gene)
         k = devices.count(self.mesh)
         size = width * k
@@ -312,8 +316,9 @@ class MaximumLikelihood:
             active &= state.n_iter < self.max_iter
             if width > SMALL_BATCH:  # `fit` reruns them from the start at the canonical width
                 active &= state.status != Status.STALLED
-            progress.report(n_prob - int(active.sum()) - reported, n_prob)
-            reported = n_prob - int(active.sum())
+            done = np.isin(state.status, SETTLED) if width != SMALL_BATCH else ~active
+            progress.report(int(done.sum()) - reported, of or n_prob)
+            reported = int(done.sum())
             stalled = np.flatnonzero(active & (state.status == Status.STALLED))
             running = np.flatnonzero(active & (state.status == Status.RUNNING))
             if len(running) + len(stalled) == 0:
