@@ -315,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="standardise each gene's OP first (the original's std; dataset input)",
     )
     p.add_argument(
+        "--no-count-scale",
+        dest="count_scale",
+        action="store_false",
+        help="keep a --shape ctp dataset's values on the log scale: by default a dataset made "
+        "from raw counts (pseudobulk --normalize) divides each cell type's values by its "
+        "count-scale loading (README, 'Count-scale loadings')",
+    )
+    p.add_argument(
         "--batch-genes",
         type=int,
         default=2048,
@@ -821,7 +829,7 @@ def _load_data(args):
         else:
             data = OPData.from_files(y=y, P=P, nu=_existing(args.nu, "--nu"))
         selected = list(data.genes)
-        lo, hi = 0, len(selected)
+        lo, hi, scaled = 0, len(selected), False
     else:
         if args.y is not None:
             raise UserError("give either a dataset or --y/--P files, not both.")
@@ -849,9 +857,11 @@ def _load_data(args):
         pb = pb.select_genes(idx[lo:hi])
         if args.std:
             pb = preprocess.std(pb)
-        data = pb.to_ctp() if args.shape == "ctp" else pb.to_op()
+        data = pb.to_ctp(args.count_scale) if args.shape == "ctp" else pb.to_op()
+        scaled = args.shape == "ctp" and args.count_scale and pb.loadings is not None
     record = {"chunk": args.chunk, "gene_positions": [int(lo), int(hi)],
-              "genes_selected": {"n": len(selected), "sha256": fingerprint(selected)}}  # fmt: skip
+              "genes_selected": {"n": len(selected), "sha256": fingerprint(selected)},
+              "count_scale": bool(scaled)}  # fmt: skip
     return data, record
 
 

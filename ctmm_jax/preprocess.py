@@ -14,6 +14,19 @@ original's AnnData branch computes ctnu as (mean(x^2) - mean(x)^2) / n^2, which 
 its own groupby branch; we follow the groupby branch (sem^2) everywhere.
 Per-(donor, cell type) sums and sums of squares come from a sparse one-hot matrix product over
 chunks of genes, so a sparse X is never densified.
+
+Count-scale loadings (normalize="log1p" only, where the raw counts are seen). On the log scale a
+donor effect a on a gene's log rate moves the mean of f(x) = log1p(x 10^4 / t) by l_c a, with
+l_c = d E f(x) / d log(rate) smaller where the cell type expresses the gene less (f is concave
+near 0), so a donor effect shared on the count scale is not shared equally on the log scale.
+For Poisson counts the Stein-Chen identity E[m g(x + 1)] = E[x g(x)] gives
+
+    l_c = E[m (f(x + 1) - f(x))] = E[x (f(x) - f(x - 1))],
+
+estimated by its mean over the cell type's cells (`loadings`, (G, C)). `Pseudobulk.to_ctp`
+divides ctp by l_c and ctnu by l_c^2 (count_scale=True, the default where loadings exist): the
+values are then on the scale of the log rates, where hom2 is shared equally by the cell types
+and the test of V = 0 is unchanged in meaning (V_c / l_c^2 = 0 exactly when V_c = 0).
 """
 
 from __future__ import annotations
@@ -48,7 +61,8 @@ class Pseudobulk:
 
     ctp, ctnu: (G, N, C), NaN where `mask` is False; counts: (N, C) cells per (donor, cell
     type); P: (N, C) proportions counts / donor total; op, nu: (G, N) overall pseudobulk and its
-    noise variance, from all the donor's cells; mask: (N, C) True for observed pairs.
+    noise variance, from all the donor's cells; mask: (N, C) True for observed pairs;
+    loadings: (G, C) count-scale loadings l_gc (module docstring), or None (not from raw counts).
     """
 
     genes: tuple[str, ...]
@@ -61,6 +75,7 @@ class Pseudobulk:
     op: np.ndarray
     nu: np.ndarray
     mask: np.ndarray
+    loadings: np.ndarray | None = None
 
     def __repr__(self) -> str:
         """Shape and counts only; the arrays are too large to print."""
@@ -81,6 +96,7 @@ class Pseudobulk:
             ctnu=self.ctnu[i],
             op=self.op[i],
             nu=self.nu[i],
+            loadings=None if self.loadings is None else self.loadings[i],
         )
 
     @property
@@ -94,9 +110,11 @@ class Pseudobulk:
         plug-in fit uses (noise='plugin' drops ctnu = 0; 'pooled' keeps them, noise.py)."""
         return self.mask & (np.nan_to_num(self.ctnu) > 0)
 
-    def to_ctp(self) -> CTPData:
+    def to_ctp(self, count_scale: bool = True) -> CTPData:
         """CTPData of (ctp, ctnu, P) with the cell counts, missing where `mask` is False
-        (unobserved pairs, or too few cells): never imputed.
+        (unobserved pairs, or too few cells): never imputed. With `loadings` (made from raw
+        counts) and count_scale, ctp_gic / l_gc and ctnu_gic / l_gc^2 (module docstring; a
+        cell type whose loading is 0, never expressed, is left as it is).
 
         Pairs whose cells all have the same value (ctnu = 0; for counts, usually all zero) keep
         their value: the fit's noise model decides (noise.py). The default pools each cell
@@ -105,8 +123,12 @@ class Pseudobulk:
         make the donor's covariance singular as V_c -> 0 (the original CTMM leaves such zeros
         in place and can break there)."""
         mask = np.broadcast_to(self.mask, self.ctp.shape)
+        ctp, ctnu = self.ctp, self.ctnu
+        if count_scale and self.loadings is not None:
+            l = np.where(self.loadings > 0, self.loadings, 1.0)[:, None, :]  # noqa: E741
+            ctp, ctnu = ctp / l, ctnu / l**2
         return CTPData.from_arrays(
-            np.where(mask, self.ctp, 0.0), np.where(mask, self.ctnu, 1.0), self.P,
+            np.where(mask, ctp, 0.0), np.where(mask, ctnu, 1.0), self.P,
             genes=self.genes, donors=self.donors, celltypes=self.celltypes, mask=mask,
             n_cells=self.counts,
         )  # fmt: skip
@@ -126,6 +148,8 @@ class Pseudobulk:
         interrupted save leaves the old file, never part of a new one."""
         path = str(path) if str(path).endswith(".npz") else f"{path}.npz"
         arrays = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.loadings is None:
+            del arrays["loadings"]
         for name in ("genes", "donors", "celltypes"):
             arrays[name] = np.array(arrays[name], dtype=str)
         with atomic_paths(path) as (tmp,):
@@ -158,6 +182,8 @@ class Pseudobulk:
             raise not_ours
         old = {"celltypes": "celltypes" if "celltypes" in arrays else "cell_types"}
         keys = {fl.name: old.get(fl.name, fl.name) for fl in fields(cls)}
+        if "loadings" not in arrays:  # optional: datasets not made from raw counts
+            del keys["loadings"]
         missing = [k for k in keys.values() if k not in arrays]
         if missing:
             raise ValueError(
@@ -183,8 +209,10 @@ def _check_saved(arrays: dict, path) -> None:
             )
     G, N, C = (len(arrays[n]) for n in ("genes", "donors", "celltypes"))
     shapes = dict(ctp=(G, N, C), ctnu=(G, N, C), counts=(N, C), P=(N, C), op=(G, N),
-                  nu=(G, N), mask=(N, C))  # fmt: skip
+                  nu=(G, N), mask=(N, C), loadings=(G, C))  # fmt: skip
     for name, shape in shapes.items():
+        if name not in arrays:  # loadings are optional
+            continue
         a = arrays[name]
         if a.shape != shape or a.dtype.kind not in ("b" if name == "mask" else "iuf"):
             raise ValueError(
@@ -365,10 +393,11 @@ def _row_blocks(X, size: int) -> Iterator[tuple[slice, object]]:
 
 
 def _square(block):
-    """Elementwise square; a (canonical) sparse block keeps its index arrays."""
+    """Elementwise square; a (canonical, CSR or CSC) sparse block keeps its format and index
+    arrays."""
     if not sparse.issparse(block):
         return block**2
-    return sparse.csc_matrix((block.data**2, block.indices, block.indptr), shape=block.shape)
+    return type(block)((block.data**2, block.indices, block.indptr), shape=block.shape)
 
 
 def _dense(a) -> np.ndarray:
@@ -478,68 +507,96 @@ def _row_totals(X, chunk_size: int) -> np.ndarray:
     return total
 
 
+def _stein_terms(block, total: np.ndarray, target: float = NORMALIZE_TARGET):
+    """x (f(x) - f(x - 1)) with f(x) = log1p(x target / total) per entry of a block of raw
+    counts (0 where x = 0; sparse blocks keep their structure): the cells' terms of the
+    count-scale loadings (module docstring)."""
+    scale = np.divide(target, total, out=np.zeros(len(total)), where=total > 0)
+    with np.errstate(invalid="ignore"):
+        if not sparse.issparse(block):
+            s = scale[:, None]
+            return block * (np.log1p(block * s) - np.log1p(np.maximum(block - 1, 0) * s))
+        if block.format not in ("csr", "csc"):
+            block = block.tocsr()
+        row = block.indices if block.format == "csc" else (
+            np.repeat(np.arange(block.shape[0]), np.diff(block.indptr)))  # fmt: skip
+        x, s = block.data, scale[row]
+        data = x * (np.log1p(x * s) - np.log1p(np.maximum(x - 1, 0) * s))
+    return type(block)((data, block.indices, block.indptr), shape=block.shape)
+
+
 def _prepare(block, rows: slice, cols: slice, *, scan: _Scan, normalize: bool, total=None):
-    """A float64 block X[rows, cols] as pseudobulk uses it: recorded by `scan`, then, with
-    `normalize`, log1p-normalised by the cells' totals: `total` (cells,), or the block's row
-    sums when it holds all the genes of its rows (total None)."""
+    """(values, terms) of a float64 block X[rows, cols] as pseudobulk uses it: recorded by
+    `scan`, then, with `normalize`, log1p-normalised by the cells' totals (`total` (cells,),
+    or the block's row sums when it holds all the genes of its rows: total None), with the
+    count-scale loadings' terms (`_stein_terms`); terms None without `normalize`."""
     scan.see(block, rows, cols)
     if not normalize:
-        return block
+        return block, None
     t = np.asarray(block.sum(axis=1)).ravel() if total is None else total[rows]
-    return _log1p_scaled(block, t)
+    return _log1p_scaled(block, t), _stein_terms(block, t)
 
 
 def _group_moments(
     X, At, chunk_size: int = 2000, prepare: Callable | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Per-group sums S = (A X)^T and sums of squares Q = (A (X * X))^T, gene by group, one
     chunk of genes at a time (a CSC chunk's transpose is CSR, so the sparse product needs no
-    format conversion of the chunk).
+    format conversion of the chunk); T, the sums of `prepare`'s terms (None without them).
 
     Args:
         X: (cells, G) canonical scipy.sparse CSC (no duplicate entries), or a dense array.
         At: (cells, groups) CSR indicator A^T.
-        prepare: (block, rows, cols) -> block, applied to each block first (`_prepare`).
+        prepare: (block, rows, cols) -> (block, terms or None), applied to each block first
+            (`_prepare`).
     Returns:
-        S, Q: (G, groups). Temporaries are (cells, chunk_size) at most: a sparse block's
+        S, Q, T: (G, groups). Temporaries are (cells, chunk_size) at most: a sparse block's
         nonzeros, or a dense block and its square.
     """
     S = np.empty((X.shape[1], At.shape[1]))
     Q = np.empty((X.shape[1], At.shape[1]))
+    T = None
     for cols, block in _column_blocks(X, chunk_size):
+        terms = None
         if prepare is not None:
-            block = prepare(block, slice(0, X.shape[0]), cols)
+            block, terms = prepare(block, slice(0, X.shape[0]), cols)
         S[cols] = _dense(block.T @ At)
         Q[cols] = _dense(_square(block).T @ At)
-    return S, Q
+        if terms is not None:
+            T = np.empty_like(S) if T is None else T
+            T[cols] = _dense(terms.T @ At)
+    return S, Q, T
 
 
 def _row_moments(
     rows: Iterator, At, G: int, prepare: Callable | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """`_group_moments` over blocks of cells (rows) instead of genes, for a matrix streamed
     from disk by rows (a backed CSR .h5ad): rows yields (row slice, (cells, G) block); each
     block's sums are added into S and Q (G, groups), so only one block is in memory. prepare:
     as in `_group_moments`."""
     S = np.zeros((G, At.shape[1]))
     Q = np.zeros((G, At.shape[1]))
+    T = None
     for rs, block in rows:
-        A = At[rs]
+        A, terms = At[rs], None
         if sparse.issparse(block):
             block = sparse.csr_matrix(block, dtype=np.float64)
             block.sum_duplicates()
-            if prepare is not None:
-                block = prepare(block, rs, slice(0, G))
-            for out, b in ((S, block), (Q, block.multiply(block))):
-                prod = (b.T @ A).tocoo()  # (G, groups), no duplicate entries
-                out[prod.row, prod.col] += prod.data
         else:
             block = np.asarray(block, dtype=np.float64)
-            if prepare is not None:
-                block = prepare(block, rs, slice(0, G))
-            S += _dense(A.T @ block).T
-            Q += _dense(A.T @ block**2).T
-    return S, Q
+        if prepare is not None:
+            block, terms = prepare(block, rs, slice(0, G))
+        if terms is not None and T is None:
+            T = np.zeros_like(S)
+        sums = ((S, block), (Q, _square(block))) + (() if terms is None else ((T, terms),))
+        for out, b in sums:
+            if sparse.issparse(b):
+                prod = (b.T @ A).tocoo()  # (G, groups), no duplicate entries
+                out[prod.row, prod.col] += prod.data
+            else:
+                out += _dense(A.T @ b).T
+    return S, Q, T
 
 
 def _cell_stats(S: np.ndarray, Q: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -690,17 +747,20 @@ def pseudobulk(
     if rows is None:
         if normalize is not None:  # chunks of genes: the cells' totals first
             prepare = partial(prepare, total=_row_totals(X, chunk_size))
-        S, Q = _group_moments(X, At, chunk_size, prepare)
+        S, Q, T = _group_moments(X, At, chunk_size, prepare)
     else:
-        S, Q = _row_moments(rows(cell_block), At, G, prepare)
+        S, Q, T = _row_moments(rows(cell_block), At, G, prepare)
     scan.report(x_name, ids, gene_names, normalize)
     counts = np.bincount(group, minlength=N * C).reshape(N, C)
+    loadings = None  # count-scale loadings: the mean term over each cell type's cells
+    if T is not None:
+        loadings = T.reshape(G, N, C).sum(1) / np.maximum(counts.sum(0), 1)
     ctp, ctnu, op, nu, P, mask = _finish(S, Q, counts, ct_cut, chunk_size)
     return Pseudobulk(
         genes=gene_names,
         donors=tuple(str(x) for x in donors),
         celltypes=tuple(str(x) for x in cell_types),
-        ctp=ctp, ctnu=ctnu, counts=counts, P=P, op=op, nu=nu, mask=mask,
+        ctp=ctp, ctnu=ctnu, counts=counts, P=P, op=op, nu=nu, mask=mask, loadings=loadings,
     )  # fmt: skip
 
 

@@ -513,6 +513,31 @@ def test_covariates_genes_and_std_equal_library(tmp_path):
         np.testing.assert_allclose(numeric(got), numeric(expected), rtol=1e-10)
 
 
+def test_datasets_from_counts_fit_on_the_count_scale(tmp_path):
+    """`pseudobulk --normalize` keeps the count-scale loadings; `fit` divides by them (the
+    sidecar says count_scale) unless --no-count-scale: each equals the library's fit of
+    to_ctp() / to_ctp(count_scale=False)."""
+    counts, cells, genes = simulate_cells(6, 30, 3, seed=6)
+    sparse.save_npz(tmp_path / "counts.npz", counts)
+    cells.to_csv(tmp_path / "cells.tsv", sep="\t")
+    (tmp_path / "genes.txt").write_text("\n".join(genes) + "\n")
+    pb_path = tmp_path / "pb.npz"
+    assert main(["pseudobulk", "-q", str(tmp_path / "counts.npz"), "--cells",
+                 str(tmp_path / "cells.tsv"), "--gene-names", str(tmp_path / "genes.txt"),
+                 "--normalize", "-o", str(pb_path)]) == 0  # fmt: skip
+    pb = preprocess.Pseudobulk.load(pb_path)
+    assert pb.loadings is not None and pb.loadings.shape == (6, 3)
+    for flag, data, scaled in (
+        ([], pb.to_ctp(), True),
+        (["--no-count-scale"], pb.to_ctp(count_scale=False), False),
+    ):
+        out = tmp_path / f"fit{len(flag)}.tsv"
+        assert main(["fit", "-q", str(pb_path), "--method", "he", *flag, "-o", str(out)]) == 0
+        assert json.loads(Path(f"{out}.json").read_text())["count_scale"] is scaled
+        expected = cj.fit(data, "free", "he").table
+        np.testing.assert_allclose(numeric(read(out)), numeric(expected), rtol=1e-10)
+
+
 def save_small_dataset(path: Path, seed: int) -> None:
     """4 genes, 20 donors, 2 cell types, 5 cells a pair: HE fits of its chunks are quick."""
     pb = cj.simulate(4, 20, 2, seed=seed)

@@ -130,7 +130,7 @@ def qq_series(table: pd.DataFrame, main: str) -> dict[str, np.ndarray]:
 
 def fitted_data(pb, genes, fit: dict):
     """The data of the genes `genes` as `ctmm-jax fit` saw them, from the pseudobulk dataset
-    `pb` and the fit's sidecar settings `fit`: --std, --shape, and the noise model
+    `pb` and the fit's sidecar settings `fit`: --std, --shape, count_scale, and the noise model
     (noise.apply: pooled or plug-in noise variances, zero-noise values missing), for the
     variance partition."""
     from .. import noise, preprocess
@@ -143,7 +143,7 @@ def fitted_data(pb, genes, fit: dict):
     pb = pb.select_genes(np.array([position[g] for g in genes], dtype=int))
     if fit.get("std"):
         pb = preprocess.std(pb)
-    data = pb.to_op() if fit.get("shape") == "op" else pb.to_ctp()
+    data = pb.to_op() if fit.get("shape") == "op" else pb.to_ctp(bool(fit.get("count_scale")))
     return noise.apply(data, fit.get("noise")).data
 
 
