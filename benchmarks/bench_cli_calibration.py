@@ -51,9 +51,11 @@ HOM2 = 0.05
 DEPTH = 5000.0  # simulate_cells' default library size
 
 
-def oracle_cell_variance(log_mu: np.ndarray, M: int, seed: int) -> np.ndarray:
+def oracle_cell_variance(log_mu: np.ndarray, M: int, seed: int, nb_size: float | None = None
+                         ) -> np.ndarray:  # fmt: skip
     """(G, N, C) variance of one cell's normalised value log1p(x / t * 1e4) in each pair, from
-    M cells drawn from the simulator's law (module docstring); 16 genes at a time."""
+    M cells drawn from the simulator's law (module docstring; negative binomial counts with
+    nb_size); 16 genes at a time."""
     rng = np.random.default_rng(seed)
     mu = np.exp(log_mu)
     rest = mu.sum(0) - mu  # (G, N, C) the other simulated genes' rates
@@ -61,7 +63,9 @@ def oracle_cell_variance(log_mu: np.ndarray, M: int, seed: int) -> np.ndarray:
     for lo in range(0, len(mu), 16):
         m, r = mu[lo : lo + 16, ..., None], rest[lo : lo + 16, ..., None]
         L = DEPTH * np.exp(0.3 * rng.standard_normal(m.shape[:-1] + (M,)))
-        x = rng.poisson(L * m / 1e4)
+        lam = L * m / 1e4
+        x = rng.poisson(lam) if nb_size is None else (
+            rng.negative_binomial(nb_size, nb_size / (nb_size + lam)))  # fmt: skip
         total = x + rng.poisson(L * (1.0 + r / 1e4))
         out[lo : lo + 16] = np.log1p(x / total * 1e4).var(axis=-1, ddof=1)
     return out
@@ -87,15 +91,17 @@ def with_counts(G: int, N: int, C: int, **kw):
 
 
 def run(N: int, cells_per_donor: float, ct_sd: float, n_null: int, n_power: int, seed: int,
-        workdir: Path, oracle_cells: int, model: str = "free", counts: bool = False
-        ) -> dict:  # fmt: skip
+        workdir: Path, oracle_cells: int, model: str = "free", counts: bool = False,
+        nb_size: float | None = None) -> dict:  # fmt: skip
     """One configuration: simulate, run the command line with defaults (and --noise plugin),
     fit the oracle; rates of each test."""
     G, n_pair = n_null + n_power, cells_per_donor / C
     a = 4.5 * (1.0 / n_pair + 0.05) / np.sqrt(N)
     V = np.zeros((G, C))
     V[n_null:] = [a, 0.0, 0.0, a / 2]
-    kw = dict(cells_per_donor=cells_per_donor, hom2=HOM2, V=V, ct_sd=ct_sd, seed=seed)
+    kw = dict(
+        cells_per_donor=cells_per_donor, hom2=HOM2, V=V, ct_sd=ct_sd, seed=seed, nb_size=nb_size
+    )
     adata = with_counts(G, N, C, **kw) if counts else simulate_anndata(G, N, C, **kw)
     h5ad, pb_path = workdir / "cells.h5ad", workdir / "pb.npz"
     adata.write_h5ad(h5ad)
@@ -117,7 +123,9 @@ def run(N: int, cells_per_donor: float, ct_sd: float, n_null: int, n_power: int,
     gene = np.array([int(g.removeprefix("gene")) for g in pb.genes])
     donor = np.array([int(d.removeprefix("ind")) for d in pb.donors])
     ct = np.array([int(c.removeprefix("ct")) for c in pb.celltypes])
-    variance = oracle_cell_variance(log_mu[np.ix_(gene, donor, ct)], oracle_cells, seed + 1)
+    variance = oracle_cell_variance(
+        log_mu[np.ix_(gene, donor, ct)], oracle_cells, seed + 1, nb_size
+    )
     data = pb.to_ctp()  # on the count scale where the dataset has loadings (--counts)
     true = variance / np.maximum(pb.counts, 1)[None]
     if pb.loadings is not None:
@@ -128,7 +136,8 @@ def run(N: int, cells_per_donor: float, ct_sd: float, n_null: int, n_power: int,
     tables["oracle"] = cj.fit(oracle, model, "reml", noise="plugin").table
 
     is_null = pd.Series(gene < n_null, index=list(pb.genes))
-    row = dict(model=model, counts=counts, donors=N, cells_per_donor=cells_per_donor,
+    row = dict(model=model, counts=counts, nb_size=nb_size, donors=N,
+               cells_per_donor=cells_per_donor,
                cells_per_pair=n_pair, ct_sd=ct_sd, genes=G, V_power=a,
                cli_seconds=round(seconds, 1))  # fmt: skip
     assert "q_V" in tables["default"], "the default table must have q_V"
@@ -162,7 +171,8 @@ def table(rows: list[dict]) -> str:
             return f"{r[k + ' a05']:.3f}/{r[k + ' a01']:.3f}" if k + " a05" in r else "-"
 
         lines.append("| " + " | ".join([
-            r["model"], "counts" if r.get("counts") else "X", str(r["donors"]),
+            r["model"], ("counts" if r.get("counts") else "X")
+            + (f", NB {r['nb_size']:g}" if r.get("nb_size") else ""), str(r["donors"]),
             f"{r['cells_per_pair']:g}", f"{r['ct_sd']:g}",
             rate("default p_V"), rate("default p_V_lrt"), rate("plugin p_V"),
             f"{r['oracle'].removeprefix('oracle ')} {rate(r['oracle'])}",
@@ -185,6 +195,9 @@ def main(argv=None) -> None:
     ap.add_argument("--counts", action="store_true",
                     help="pseudobulk the raw counts (--layer counts --normalize): the dataset "
                     "then has count-scale loadings, which fit uses by default")  # fmt: skip
+    ap.add_argument("--nb-size", type=float,
+                    help="negative binomial counts of this size (overdispersed) instead of "
+                    "Poisson")  # fmt: skip
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -193,7 +206,8 @@ def main(argv=None) -> None:
         for k, (N, cpd, sd) in enumerate((N, cpd, sd) for sd in args.ct_sd for N in args.donors
                                          for cpd in args.cells_per_donor):  # fmt: skip
             rows.append(run(N, cpd, sd, args.null_genes, args.power_genes, args.seed + k,
-                            Path(tmp), args.oracle_cells, args.model, args.counts))  # fmt: skip
+                            Path(tmp), args.oracle_cells, args.model, args.counts,
+                            args.nb_size))  # fmt: skip
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             write_json(args.json, rows)
     print("\nType I error at 0.05/0.01 (power at 0.05), end to end through the command line")

@@ -108,6 +108,7 @@ def simulate_cells(
     V=0.05,
     ct_sd: float = 0.5,
     depth: float = 5000.0,
+    nb_size: float | None = None,
     seed: int = 0,
 ) -> tuple[sparse.csr_matrix, pd.DataFrame, list[str]]:
     """Draw single-cell UMI counts with donor and cell-type structure on the log scale.
@@ -118,7 +119,8 @@ def simulate_cells(
     Donor i has Poisson(cells_per_donor) cells (at least 2), of cell types drawn from its
     proportions p_i ~ Dirichlet(2, ..., 2); cell j has a library size
     L_j ~ depth * LogNormal(0, 0.3) and counts
-    x_jg ~ Poisson(L_j / 1e4 * r_g * exp(b_gc + a_gi + g_gic)). The simulated genes are a
+    x_jg ~ Poisson(L_j / 1e4 * r_g * exp(b_gc + a_gi + g_gic)) (with `nb_size`, negative
+    binomial of that mean and size nb_size: overdispersed). The simulated genes are a
     small part of a transcriptome: the cell's total UMI count n_counts is theirs plus
     Poisson(L_j) from the other genes, so normalising by it does not mix the genes' donor
     effects into every gene (as normalising by the sum over a few hundred genes would).
@@ -140,7 +142,9 @@ def simulate_cells(
     blocks = []  # 256 genes at a time: the rates are a dense (cells, 256) temporary
     for j in range(0, G, 256):
         lam = library[:, None] / 1e4 * np.exp(log_mu[j : j + 256, donor, cell_type].T)
-        blocks.append(sparse.csr_matrix(rng.poisson(lam)))
+        x = rng.poisson(lam) if nb_size is None else (
+            rng.negative_binomial(nb_size, nb_size / (nb_size + lam)))  # fmt: skip
+        blocks.append(sparse.csr_matrix(x))
     counts = sparse.hstack(blocks, format="csr")
     own = np.asarray(counts.sum(axis=1)).ravel()
     n_counts = own + rng.poisson(library)  # plus the rest of the transcriptome
