@@ -538,11 +538,12 @@ def _prepare(block, rows: slice, cols: slice, *, scan: _Scan, normalize: bool, t
 
 
 def _group_moments(
-    X, At, chunk_size: int = 2000, prepare: Callable | None = None
+    X, At, chunk_size: int = 2000, prepare: Callable | None = None, Bt=None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Per-group sums S = (A X)^T and sums of squares Q = (A (X * X))^T, gene by group, one
     chunk of genes at a time (a CSC chunk's transpose is CSR, so the sparse product needs no
-    format conversion of the chunk); T, the sums of `prepare`'s terms (None without them).
+    format conversion of the chunk); T = (B terms)^T, the sums of `prepare`'s terms over the
+    groups of Bt (cells, groups') (None without terms).
 
     Args:
         X: (cells, G) canonical scipy.sparse CSC (no duplicate entries), or a dense array.
@@ -563,13 +564,13 @@ def _group_moments(
         S[cols] = _dense(block.T @ At)
         Q[cols] = _dense(_square(block).T @ At)
         if terms is not None:
-            T = np.empty_like(S) if T is None else T
-            T[cols] = _dense(terms.T @ At)
+            T = np.empty((X.shape[1], Bt.shape[1])) if T is None else T
+            T[cols] = _dense(terms.T @ Bt)
     return S, Q, T
 
 
 def _row_moments(
-    rows: Iterator, At, G: int, prepare: Callable | None = None
+    rows: Iterator, At, G: int, prepare: Callable | None = None, Bt=None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """`_group_moments` over blocks of cells (rows) instead of genes, for a matrix streamed
     from disk by rows (a backed CSR .h5ad): rows yields (row slice, (cells, G) block); each
@@ -580,6 +581,7 @@ def _row_moments(
     T = None
     for rs, block in rows:
         A, terms = At[rs], None
+        B = None if Bt is None else Bt[rs]
         if sparse.issparse(block):
             block = sparse.csr_matrix(block, dtype=np.float64)
             block.sum_duplicates()
@@ -588,14 +590,14 @@ def _row_moments(
         if prepare is not None:
             block, terms = prepare(block, rs, slice(0, G))
         if terms is not None and T is None:
-            T = np.zeros_like(S)
-        sums = ((S, block), (Q, _square(block))) + (() if terms is None else ((T, terms),))
-        for out, b in sums:
+            T = np.zeros((G, Bt.shape[1]))
+        sums = ((S, block, A), (Q, _square(block), A))
+        for out, b, ind in sums + (() if terms is None else ((T, terms, B),)):
             if sparse.issparse(b):
-                prod = (b.T @ A).tocoo()  # (G, groups), no duplicate entries
+                prod = (b.T @ ind).tocoo()  # (G, groups), no duplicate entries
                 out[prod.row, prod.col] += prod.data
             else:
-                out += _dense(A.T @ b).T
+                out += _dense(ind.T @ b).T
     return S, Q, T
 
 
@@ -742,19 +744,22 @@ def pseudobulk(
     At = sparse.csr_matrix(
         (np.ones(len(group)), (np.flatnonzero(keep), group)), shape=(n_cells, N * C)
     )
+    Bt = sparse.csr_matrix(  # cell types only: the loadings' terms
+        (np.ones(len(c)), (np.flatnonzero(keep), c)), shape=(n_cells, C)
+    )
     scan = _Scan()
     prepare = partial(_prepare, scan=scan, normalize=normalize is not None)
     if rows is None:
         if normalize is not None:  # chunks of genes: the cells' totals first
             prepare = partial(prepare, total=_row_totals(X, chunk_size))
-        S, Q, T = _group_moments(X, At, chunk_size, prepare)
+        S, Q, T = _group_moments(X, At, chunk_size, prepare, Bt)
     else:
-        S, Q, T = _row_moments(rows(cell_block), At, G, prepare)
+        S, Q, T = _row_moments(rows(cell_block), At, G, prepare, Bt)
     scan.report(x_name, ids, gene_names, normalize)
     counts = np.bincount(group, minlength=N * C).reshape(N, C)
     loadings = None  # count-scale loadings: the mean term over each cell type's cells
     if T is not None:
-        loadings = T.reshape(G, N, C).sum(1) / np.maximum(counts.sum(0), 1)
+        loadings = T / np.maximum(counts.sum(0), 1)
     ctp, ctnu, op, nu, P, mask = _finish(S, Q, counts, ct_cut, chunk_size)
     return Pseudobulk(
         genes=gene_names,

@@ -644,7 +644,7 @@ def test_count_scale_loadings_equal_dense_stein_chen_means():
     At = sparse.csr_matrix((np.ones(len(ct)), (np.arange(len(ct)), np.zeros(len(ct), int))))
     prepare = partial(preprocess._prepare, scan=preprocess._Scan(), normalize=True)
     rows = preprocess._row_blocks(counts.tocsr(), 5)
-    _, _, T = preprocess._row_moments(rows, At, len(genes), prepare)
+    _, _, T = preprocess._row_moments(rows, At, len(genes), prepare, At)
     assert_allclose(T[:, 0], term.sum(0), rtol=1e-12)
     assert preprocess.pseudobulk(x, cells, genes=genes).loadings is None  # not from counts
 
