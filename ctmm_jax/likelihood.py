@@ -371,7 +371,8 @@ class _Traces(NamedTuple):
 
 
 def _traces_per_donor(E, W, u, H) -> _Traces:
-    """Kernels that differ by donor (OP: 1 x 1 blocks): products block by block."""
+    """Kernels that differ by donor, in blocks larger than 1 x 1 (OP's 1 x 1 blocks:
+    `_traces_scalar`): products block by block."""
     M = W[None] @ E  # W_i E_ki
     Ku = (E @ u[None, ..., None])[..., 0]  # E_ki u_i
     return _Traces(
@@ -428,7 +429,8 @@ def _design_terms_scalar(e, WX, w, u, FU):
 
 
 def _design_terms_per_donor(E, WX, w, u, FU):
-    """Kernels that differ by donor (OP): block by block."""
+    """Kernels that differ by donor, in blocks larger than 1 x 1 (OP: `_design_terms_scalar`):
+    block by block."""
     KWX, Kw, Ku = E @ WX[None], (E @ w[None, ..., None])[..., 0], (E @ u[None, ..., None])[..., 0]
     F_bb = jnp.einsum("nap,knaq->kpq", WX, KWX)
     F_bd = jnp.einsum("nap,kna,nj->kpj", WX, Kw, FU)
