@@ -113,6 +113,10 @@ def fisher_scoring(
         d = jnp.where(use_newton, d_newton, d_fisher)
         converged = dec < tol
         singular = ~jnp.isfinite(dec)
+        # under vmap the halving loop runs for the whole batch: a gene that is done, or has
+        # no step to take, must not keep it going (a converged gene finds no decrease within
+        # rounding and would halve max_halvings times)
+        go = (s.status == Status.RUNNING) & (s.n_iter < until) & ~converged & ~singular
 
         def halve(c):
             a = c[0] / 2
@@ -120,7 +124,7 @@ def fisher_scoring(
 
         def worse(c):
             a, f, _ = c
-            return ~(f <= s.nll) & (a > 2.0 ** -jnp.asarray(max_halvings, a.dtype))
+            return go & ~(f <= s.nll) & (a > 2.0 ** -jnp.asarray(max_halvings, a.dtype))
 
         first = (jnp.ones(()), *value(project(s.theta - d, lower)))
         a, f, cond = lax.while_loop(worse, halve, first)
