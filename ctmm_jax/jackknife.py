@@ -75,6 +75,8 @@ def jackknife(
     reps = estimator.fit(blocks, Problems(gene, drop, full.phi[gene], groups))
 
     def per_group(x):  # (P, ...) over present pairs -> (G, n_groups, ...), NaN for absent ones
+        if len(gene) == G * n_groups:  # every pair present, in order
+            return x.reshape((G, n_groups) + x.shape[1:])
         out = np.full((G, n_groups) + x.shape[1:], np.nan)
         out[gene, drop] = x
         return out

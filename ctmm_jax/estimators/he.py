@@ -35,8 +35,8 @@ from . import Estimates, Problems
 from .mlreml import design_axes, gls, over_genes
 
 NORMALS_BATCH = 16  # jackknife replicates whose normal equations are computed together
-# the closed-form partition jackknife holds per-donor p x p tensors (`_partition_bytes`); past
-# this size a batch takes the replicate-by-replicate path, whose memory does not grow with p^2
+# the closed-form partition jackknife holds per-donor tensors of k x p values per gene
+# (`_partition_bytes`); past this size a batch takes the replicate-by-replicate path
 PARTITION_BYTES = 256 * 2**20
 
 
@@ -181,7 +181,7 @@ def he_jackknife_partition(y, noise, design, drop, QtQ) -> HEFit:
             - 2 tr(A Omega_k) + tr(A B_k A V),
     Omega_k = sum_kept X_j^T diag(noise_j) E_k X_j, V = sum_kept X_j^T diag(noise_j) X_j
     (`normal`'s diag_MKM, summed against the noise). Every kept sum is the sum over all donors
-    minus the left-out group's: O(N b^2 p^2) per gene instead of O(R N b^2)."""
+    minus the left-out group's: O(N b^2 p^2 + R k p^2) per gene instead of O(R N b^2)."""
     (X, _), E = design.full, design.E[:, 0]  # X (N, b, p), E (k, b, b)
     XtX = jnp.einsum("nbp,nbq->npq", X, X)
     A0 = jnp.linalg.inv(XtX.sum(0))
@@ -203,11 +203,20 @@ def he_jackknife_partition(y, noise, design, drop, QtQ) -> HEFit:
             + 2 * jnp.einsum("grp,grkp->grk", d, kept(jnp.einsum("knap,gna->gnkp", EX, r)))
             + jnp.einsum("grp,rkpq,grq->grk", d, B, d))  # fmt: skip
     n1 = kept(jnp.einsum("gnb,kb->gnk", noise, jnp.diagonal(E, axis1=1, axis2=2)))
-    Omega = kept(jnp.einsum("nap,gna,knaq->gnkpq", X, noise, EX))
-    V = kept(jnp.einsum("nap,gna,naq->gnpq", X, noise, X))
-    AB = jnp.einsum("rpq,rkqs->rkps", A, B)
-    expected = (n1 - 2 * jnp.einsum("rpq,grkqp->grk", A, Omega)
-                + jnp.einsum("rkps,rst,grtp->grk", AB, A, V))  # fmt: skip
+    # tr(A Omega_k(-g)) and tr(A B_k A V(-g)): the all-donor sums (G, k, p, p) against each
+    # replicate's A, minus the left-out donors' terms sum_a noise_ja (E_k X_j A X_j^T)_aa and
+    # sum_a noise_ja (X_j A B_k A X_j^T)_aa with the A of the replicate that leaves j out
+    # (design-only (N, k, b) factors): no (G, N, k, p, p) tensor
+    owner = jnp.arange(X.shape[0]) if drop is None else jnp.argmax(drop, axis=0)  # (N,)
+    ABA = jnp.einsum("rpq,rkqs,rst->rkpt", A, B, A)
+    XA = jnp.einsum("nap,npq->naq", X, A[owner])  # X_j A of j's replicate
+    own_omega = jnp.einsum("knap,nap->nka", EX, XA)
+    own_v = jnp.einsum("nap,nkpq,naq->nka", X, ABA[owner], X)
+    left_out = _group_sums(jnp.einsum("gna,nka->gnk", noise, 2 * own_omega - own_v), drop)
+    omega = jnp.einsum("nap,gna,knaq->gkpq", X, noise, EX)
+    v = jnp.einsum("nap,gna,naq->gpq", X, noise, X)
+    expected = (n1 - 2 * jnp.einsum("rpq,gkqp->grk", A, omega)
+                + jnp.einsum("rkpq,gqp->grk", ABA, v) + left_out)  # fmt: skip
     phi = jnp.linalg.solve(QtQ, jnp.transpose(quad - expected, (1, 2, 0)))  # (R, k, G)
     phi = jnp.transpose(phi, (2, 0, 1))  # one factorisation per replicate, not per gene
     ssr = kept(jnp.sum(r**2, axis=2)) + 2 * jnp.einsum("grp,grp->gr", d, u)
@@ -273,11 +282,11 @@ def run_he_jackknife(
 
 
 def _partition_bytes(design: Design, batch: int) -> int:
-    """Bytes of the largest per-donor tensor of `he_jackknife_partition` (Omega: batch x N x
-    k x p x p doubles)."""
+    """Bytes of the largest per-donor tensor of `he_jackknife_partition` (sum_a E_k X_j r_j:
+    batch x N x k x p doubles)."""
     (X, _), E = design.full, design.E
     N, _, p = X.shape
-    return 8 * batch * N * E.shape[0] * p * p
+    return 8 * batch * N * E.shape[0] * p
 
 
 def _partition(keep: np.ndarray) -> bool:
@@ -332,8 +341,13 @@ class MethodOfMoments:
             n_groups = N if problems.groups is None else int(problems.groups.max()) + 1
             keep = problems._replace(drop=np.arange(n_groups)).kept(np.arange(n_groups), N)
             reps = run_he_jackknife(blocks, genes, keep, chunk_size=self.chunk_size, mesh=self.mesh)
-            phi, beta = reps.phi[which, problems.drop], reps.beta[which, problems.drop]
-            checked = reps.outcome[which, problems.drop]
+            if len(which) == reps.phi.shape[0] * n_groups and np.array_equal(
+                which * n_groups + problems.drop, np.arange(len(which))
+            ):  # every replicate of every gene, in order (the usual case): no gather
+                phi, beta, checked = (a.reshape((len(which),) + a.shape[2:]) for a in reps)
+            else:
+                phi, beta = reps.phi[which, problems.drop], reps.beta[which, problems.drop]
+                checked = reps.outcome[which, problems.drop]
         cond = None
         if self.beta == "gls":
             beta, _, cond = gls(
