@@ -67,7 +67,7 @@ def scatter(out, parts):
     `out` at its indices; the padded rows are dropped."""
     for part, res in parts:
         n = len(part)
-        if n and part[-1] - part[0] == n - 1 and np.all(np.diff(part) == 1):
+        if n and np.all(np.diff(part) == 1):
             part = slice(part[0], part[0] + n)  # contiguous: a block copy, not a scatter
         for dst, src in zip(jax.tree.leaves(out), jax.tree.leaves(res), strict=True):
             dst[part] = np.asarray(src)[:n]
