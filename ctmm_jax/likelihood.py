@@ -360,6 +360,39 @@ def nll(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> jax.Array:
     return factor(phi, d, reml).nll
 
 
+ROUNDING_MARGIN = 1e-9  # of the largest |w|^T |e_i| + |dw|^T |e_i| + noise_i: far above rounding
+
+
+def infeasible_from(d: GeneData, w: jax.Array, dw: jax.Array) -> jax.Array:
+    """A step a beyond which the kernel weights w - a dw are certainly infeasible (`factor`'s
+    nll is +inf), for 1 x 1 blocks (OP) and 0 <= a <= 1; +inf when none is known.
+
+    There Sigma_i = sigma_i is a scalar, affine in the step: sigma_i(a) = s_i - a t_i with
+    s_i = w^T e_i + noise_i and t_i = dw^T e_i (e_ki the kernels, the loadings' after the
+    model's). A trial is infeasible when an observed sigma_i <= 0 (no Cholesky factor) or
+    max_j sigma_j > COND_MAX min_i sigma_i (`factor`'s cond, exact for OP). With a margin m
+    far above the rounding of either evaluation (ROUNDING_MARGIN of the largest term), both
+    are certain past
+
+        a_i = (s_i + m) / t_i                                      (t_i > 0),
+        a_i = (COND_MAX (s_i + m) - s_j + m) / (COND_MAX t_i - t_j)  (denominator > 0),
+
+    j the donor of the largest s_j (a lower bound on the largest sigma). The blocks' conditions
+    are necessary with random covariates too (`_low_rank`), so the bound never hides a
+    feasible step; steps below it promise nothing."""
+    k = d.n_kernels
+    e = d.all_kernels()[:k, :, 0, 0]  # (k, N)
+    noise = d.noise[:, 0]
+    s, t = w[:k] @ e + noise, dw[:k] @ e
+    size = (jnp.abs(w[:k]) + jnp.abs(dw[:k])) @ jnp.abs(e) + jnp.abs(noise)
+    seen = jnp.ones(s.shape, bool) if d.mask is None else d.mask[:, 0] > 0  # missing: not in Sigma
+    m = ROUNDING_MARGIN * jnp.where(seen, size, 0.0).max()
+    j = jnp.argmax(jnp.where(seen, s, -jnp.inf))
+    walls = [(s + m, t), (COND_MAX * (s + m) - s[j] + m, COND_MAX * t - t[j])]
+    steps = [jnp.where(seen & (den > 0), num / den, jnp.inf) for num, den in walls]
+    return jnp.min(jnp.stack(steps))
+
+
 class _Traces(NamedTuple):
     """Sums over donors that the score, information and Hessian are made of (module doc)."""
 

@@ -149,3 +149,39 @@ def test_rank_one_closed_forms_equal_cholesky(model):
     a, b = nll(jnp.asarray(phis), general, True), nll(jnp.asarray(phis), closed, True)
     assert 20 < int(jnp.isinf(a).sum()) < 380
     assert_allclose(b, a, rtol=1e-10)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_infeasible_bound_hides_no_feasible_step(masked):
+    """likelihood.infeasible_from (OP, 1 x 1 blocks): every step a = 2^-j at or past the bound
+    is outside the feasible region by its dense definition (an observed donor variance <= 0,
+    or a max/min ratio of the observed donor variances > COND_MAX), so the optimizer's skip
+    passes over trials it would reject; and in most directions the first step below the bound
+    is feasible (the bound is tight, not merely safe)."""
+    C = 3
+    data = small_data("op", G=1, N=40, C=C, seed=3)
+    d = gene_data(data, "free", 0)
+    seen = np.ones(40, bool)
+    if masked:
+        seen[::4] = False
+        d = d._replace(mask=jnp.asarray(seen[:, None], float))
+    rng = np.random.default_rng(7)
+    phi = random_phi("free", C, seed=1)
+    steps = 2.0 ** -np.arange(41.0)
+    bound = jax.jit(likelihood.infeasible_from)
+
+    def feasible(p):
+        s = np.diag(reference.dense(data, 0, *reference.natural("free", p, C))[2])[seen]
+        return s.min() > 0 and s.max() <= likelihood.COND_MAX * s.min()
+
+    walls, tight = 0, 0
+    for _ in range(200):
+        dw = rng.normal(size=C + 1) * 10.0 ** rng.uniform(-2, 2)
+        wall = float(bound(d, jnp.asarray(phi), jnp.asarray(dw)))
+        assert wall > 0
+        past = steps >= wall
+        assert not any(feasible(phi - a * dw) for a in steps[past])
+        if past.any() and not past.all():
+            walls += 1
+            tight += feasible(phi - steps[~past][0] * dw)
+    assert walls > 40 and tight >= 0.9 * walls, (walls, tight)
