@@ -86,15 +86,14 @@ def test_boundary_stops_do_not_depend_on_chunk_size():
 
 
 def test_pilot_choice_changes_no_unsettled_fit(monkeypatch):
-    """MaximumLikelihood.fit runs its first PILOT fits at the canonical width and, when more
-    than PILOT_UNSETTLED of them end unsettled, all the others too; otherwise the others run
-    wide and the unsettled ones again at the canonical width. Both ways every unsettled fit
-    is computed at the canonical width: the same statuses and the same unsettled estimates,
-    bit for bit (converged ones agree within the optimizer's tolerance)."""
+    """MaximumLikelihood.fit runs its first batch wide and reruns its unsettled fits at the
+    canonical width; when more than PILOT_UNSETTLED of them were rerun, the other fits run at
+    the canonical width from the start, otherwise wide with the same rerun. Both ways every
+    unsettled fit is computed at the canonical width: the same statuses and the same
+    unsettled estimates, bit for bit (converged ones agree within the optimizer's tolerance)."""
     from ctmm_jax.estimators import mlreml
 
     data = small_data("op", G=40, N=50, seed=9)
-    monkeypatch.setattr(mlreml, "PILOT", 8)
     widths, optimize = [], mlreml.MaximumLikelihood.optimize
 
     def spy(self, blocks, problems, width, of=None):
@@ -104,10 +103,11 @@ def test_pilot_choice_changes_no_unsettled_fit(monkeypatch):
 
     monkeypatch.setattr(mlreml.MaximumLikelihood, "optimize", spy)
     fits = []
-    for share in (0.0, 1.0):  # any unsettled pilot fit sends all to the canonical width; none
+    for share in (0.0, 1.0):  # any unsettled fit in the first batch sends the rest to 16; none
         monkeypatch.setattr(mlreml, "PILOT_UNSETTLED", share)
-        fits.append(cj.fit(data, "free", "reml", chunk_size=32))
-    assert widths == [16, 16, 16, 32, 16]  # pilot, the rest | pilot, the rest, their rerun
+        fits.append(cj.fit(data, "free", "reml", chunk_size=8))
+    # first batch, its rerun, the rest | first batch, its rerun, the rest, their rerun
+    assert widths == [8, 16, 16, 8, 16, 8, 16]
     a, b = fits
     assert (a.table.status == b.table.status).all()
     unsettled = (a.table.status != "ok").to_numpy()

@@ -201,8 +201,7 @@ ROUND_ITERS = 8  # iterations per round before the problems still running are re
 BIG_BATCH_HALVINGS = 1  # step halvings per iteration allowed in full-size batches
 SMALL_BATCH = 16  # batches up to this size are not split further; the canonical width
 SETTLED = (Status.OK, Status.INFEASIBLE_START, *NOT_FITTED)  # not run again (status.NOT_FITTED)
-PILOT = 256  # fits run at the canonical width first, to choose the width of the others
-PILOT_UNSETTLED = 0.25  # share of the pilot ending unsettled above which all fits run there
+PILOT_UNSETTLED = 0.25  # share of the first batch rerun above which all run at SMALL_BATCH
 
 
 def _unsettled(status: np.ndarray) -> np.ndarray:
@@ -275,10 +274,11 @@ class MaximumLikelihood:
         there but join that rerun: continued, most would only end unsettled and be run a
         third time (OP free REML, 10,000 genes: 11.2 s -> 8.4 s).
 
-        Where many fits end unsettled (OP free: 4 in 10), rerunning them costs more than the
-        wider batches save, so the first PILOT fits run at the canonical width: if more than
-        PILOT_UNSETTLED of them end unsettled, so do all the others (OP free REML, 10,000
-        genes: 6.6 -> 4.8 s; CTP, 2% unsettled, keeps its wide batches)."""
+        Where many fits end unsettled (OP free: 4 in 10), that rerun costs more than the wider
+        batches save. So the first batch is a pilot: if more than PILOT_UNSETTLED of its fits
+        had to be rerun, all the other fits run at the canonical width from the start (OP free
+        REML, 10,000 genes: 6.2-8.4 -> 3.1-4.1 s; CTP, 2% unsettled, keeps its wide batches).
+        Either way no other batch shape is compiled."""
         n_prob = len(problems.gene)
         k = devices.count(self.mesh)
         width = batching.bucket(-(-n_prob // k), self.chunk_size)  # per device
@@ -288,18 +288,21 @@ class MaximumLikelihood:
             runs.append((idx, w, self.optimize(blocks, problems.take(idx), w, of=n_prob)))
             return runs[-1][2]
 
-        rest = np.arange(n_prob)
-        if width > SMALL_BATCH:  # the pilot, at the canonical width
-            pilot, rest = rest[:PILOT], rest[PILOT:]
-            if np.mean(_unsettled(run(pilot, SMALL_BATCH).status)) > PILOT_UNSETTLED:
-                width = SMALL_BATCH
-        if len(rest):
-            state = run(rest, width)
-            redo = rest[_unsettled(state.status)] if width != SMALL_BATCH else rest[:0]
+        def wide_then_canonical(idx) -> float:
+            """Fits idx at `width`, the unsettled ones again at SMALL_BATCH: their share."""
+            state = run(idx, width)
+            redo = idx[_unsettled(state.status)] if width != SMALL_BATCH else idx[:0]
             if len(redo):  # replaces the wide run's states of these fits
-                keep = ~np.isin(rest, redo)
-                runs[-1] = (rest[keep], width, jax.tree.map(lambda a: a[keep], state))
+                keep = ~np.isin(idx, redo)
+                runs[-1] = (idx[keep], width, jax.tree.map(lambda a: a[keep], state))
                 run(redo, SMALL_BATCH)
+            return len(redo) / max(len(idx), 1)
+
+        pilot, rest = np.split(np.arange(n_prob), [width * k])
+        if wide_then_canonical(pilot) > PILOT_UNSETTLED:
+            width = SMALL_BATCH  # the others at the canonical width: nothing to rerun
+        if len(rest):
+            wide_then_canonical(rest)
 
         def finish(i, at, state):
             theta = jnp.asarray(state.theta[i])
@@ -320,13 +323,12 @@ class MaximumLikelihood:
                  ) -> OptState:  # fmt: skip
         """Every fit of `problems`: rounds of ROUND_ITERS iterations, each round on the fits
         still running, regrouped into batches of `width` per device (or a sixteenth of it once
-        few are left: two compiled batch shapes). Full-size batches allow
-        BIG_BATCH_HALVINGS step halvings; fits that need more (STALLED) continue in small
-        batches with the full budget where `width` is SMALL_BATCH, and are left STALLED
-        otherwise (for `fit` to rerun). Progress is reported as a share of `of` problems
-        (default: these), counting a fit once: where `fit` reruns the unsettled ones (width
-        not SMALL_BATCH), only settled fits count here. Returns the final optimizer states
-        (host arrays)."""
+        few are left: two compiled batch shapes). Where `width` is above SMALL_BATCH, the
+        full-size batches allow BIG_BATCH_HALVINGS step halvings and the fits that need more
+        (STALLED) are left for `fit` to rerun; otherwise every batch has the full budget.
+        Progress is reported as a share of `of` problems (default: these), counting a fit
+        once: where `fit` reruns the unsettled ones (width not SMALL_BATCH), only settled fits
+        count here. Returns the final optimizer states (host arrays)."""
         n_prob = len(problems.gene)
         k = devices.count(self.mesh)
         size = width * k
