@@ -281,12 +281,12 @@ class MaximumLikelihood:
         Either way no other batch shape is compiled."""
         n_prob = len(problems.gene)
         k = devices.count(self.mesh)
-        width = batching.bucket(-(-n_prob // k), self.chunk_size)  # per device
-        runs = []  # (problems' indices, width, final states)
+        wide = width = batching.bucket(-(-n_prob // k), self.chunk_size)  # per device
+        runs = []  # (problems' indices, their final states)
 
         def run(idx, w):
-            runs.append((idx, w, self.optimize(blocks, problems.take(idx), w, of=n_prob)))
-            return runs[-1][2]
+            runs.append((idx, self.optimize(blocks, problems.take(idx), w, of=n_prob)))
+            return runs[-1][1]
 
         def wide_then_canonical(idx) -> float:
             """Fits idx at `width`, the unsettled ones again at SMALL_BATCH: their share."""
@@ -294,7 +294,7 @@ class MaximumLikelihood:
             redo = idx[_unsettled(state.status)] if width != SMALL_BATCH else idx[:0]
             if len(redo):  # replaces the wide run's states of these fits
                 keep = ~np.isin(idx, redo)
-                runs[-1] = (idx[keep], width, jax.tree.map(lambda a: a[keep], state))
+                runs[-1] = (idx[keep], jax.tree.map(lambda a: a[keep], state))
                 run(redo, SMALL_BATCH)
             return len(redo) / max(len(idx), 1)
 
@@ -303,17 +303,17 @@ class MaximumLikelihood:
             width = SMALL_BATCH  # the others at the canonical width: nothing to rerun
         if len(rest):
             wide_then_canonical(rest)
+        state = batching.gather([run for run in runs if len(run[0])], n_prob)
 
-        def finish(i, at, state):
+        def finish(i):
             theta = jnp.asarray(state.theta[i])
-            return self._call(finish_chunk, 4, (theta, *_data(blocks, problems, at[i])),
+            return self._call(finish_chunk, 4, (theta, *_data(blocks, problems, i)),
                               observed=self.observed)  # fmt: skip
 
-        parts = [(at, batching.map_batches(partial(finish, at=at, state=state),
-                                           np.arange(len(at)), w * k))
-                 for at, w, state in runs if len(at)]  # fmt: skip
-        fits = batching.gather(parts, n_prob)
-        state = batching.gather([(at, state) for at, _, state in runs if len(at)], n_prob)
+        unsettled = _unsettled(state.status)  # finished at the canonical width, the others wide
+        groups = ((np.flatnonzero(~unsettled), wide), (np.flatnonzero(unsettled), SMALL_BATCH))
+        fits = batching.gather([(at, batching.map_batches(finish, at, w * k))
+                                for at, w in groups if len(at)], n_prob)  # fmt: skip
         return Estimates(
             fits.phi, fits.var_cov, fits.beta, fits.beta_cov, -state.nll, state.n_iter,
             state.status, fits.cond,
