@@ -303,7 +303,7 @@ class MaximumLikelihood:
             width = SMALL_BATCH  # the others at the canonical width: nothing to rerun
         if len(rest):
             wide_then_canonical(rest)
-        state = batching.gather([run for run in runs if len(run[0])], n_prob)
+        state = batching.gather([(at, s) for at, s in runs if len(at)], n_prob)
 
         def finish(i):
             theta = jnp.asarray(state.theta[i])
