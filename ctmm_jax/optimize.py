@@ -94,7 +94,7 @@ def fisher_scoring(
     used its iterations; the caller continues it or marks it MAX_ITER. Under vmap every
     halving costs the whole batch an NLL evaluation, so large batches use a small
     `max_halvings`: a gene that finds no decrease within it returns STALLED (theta unchanged)
-    for the caller to continue in a small batch with the full MAX_HALVINGS.
+    for the caller to run again in a small batch with the full MAX_HALVINGS.
 
     `lower` (n,) bool marks coordinates bounded below by 0 (nonneg variances). Then the step
     is projected Newton: the directions solve the reduced systems on the free set
@@ -132,16 +132,18 @@ def fisher_scoring(
             a = c[0] / 2
             return (a, *value(project(s.theta - a * d, lower)))
 
+        budget = jnp.asarray(max_halvings, d.dtype)
+
         def worse(c):
             a, f, _ = c
-            return go & ~(f <= s.nll) & (a > 2.0 ** -jnp.asarray(max_halvings, a.dtype))
+            return go & ~(f <= s.nll) & (a > 2.0**-budget)
 
         if infeasible is None:  # static
             a0 = jnp.ones(())
         else:  # the largest 2^-j not known to be infeasible, within the halving budget
             wall = infeasible(s.theta, d)
             skip = jnp.where(wall > 0, jnp.ceil(-jnp.log2(wall * (1.0 - 1e-12))), 0.0)
-            a0 = 2.0 ** -jnp.clip(skip, 0, jnp.asarray(max_halvings, d.dtype))
+            a0 = 2.0 ** -jnp.clip(skip, 0, budget)
         first = (a0, *value(project(s.theta - a0 * d, lower)))
         a, f, cond = lax.while_loop(worse, halve, first)
         accept = (f <= s.nll) & ~converged & ~singular

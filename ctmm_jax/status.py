@@ -16,7 +16,7 @@ BOUNDARY_COND = 1e6  # a fit that ends unconverged with cond above this is on th
 
 
 class Status(IntEnum):
-    STALLED = -2  # optimizer: no decrease within this round's halving budget; continue
+    STALLED = -2  # optimizer: no decrease within this round's halving budget; run again
     RUNNING = -1  # optimizer: not done
     OK = 0
     MAX_ITER = 1

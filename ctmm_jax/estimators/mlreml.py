@@ -105,9 +105,6 @@ def _advance_gene(
     state, until, y, noise, mask, design, *, model, C, reml, nonneg, tol, max_halvings
 ) -> OptState:
     obj = objective(gene_data(y, noise, mask, design), model=model, C=C, reml=reml, nonneg=nonneg)
-    state = state._replace(
-        status=jnp.where(state.status == Status.STALLED, Status.RUNNING, state.status)
-    )
     lower = models.bounded(model, C, state.theta.shape[0] - models.n_var(model, C), nonneg)
     return fisher_scoring(
         obj.value, obj.score_info, state, until,
@@ -325,7 +322,8 @@ class MaximumLikelihood:
         still running, regrouped into batches of `width` per device (or a sixteenth of it once
         few are left: two compiled batch shapes). Where `width` is above SMALL_BATCH, the
         full-size batches allow BIG_BATCH_HALVINGS step halvings and the fits that need more
-        (STALLED) are left for `fit` to rerun; otherwise every batch has the full budget.
+        end STALLED, for `fit` to rerun; every other batch has the full budget, so no fit
+        stalls there.
         Progress is reported as a share of `of` problems (default: these), counting a fit
         once: where `fit` reruns the unsettled ones (width not SMALL_BATCH), only settled fits
         count here. Returns the final optimizer states (host arrays)."""
@@ -342,27 +340,21 @@ class MaximumLikelihood:
         state = batching.map_batches(init, np.arange(n_prob), size)
         reported = 0
         while True:
-            active = np.isin(state.status, (Status.RUNNING, Status.STALLED))
-            active &= state.n_iter < self.max_iter
-            if width > SMALL_BATCH:  # `fit` reruns them from the start at the canonical width
-                active &= state.status != Status.STALLED
-            done = np.isin(state.status, SETTLED) if width != SMALL_BATCH else ~active
+            active = (state.status == Status.RUNNING) & (state.n_iter < self.max_iter)
+            done = ~_unsettled(state.status) if width != SMALL_BATCH else ~active
             progress.report(int(done.sum()) - reported, of or n_prob)
             reported = int(done.sum())
-            stalled = np.flatnonzero(active & (state.status == Status.STALLED))
-            running = np.flatnonzero(active & (state.status == Status.RUNNING))
-            if len(running) + len(stalled) == 0:
+            running = np.flatnonzero(active)
+            if not len(running):
                 return state
-            if len(running) > small:
-                budget = BIG_BATCH_HALVINGS if size > small else MAX_HALVINGS
-                groups = [(running, size, budget), (stalled, small, MAX_HALVINGS)]
+            if len(running) > small:  # full-size batches, wider ones with a small budget
+                bsize, halvings = size, BIG_BATCH_HALVINGS if size > small else MAX_HALVINGS
             else:
-                groups = [(np.concatenate([running, stalled]), small, MAX_HALVINGS)]
+                bsize, halvings = small, MAX_HALVINGS
             parts = []
-            for idx, bsize, halvings in groups:
-                for part, pad in batching.batches(idx, bsize):
-                    s = jax.tree.map(lambda a, pad=pad: jnp.asarray(a[pad]), state)
-                    until = jnp.minimum(s.n_iter + ROUND_ITERS, self.max_iter)
-                    args = (s, until, *_data(blocks, problems, pad), jnp.asarray(halvings))
-                    parts.append((part, self._call(advance_chunk, 5, args, tol=self.tol)))
+            for part, pad in batching.batches(running, bsize):
+                s = jax.tree.map(lambda a, pad=pad: jnp.asarray(a[pad]), state)
+                until = jnp.minimum(s.n_iter + ROUND_ITERS, self.max_iter)
+                args = (s, until, *_data(blocks, problems, pad), jnp.asarray(halvings))
+                parts.append((part, self._call(advance_chunk, 5, args, tol=self.tol)))
             state = batching.scatter(state, parts)
