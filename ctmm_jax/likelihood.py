@@ -25,8 +25,10 @@ Henderson's mixed-model equations, written without R2^-1). With u = Pi y:
 where Pj is Pi (REML) or Sigma^-1 (ML: N = M in the U block, 0 elsewhere),
 T1_kl = sum_i tr(W_i E_ki W_i E_li), F_k = sum_i Z_i^T W_i E_ki W_i Z_i and
 H_i = (W Z N Z^T W)_ii; the random-covariate rows are
-in `_add_random`. Nothing larger than b x b or (p + m) x (p + m) is ever formed. A covariance
-that is not positive definite gives nll = +inf; the optimizer rejects such steps.
+in `_add_random`. Nothing larger than b x b or (p + m) x (p + m) is ever formed per gene. OP's
+blocks are 1 x 1 (Sigma is diagonal plus the random covariates): its sums over donors are
+products of rows shared by the genes of a batch with per-gene weights (`_terms_diagonal`). A
+covariance that is not positive definite gives nll = +inf; the optimizer rejects such steps.
 """
 
 from __future__ import annotations
@@ -254,43 +256,82 @@ def _cholesky_blocks(w: jax.Array, d: GeneData):
     return W, linalg.logdet_from_cholesky(L).sum(), Sigma
 
 
+def _diagonal_design(d: GeneData) -> jax.Array:
+    """OP's full design Z (N, q): with 1 x 1 blocks a donor's block-level columns X_i and
+    donor-level columns d_i are one row [X_i, d_i]."""
+    return jnp.concatenate([d.X[:, 0, :], d.donor_columns], axis=1)
+
+
+def _outer_rows(A: jax.Array, B: jax.Array) -> jax.Array:
+    """The outer products a_i b_i^T of the rows of A (N, a) and B (N, b), flattened: (N, a b)."""
+    return (A[:, :, None] * B[:, None, :]).reshape(A.shape[0], -1)
+
+
+def _diagonal_inverse(w: jax.Array, d: GeneData):
+    """OP (1 x 1 blocks, no closed forms needed): Sigma_i = sigma_i = sum_k w_k e_ki + noise_i,
+    so W_i = 1/sigma_i (0 where missing), log|Sigma| = sum_i log sigma_i (NaN or -inf where a
+    sigma_i <= 0) and `factor`'s cond is max_i |sigma_i| max_i |1/sigma_i| over the observed
+    donors, the ratio of the largest to the smallest sigma_i. Returns (1/sigma (N,), logdet,
+    cond)."""
+    sigma = w @ d.all_kernels()[:, :, 0, 0] + d.noise[:, 0]
+    seen = True if d.mask is None else d.mask[:, 0] > 0
+    sigma = jnp.where(seen, sigma, 1.0)
+    iv = jnp.where(seen, 1.0 / sigma, 0.0)
+    cond = jnp.max(jnp.where(seen, jnp.abs(sigma), 0.0)) * jnp.max(jnp.abs(iv))
+    return iv, jnp.log(sigma).sum(), cond
+
+
 def factor(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Factor:
     """Cholesky of every block Sigma_i, the Woodbury correction for random covariates, GLS and the
     NLL. Missing values (mask 0) get an identity row and column in Sigma_i (so they add log 1 = 0),
     and W_i is then zeroed on them: W is the inverse of the observed part embedded in zeros, and
     every sum over W below (GLS, quadratic form, score, information) runs over the observed
-    values only, with y, X, U and the kernels left as they are."""
+    values only, with y, X, U and the kernels left as they are. OP's 1 x 1 blocks are inverted
+    elementwise, and its sums over donors are products of the per-donor rows of the design
+    (shared by the genes of a batch) with per-gene weights: matrix products under vmap."""
     N, b = d.y.shape
     p = d.n_fixed
     n_var = d.n_kernels
     FU = d.donor_columns
     pb = d.X.shape[-1]
+    r1 = None
     if d.diag_j is not None:  # static: closed forms, X_i = I_b (rankone.py)
         r1 = rankone.inverse(phi[:n_var], d.diag_j, d.noise, d.mask, d.loadings)
         W = WX1 = None
         logdet, cond, w, S_bb = r1.logdet, r1.cond, r1.w, rankone.gram(r1)
         WXty = rankone.apply(r1, d.y).sum(0)
         apply_W = partial(rankone.apply, r1)
+    elif b == 1:  # static: OP
+        iv, logdet, cond = _diagonal_inverse(phi[:n_var], d)
+        Z = _diagonal_design(d)
+        W = iv[:, None, None]
+        WX1 = W * jnp.concatenate([d.X, jnp.ones((N, 1, 1), d.X.dtype)], axis=2)
+        S = (iv @ _outer_rows(Z, Z)).reshape(Z.shape[1], Z.shape[1])
+        Zty = (iv * d.y[:, 0]) @ Z
+
+        def apply_W(v):
+            return iv[:, None] * v
     else:
-        r1 = None
         W, logdet, Sigma = _cholesky_blocks(phi[:n_var], d)
         X1 = jnp.concatenate([d.X, jnp.ones((N, b, 1), d.X.dtype)], axis=2)  # [X_i, 1_b]
         WX1 = linalg.small_matmul(W, X1)  # [W_i X_i, w_i]
         WX, w = WX1[..., :pb], WX1[..., pb]
         S_bb, WXty = jnp.einsum("nap,naq->pq", d.X, WX), jnp.einsum("nap,na->p", WX, d.y)
         # max_i |Sigma_i|_F * max_i |W_i|_F (observed entries) is between the eigenvalue ratio
-        # of the Sigma_i and b times it (exact for OP). Past COND_MAX the fit counts as outside
-        # the positive-definite region: the likelihood grows without bound as one donor's
-        # covariance becomes singular (GLS then fits that donor exactly, design.md 9), so the
-        # region must stop short of the boundary. With random covariates the conditioning of C
-        # counts too.
+        # of the Sigma_i and b times it (exact for 1 x 1 blocks, `_diagonal_inverse`). Past
+        # COND_MAX the fit counts as outside the positive-definite region: the likelihood grows
+        # without bound as one donor's covariance becomes singular (GLS then fits that donor
+        # exactly, design.md 9), so the region must stop short of the boundary. With random
+        # covariates the conditioning of C counts too.
         cond = _frobenius_cond(Sigma, W)
 
         def apply_W(v):
             return (W * v[:, None, :]).sum(-1)
 
-    S_bd = jnp.einsum("nap,na->pn", d.X, w) @ FU
-    S = _sym_block(S_bb, S_bd, _donor_gram(w.sum(1)[None], FU)[0])
+    if b > 1:  # static: block-level and donor-level parts
+        S_bd = jnp.einsum("nap,na->pn", d.X, w) @ FU
+        S = _sym_block(S_bb, S_bd, _donor_gram(w.sum(1)[None], FU)[0])
+        Zty = jnp.concatenate([WXty, (w * d.y).sum(1) @ FU])
     if d.U is None:
         M, XtVX = None, S
     else:
@@ -304,7 +345,7 @@ def factor(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Factor:
     else:  # inverse of Henderson's [[X'WX, X'WU], [U'WX, U'WU + R2^-1]], written without R2^-1
         AXU_M = A @ S[:p, p:] @ M
         mme_inv = jnp.block([[A, -AXU_M], [-AXU_M.T, M + AXU_M.T @ S[:p, p:] @ M]])
-    gamma = mme_inv @ jnp.concatenate([WXty, (w * d.y).sum(1) @ FU])
+    gamma = mme_inv @ Zty
     fitted = jnp.einsum("nbp,p->nb", d.X, gamma[:pb]) + (FU @ gamma[pb:])[:, None]
     u = apply_W(d.y - fitted)
     nll2 = logdet + jnp.sum(d.y * u) + n_observed(d) * LOG_2PI
@@ -405,7 +446,7 @@ class _Traces(NamedTuple):
 
 def _traces_per_donor(E, W, u, H) -> _Traces:
     """Kernels that differ by donor, in blocks larger than 1 x 1 (OP's 1 x 1 blocks:
-    `_traces_scalar`): products block by block."""
+    `_terms_diagonal`): products block by block."""
     M = W[None] @ E  # W_i E_ki
     Ku = (E @ u[None, ..., None])[..., 0]  # E_ki u_i
     return _Traces(
@@ -415,14 +456,6 @@ def _traces_per_donor(E, W, u, H) -> _Traces:
         uKWKu=jnp.einsum("kni,lni->kl", Ku, (W[None] @ Ku[..., None])[..., 0]),
         T2=jnp.einsum("knil,mnli->km", H[None] @ E, M),
     )
-
-
-def _traces_scalar(e, w, u, h) -> _Traces:
-    """1 x 1 blocks (OP): E_ki = e_ki, W_i = w_i, H_i = h_i scalars, so every trace is a sum of
-    elementwise products over donors (no N tiny matrix products): e (k, N); w, u, h (N,)."""
-    M, Ku = e * w, e * u  # W_i E_ki, E_ki u_i
-    return _Traces(trWK=M.sum(1), quad=Ku @ u, T1=M @ M.T, uKWKu=(Ku * w) @ Ku.T,
-                   T2=(e * h) @ M.T)  # fmt: skip
 
 
 def _traces_shared(E0, W, u, H) -> _Traces:
@@ -451,19 +484,8 @@ def _design_terms_shared(E0, WX, w, u, FU):
     return F_bb, F_bd, s, ZtWKu_b, t
 
 
-def _design_terms_scalar(e, WX, w, u, FU):
-    """1 x 1 blocks (OP): `_design_terms_per_donor` with E_ki = e_ki, as products over donors;
-    e (k, N), WX (N, p), w and u (N,)."""
-    N, p = WX.shape
-    outer = (WX[:, :, None] * WX[:, None, :]).reshape(N, p * p)  # rows (W X)_i^T (W X)_i
-    F_bb = (e @ outer).reshape(-1, p, p)
-    F_bd = jnp.einsum("kn,np,nj->kpj", e * w, WX, FU)
-    return F_bb, F_bd, e * w**2, (e * u) @ WX, e * w * u
-
-
 def _design_terms_per_donor(E, WX, w, u, FU):
-    """Kernels that differ by donor, in blocks larger than 1 x 1 (OP: `_design_terms_scalar`):
-    block by block."""
+    """Kernels that differ by donor: block by block."""
     KWX, Kw, Ku = E @ WX[None], (E @ w[None, ..., None])[..., 0], (E @ u[None, ..., None])[..., 0]
     F_bb = jnp.einsum("nap,knaq->kpq", WX, KWX)
     F_bd = jnp.einsum("nap,kna,nj->kpj", WX, Kw, FU)
@@ -479,12 +501,32 @@ def _design_terms(E, WX1, u, FU) -> tuple[jax.Array, jax.Array]:
     WX, w = WX1[..., :pb], WX1[..., pb]
     if E.shape[1] == 1:  # static
         F_bb, F_bd, s, ZtWKu_b, t = _design_terms_shared(E[:, 0], WX, w, u, FU)
-    elif E.shape[-1] == 1:  # static: 1 x 1 blocks (OP)
-        F_bb, F_bd, s, ZtWKu_b, t = _design_terms_scalar(E[..., 0, 0], WX[:, 0], w[:, 0],
-                                                         u[:, 0], FU)  # fmt: skip
     else:
         F_bb, F_bd, s, ZtWKu_b, t = _design_terms_per_donor(E, WX, w, u, FU)
     return _sym_block(F_bb, F_bd, _donor_gram(s, FU)), jnp.concatenate([ZtWKu_b, t @ FU], -1)
+
+
+def _terms_diagonal(d, f, Nj):
+    """`_Traces`, F_k and Z^T W K_k u for OP's 1 x 1 blocks. With e_ki the kernels,
+    W_i = 1/sigma_i, the design rows Z_i and h_i = W_i^2 Z_i^T Nj Z_i:
+
+        trWK_k = sum_i e_ki W_i,              quad_k = sum_i e_ki u_i^2,
+        T1_kl = sum_i e_ki e_li W_i^2,        uKWKu_kl = sum_i e_ki e_li W_i u_i^2,
+        T2_kl = sum_i e_ki e_li W_i h_i,      F_k = sum_i e_ki W_i^2 Z_i Z_i^T,
+        (Z^T W K_k u) = sum_i e_ki W_i u_i Z_i,
+
+    each a per-gene weight vector (N,) times rows that depend on the kernels and the design
+    only (shared by the genes of a batch: under vmap one matrix product for the batch)."""
+    e = d.all_kernels()[:, :, 0, 0].T  # (N, k)
+    Z = _diagonal_design(d)
+    k, q = e.shape[1], Z.shape[1]
+    iv, u = f.W[:, 0, 0], f.u[:, 0]
+    ZZ, ee = _outer_rows(Z, Z), _outer_rows(e, e)
+    h = iv**2 * (ZZ @ Nj.reshape(-1))
+    T1, uKWKu, T2 = ((v @ ee).reshape(k, k) for v in (iv**2, iv * u**2, iv * h))
+    t = _Traces(iv @ e, u**2 @ e, T1, uKWKu, T2)
+    F = (iv**2 @ _outer_rows(e, ZZ)).reshape(k, q, q)
+    return t, F, ((iv * u) @ _outer_rows(e, Z)).reshape(k, q)
 
 
 def _terms_rank_one(d, r1, u, Nj, FU):
@@ -510,12 +552,12 @@ def moments(phi: jax.Array, d: GeneData, reml: bool | jax.Array) -> Moments:
     Nj = jnp.where(reml, f.mme_inv, Nj_ml)
     if f.r1 is not None:  # static
         t, F, ZtWKu = _terms_rank_one(d, f.r1, f.u, Nj, FU)
+    elif d.y.shape[1] == 1:  # static: OP
+        t, F, ZtWKu = _terms_diagonal(d, f, Nj)
     else:
         H, E = _projected_blocks(f.WX1, Nj, FU), d.all_kernels()
         if E.shape[1] == 1:  # static
             t = _traces_shared(E[:, 0], f.W, f.u, H)
-        elif E.shape[-1] == 1:  # static: 1 x 1 blocks (OP)
-            t = _traces_scalar(E[..., 0, 0], f.W[:, 0, 0], f.u[:, 0], H[:, 0, 0])
         else:
             t = _traces_per_donor(E, f.W, f.u, H)
         F, ZtWKu = _design_terms(E, f.WX1, f.u, FU)
