@@ -44,6 +44,15 @@ def test_loglik_with_covariates_equals_dense(shape, model, method):
     X = _dense_design(data, F)
     ref = (reference.ml_loglik if method == "ml" else reference.reml_loglik)(y, X, Sigma)
     assert_allclose(-likelihood.nll(jnp.asarray(phi), d, method == "reml"), ref, **CLOSED_FORM)
+    # score and expected information: 1/2 [tr(Pj K_k) - y^T Pi K_k Pi y], 1/2 tr(Pj K_k Pj K_l)
+    m = likelihood.moments(jnp.asarray(phi), d, method == "reml")
+    Pj = reference.projection(X, Sigma) if method == "reml" else np.linalg.inv(Sigma)
+    u = reference.projection(X, Sigma) @ y
+    Ks = reference.kernels(data, model)
+    score = [0.5 * (np.trace(Pj @ K) - u @ K @ u) for K in Ks]
+    info = [[0.5 * np.trace(Pj @ A @ Pj @ B) for B in Ks] for A in Ks]
+    assert_allclose(m.score, score, **CLOSED_FORM)
+    assert_allclose(m.info, info, **CLOSED_FORM)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
