@@ -507,26 +507,26 @@ def _design_terms(E, WX1, u, FU) -> tuple[jax.Array, jax.Array]:
 
 
 def _terms_diagonal(d, f, Nj):
-    """`_Traces`, F_k and Z^T W K_k u for OP's 1 x 1 blocks. With e_ki the kernels,
+    """`_Traces`, F_k and Z^T W K_k u for OP's 1 x 1 blocks. With e_ik the kernels, the weights
     W_i = 1/sigma_i, the design rows Z_i and h_i = W_i^2 Z_i^T Nj Z_i:
 
-        trWK_k = sum_i e_ki W_i,              quad_k = sum_i e_ki u_i^2,
-        T1_kl = sum_i e_ki e_li W_i^2,        uKWKu_kl = sum_i e_ki e_li W_i u_i^2,
-        T2_kl = sum_i e_ki e_li W_i h_i,      F_k = sum_i e_ki W_i^2 Z_i Z_i^T,
-        (Z^T W K_k u) = sum_i e_ki W_i u_i Z_i,
+        trWK_k = sum_i W_i e_ik,              quad_k = sum_i u_i^2 e_ik,
+        T1_kl = sum_i W_i^2 e_ik e_il,        uKWKu_kl = sum_i W_i u_i^2 e_ik e_il,
+        T2_kl = sum_i W_i h_i e_ik e_il,      F_k = sum_i W_i^2 e_ik Z_i Z_i^T,
+        (Z^T W K_k u) = sum_i W_i u_i e_ik Z_i,
 
-    each a per-gene weight vector (N,) times rows that depend on the kernels and the design
-    only (shared by the genes of a batch: under vmap one matrix product for the batch)."""
+    each (e o per-gene donor weights)^T times e, Z or the rows Z_i Z_i^T. The kernels and Z
+    are shared by the genes of a batch (unless loadings or per-gene designs make them
+    differ), so under vmap these are single matrix products for the whole batch."""
     e = d.all_kernels()[:, :, 0, 0].T  # (N, k)
     Z = _diagonal_design(d)
     k, q = e.shape[1], Z.shape[1]
     iv, u = f.W[:, 0, 0], f.u[:, 0]
-    ZZ, ee = _outer_rows(Z, Z), _outer_rows(e, e)
-    h = iv**2 * (ZZ @ Nj.reshape(-1))
-    T1, uKWKu, T2 = ((v @ ee).reshape(k, k) for v in (iv**2, iv * u**2, iv * h))
-    t = _Traces(iv @ e, u**2 @ e, T1, uKWKu, T2)
-    F = (iv**2 @ _outer_rows(e, ZZ)).reshape(k, q, q)
-    return t, F, ((iv * u) @ _outer_rows(e, Z)).reshape(k, q)
+    h = iv**2 * ((Z @ Nj) * Z).sum(1)
+    T = (jnp.concatenate([iv**2 * e.T, iv * u**2 * e.T, iv * h * e.T]) @ e).reshape(3, k, k)
+    t = _Traces(iv @ e, u**2 @ e, *T)
+    F = ((iv**2 * e.T) @ _outer_rows(Z, Z)).reshape(k, q, q)
+    return t, F, (iv * u * e.T) @ Z
 
 
 def _terms_rank_one(d, r1, u, Nj, FU):
