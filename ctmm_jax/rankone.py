@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class RankOne(NamedTuple):
@@ -149,6 +150,13 @@ def _contract(S, weights, mats):
     return out
 
 
+def only_j(S, loadings) -> bool:
+    """Whether every kernel is c_k J_C (hom) and there are no loadings, known while tracing:
+    S a NumPy array (the model's constants, models.diag_j_coefficients) with a_k = 0. Then
+    only the dictionary's entry 1_C is used, and `traces` and `design_terms` skip the others."""
+    return loadings is None and isinstance(S, np.ndarray) and not S[:, :-1].any()
+
+
 def traces(S, loadings, r: RankOne, u: jax.Array, Nbb, v: jax.Array, hd: jax.Array):
     """(trWK, quad, T1, uKWKu, T2) of likelihood._Traces for the kernels E_k = V diag(S_k) V^T
     and, with loadings A (N, C), A_ic e_c e_c^T. H_i = (W Z Nj Z^T W)_ii
@@ -157,6 +165,15 @@ def traces(S, loadings, r: RankOne, u: jax.Array, Nbb, v: jax.Array, hd: jax.Arr
     fixed and random covariates; likelihood._projected_blocks)."""
     delta, kappa, w, omega = r.delta, r.kappa, r.w, r.omega
     su = u.sum(1)
+    xv = apply(r, v)
+    # H_i 1 = W_i A w_i + omega_i x_i + (1^T x_i) w_i + hd_i omega_i w_i
+    H1 = apply(r, w @ Nbb) + omega[:, None] * xv + xv.sum(1)[:, None] * w
+    H1 = H1 + (hd * omega)[:, None] * w
+    if only_j(S, loadings):  # static: E_k = c_k J, so every trace is c_k c_l sum_i 1^T . 1
+        c = jnp.asarray(S[:, -1])
+        cc = jnp.outer(c, c)
+        T1, uKWKu, T2 = (cc * x.sum() for x in (omega**2, su**2 * omega, H1.sum(1) * omega))
+        return c * omega.sum(), c * (su**2).sum(), T1, uKWKu, T2
     d2 = delta**2
     kd2 = kappa[:, None] * d2
     diagW = delta - kappa[:, None] * d2
@@ -173,13 +190,10 @@ def traces(S, loadings, r: RankOne, u: jax.Array, Nbb, v: jax.Array, hd: jax.Arr
     # - A o (kappa delta^2 delta^2^T)
     zp = delta * (delta @ Nbb)
     q = zp.sum(1)
-    xv = apply(r, v)
     km = -kappa[:, None]
     H_pairs = [(km * zp, delta), (km * delta, zp), ((kappa**2 * q)[:, None] * delta, delta),
                (xv, w), (w, xv), (hd[:, None] * w, w)]  # fmt: skip
     x, pairs = _hadamard_w(r, H_pairs)
-    H1 = apply(r, w @ Nbb) + omega[:, None] * xv + xv.sum(1)[:, None] * w
-    H1 = H1 + (hd * omega)[:, None] * w
     HoG = Bordered(x + jnp.diagonal(Nbb) * delta**3, pairs, [(-Nbb, kd2, d2)], H1 * w,
                    H1.sum(1) * omega)  # fmt: skip
     T1, uKWKu, T2 = _contract(S, loadings, [GoG, ggG, HoG])
@@ -193,6 +207,10 @@ def design_terms(S, loadings, r: RankOne, u: jax.Array, FU: jax.Array):
     s_ri = nu_ir (v_r^T w_i)^2, ZtWKu_b[r] = sum_i nu_ir W_i v_r (v_r^T u_i) and
     t_ri = nu_ir (v_r^T w_i)(v_r^T u_i), where W_i e_c = delta_ic (e_c - kappa_i delta_i)."""
     C = r.delta.shape[1]
+    if only_j(S, loadings):  # static: the entry 1_C alone, with nu_i = 1
+        w, omega, su = r.w, r.omega, u.sum(1)
+        J = (w.T @ w, (omega[:, None] * w).T @ FU, omega**2, su @ w, omega * su)
+        return tuple(jnp.tensordot(jnp.asarray(S[:, -1:]), a[None], 1) for a in J)
 
     def entries(nu):  # nu: (N, C + 1)
         delta, kappa, w, omega = r.delta, r.kappa, r.w, r.omega

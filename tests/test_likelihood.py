@@ -8,7 +8,7 @@ import reference
 from helpers import CLOSED_FORM, METHODS, MODELS, SHAPES, gene_data, random_phi, small_data
 from numpy.testing import assert_allclose
 
-from ctmm_jax import likelihood, models
+from ctmm_jax import likelihood, models, rankone
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -119,11 +119,13 @@ def test_shared_and_per_donor_kernel_paths_agree(method):
 
 
 @pytest.mark.parametrize("model", ["hom", "iid", "free"])
-def test_rank_one_closed_forms_equal_cholesky(model):
+@pytest.mark.parametrize("loaded", [True, False])
+def test_rank_one_closed_forms_equal_cholesky(model, loaded):
     """CTP blocks diag(e_i) + hom2 J (rankone.py) against the general Cholesky path, with
     missing values, fixed covariates, a random covariate and per-donor loading kernels
     (GeneData.loadings): moments at one phi, and the same positive-definite region (nll
-    finite) at 400 phi with V of either sign."""
+    finite) at 400 phi with V of either sign. Without loadings and with the model's constants
+    as NumPy (as the fits pass them), hom takes the 1_C entry alone (rankone.only_j)."""
     rng = np.random.default_rng(5)
     N, C = 30, 5
     mask = (rng.uniform(size=(N, C)) > 0.2).astype(float)
@@ -132,11 +134,12 @@ def test_rank_one_closed_forms_equal_cholesky(model):
         rng.normal(size=(N, C)) * mask, rng.uniform(0.1, 0.5, (N, C)),
         np.broadcast_to(np.eye(C), (N, C, C)), models.kernels(model, C)[:, None], mask,
         rng.normal(size=(N, 2)), np.eye(6)[rng.integers(0, 6, N)], np.ones((1, 6)), None,
-        rng.uniform(0.05, 0.5, (N, C)),
+        rng.uniform(0.05, 0.5, (N, C)) if loaded else None,
     )  # fmt: skip
     general = likelihood.GeneData(*(None if a is None else jnp.asarray(a) for a in arrays))
-    closed = general._replace(diag_j=jnp.asarray(models.diag_j_coefficients(model, C)))
-    n_k = models.n_var(model, C) + C
+    closed = general._replace(diag_j=models.diag_j_coefficients(model, C))
+    assert rankone.only_j(closed.diag_j, closed.loadings) == (model == "hom" and not loaded)
+    n_k = models.n_var(model, C) + (C if loaded else 0)
     phi = jnp.asarray(np.concatenate([rng.uniform(0.05, 0.3, n_k), [0.2]]))
     if model == "free":
         phi = phi.at[2].set(-0.05)
@@ -144,6 +147,8 @@ def test_rank_one_closed_forms_equal_cholesky(model):
         ms = likelihood.moments(phi, general, reml), likelihood.moments(phi, closed, reml)
         for a, b in zip(*ms, strict=True):
             assert_allclose(b, a, rtol=1e-10, atol=1e-12)
+    if not loaded:  # the region is `factor`'s, which only_j leaves alone
+        return
     phis = np.column_stack([rng.normal(0.0, 0.5, (400, n_k)), np.full(400, 0.2)])
     nll = jax.jit(jax.vmap(likelihood.nll, in_axes=(0, None, None)), static_argnums=2)
     a, b = nll(jnp.asarray(phis), general, True), nll(jnp.asarray(phis), closed, True)

@@ -74,10 +74,13 @@ class GeneFit(NamedTuple):
     cond: jax.Array  # () conditioning of Sigma (likelihood.factor)
 
 
-def gene_data(y, noise, mask, design: Design) -> GeneData:
-    """One problem's GeneData; noise: known variances, or a likelihood.CellNoise."""
-    d = GeneData(y, None, design.X, design.E, mask, design.F, design.U, design.groups,
-                 design.diag_j)  # fmt: skip
+def gene_data(y, noise, mask, design: Design, model: str | None = None) -> GeneData:
+    """One problem's GeneData; noise: known variances, or a likelihood.CellNoise. With `model`,
+    diag_j is the model's constants (NumPy, known while tracing: rankone.only_j)."""
+    diag_j = design.diag_j
+    if model is not None and diag_j is not None:
+        diag_j = models.diag_j_coefficients(model, y.shape[-1])
+    d = GeneData(y, None, design.X, design.E, mask, design.F, design.U, design.groups, diag_j)
     return with_cells(d, noise)
 
 
@@ -85,7 +88,7 @@ def _init_gene(y, noise, mask, phi0, design, *, model, C, reml, nonneg) -> OptSt
     """Start state: the moment start values (blocks.start_values), or phi0 when given and its
     NLL is lower (an infeasible or NaN phi0 never wins). A gene that fails the checks made
     before fitting (checks.outcome: too few donors, no variation) is not iterated."""
-    d = gene_data(y, noise, mask, design)
+    d = gene_data(y, noise, mask, design, model)
     obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
     to_theta = partial(models.from_natural, model=model, C=C, nonneg=nonneg)
     start = to_theta(start_values(d, model, C))
@@ -104,7 +107,8 @@ def _init_gene(y, noise, mask, phi0, design, *, model, C, reml, nonneg) -> OptSt
 def _advance_gene(
     state, until, y, noise, mask, design, *, model, C, reml, nonneg, tol, max_halvings
 ) -> OptState:
-    obj = objective(gene_data(y, noise, mask, design), model=model, C=C, reml=reml, nonneg=nonneg)
+    d = gene_data(y, noise, mask, design, model)
+    obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
     lower = models.bounded(model, C, state.theta.shape[0] - models.n_var(model, C), nonneg)
     return fisher_scoring(
         obj.value, obj.score_info, state, until,
@@ -116,7 +120,7 @@ def _advance_gene(
 def _finish_gene(theta, y, noise, mask, design, *, model, C, reml, nonneg, observed) -> GeneFit:
     """Parameters, inverse information in phi (J^T I_w J, J = dw/dphi, for nonlinear models)
     and GLS at theta."""
-    d = gene_data(y, noise, mask, design)
+    d = gene_data(y, noise, mask, design, model)
     phi = models.to_natural(theta, model, C, nonneg)
     weights = partial(models.kernel_weights, model=model, C=C)
     m = likelihood.moments(weights(phi), d, reml)
