@@ -256,6 +256,16 @@ def _cholesky_blocks(w: jax.Array, d: GeneData):
     return W, linalg.logdet_from_cholesky(L).sum(), Sigma
 
 
+def _scalar_kernels(d: GeneData) -> jax.Array:
+    """OP's kernels e_ki, the loadings' after the model's: (n_kernels, N)."""
+    return d.all_kernels()[:, :, 0, 0]
+
+
+def _observed_donors(d: GeneData) -> jax.Array | bool:
+    """OP: (N,) True where the donor's value is observed (True when nothing is missing)."""
+    return True if d.mask is None else d.mask[:, 0] > 0
+
+
 def _diagonal_design(d: GeneData) -> jax.Array:
     """OP's full design Z (N, q): with 1 x 1 blocks a donor's block-level columns X_i and
     donor-level columns d_i are one row [X_i, d_i]."""
@@ -273,8 +283,8 @@ def _diagonal_inverse(w: jax.Array, d: GeneData):
     sigma_i <= 0) and `factor`'s cond is max_i |sigma_i| max_i |1/sigma_i| over the observed
     donors, the ratio of the largest to the smallest sigma_i. Returns (1/sigma (N,), logdet,
     cond)."""
-    sigma = w @ d.all_kernels()[:, :, 0, 0] + d.noise[:, 0]
-    seen = True if d.mask is None else d.mask[:, 0] > 0
+    sigma = w @ _scalar_kernels(d) + d.noise[:, 0]
+    seen = _observed_donors(d)
     sigma = jnp.where(seen, sigma, 1.0)
     iv = jnp.where(seen, 1.0 / sigma, 0.0)
     cond = jnp.max(jnp.where(seen, jnp.abs(sigma), 0.0)) * jnp.max(jnp.abs(iv))
@@ -410,7 +420,7 @@ def infeasible_from(d: GeneData, w: jax.Array, dw: jax.Array) -> jax.Array:
 
     There Sigma_i = sigma_i is a scalar, affine in the step: sigma_i(a) = s_i - a t_i with
     s_i = w^T e_i + noise_i and t_i = dw^T e_i (e_ki the kernels, the loadings' after the
-    model's). A trial is infeasible when an observed sigma_i <= 0 (no Cholesky factor) or
+    model's). A trial is infeasible when an observed sigma_i <= 0 (its log is not finite) or
     max_j sigma_j > COND_MAX min_i sigma_i (`factor`'s cond, exact for OP). With a margin m
     far above the rounding of either evaluation (ROUNDING_MARGIN of the largest term), both
     are certain past
@@ -421,12 +431,11 @@ def infeasible_from(d: GeneData, w: jax.Array, dw: jax.Array) -> jax.Array:
     j the donor of the largest s_j (a lower bound on the largest sigma). The blocks' conditions
     are necessary with random covariates too (`_low_rank`), so the bound never hides a
     feasible step; steps below it promise nothing."""
-    k = d.n_kernels
-    e = d.all_kernels()[:k, :, 0, 0]  # (k, N)
-    noise = d.noise[:, 0]
+    e = _scalar_kernels(d)  # (k, N)
+    k, noise = e.shape[0], d.noise[:, 0]
     s, t = w[:k] @ e + noise, dw[:k] @ e
     size = (jnp.abs(w[:k]) + jnp.abs(dw[:k])) @ jnp.abs(e) + jnp.abs(noise)
-    seen = jnp.ones(s.shape, bool) if d.mask is None else d.mask[:, 0] > 0  # missing: not in Sigma
+    seen = _observed_donors(d)  # missing: not in Sigma
     m = ROUNDING_MARGIN * jnp.where(seen, size, 0.0).max()
     j = jnp.argmax(jnp.where(seen, s, -jnp.inf))
     walls = [(s + m, t), (COND_MAX * (s + m) - s[j] + m, COND_MAX * t - t[j])]
@@ -518,7 +527,7 @@ def _terms_diagonal(d, f, Nj):
     each (e o per-gene donor weights)^T times e, Z or the rows Z_i Z_i^T. The kernels and Z
     are shared by the genes of a batch (unless loadings or per-gene designs make them
     differ), so under vmap these are single matrix products for the whole batch."""
-    e = d.all_kernels()[:, :, 0, 0].T  # (N, k)
+    e = _scalar_kernels(d).T  # (N, k)
     Z = _diagonal_design(d)
     k, q = e.shape[1], Z.shape[1]
     iv, u = f.W[:, 0, 0], f.u[:, 0]
