@@ -21,7 +21,7 @@ variance of 0 is at theta = -inf) and `op_nonneg` (OP, nonneg=True). For each sc
    stopping after 3 steps in a row that lower the NLL by < 1e-13 relative (stuck or done).
    Compile (lower().compile()) and run are timed separately.
 3. Every endpoint is judged with the package's own measure, the score test statistic dec =
-   g^T I^-1 g in the optimizer's coordinates (objective.score_info; converged: dec < 1e-10).
+   g^T I^-1 g in the optimizer's coordinates (objective.evaluate; converged: dec < 1e-10).
 
 Tables (shares in %). Fisher scoring: per FS status, n genes, median FS iterations, and the
 share of FS endpoints that are converged (conv: dec < 1e-10), at a Karush-Kuhn-Tucker point
@@ -179,7 +179,7 @@ def diagnostics(theta, d, *, model, C, reml, nonneg):
     be -1e13 there, no step length fits every coordinate)."""
     obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
     nll, cond = obj.value(theta)
-    g, info, _ = obj.score_info(theta)
+    g, info = obj.evaluate(theta)[:2]
     dec = _score_test(g, info)
     if not nonneg:
         wall = ~jnp.isfinite(obj.value(theta - 1e-3 * g / jnp.linalg.norm(g))[0])
@@ -215,7 +215,7 @@ def value_fn(keys):
     def f_jvp(primals, tangents):
         theta, d = primals
         obj = objective(d, **keys)
-        return obj.value(theta)[0], obj.score_info(theta)[0] @ tangents[0]
+        return obj.value(theta)[0], obj.evaluate(theta).score @ tangents[0]
 
     return f
 

@@ -15,7 +15,7 @@ gene. The outcome is a status.Status code; status.decide makes it the gene's fin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +26,24 @@ from . import linalg
 from .status import Status
 
 
+class Point(NamedTuple):
+    """The objective's derivatives at one theta, and `extra`: any pytree the caller wants at
+    the final estimate, computed with them (estimators/mlreml.py: the estimates and their
+    covariance, so that converged fits need no pass after the optimizer)."""
+
+    score: jax.Array  # (n,) gradient of the NLL
+    info: jax.Array  # (n, n) expected information
+    hess: jax.Array  # (n, n) Hessian of the NLL
+    extra: Any = ()
+
+
 class OptState(NamedTuple):
     theta: jax.Array  # (n,)
     nll: jax.Array  # ()
     dec: jax.Array  # () last score test statistic g^T I^-1 g
     n_iter: jax.Array  # () int
     status: jax.Array  # () int, Status
+    extra: Any = ()  # Point.extra of the last evaluation: at theta where status is OK
 
 
 MAX_HALVINGS = 40
@@ -63,16 +75,17 @@ def project(theta: jax.Array, lower: jax.Array | None) -> jax.Array:
     return theta if lower is None else jnp.where(lower, jnp.maximum(theta, 0.0), theta)
 
 
-def init_state(value: Callable, theta0: jax.Array) -> OptState:
-    """Optimizer state at the start values; INFEASIBLE_START if they are outside the region."""
+def init_state(value: Callable, theta0: jax.Array, extra: Any = ()) -> OptState:
+    """Optimizer state at the start values; INFEASIBLE_START if they are outside the region.
+    `extra`: a pytree of the shapes of the evaluations' Point.extra (its values unused)."""
     f0, _ = value(theta0)
     status = jnp.where(jnp.isfinite(f0), Status.RUNNING, Status.INFEASIBLE_START)
-    return OptState(theta0, f0, jnp.asarray(jnp.inf), jnp.asarray(0), status)
+    return OptState(theta0, f0, jnp.asarray(jnp.inf), jnp.asarray(0), status, extra)
 
 
 def fisher_scoring(
     value: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
-    score_info: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]],
+    evaluate: Callable[[jax.Array], Point],
     state: OptState,
     until: jax.Array,
     *,
@@ -85,16 +98,20 @@ def fisher_scoring(
     """Iterate from `state` while it is RUNNING and n_iter < until.
 
     value(theta) -> (nll, cond): nll is +inf outside the feasible region and cond measures how
-    close the covariance is to singular; score_info(theta) -> (gradient, expected information,
-    Hessian) in theta coordinates. The step is Newton's where the Hessian is positive definite
-    and the score test statistic is below NEWTON_DEC (quadratic convergence near the optimum),
-    Fisher scoring's otherwise (always a descent direction). A gene whose accepted step had to
-    be halved at least 8 times while cond > boundary_cond is heading into the boundary: it
-    stops with Status.BOUNDARY instead of crawling there. A gene still RUNNING on return has
-    used its iterations; the caller continues it or marks it MAX_ITER. Under vmap every
-    halving costs the whole batch an NLL evaluation, so large batches use a small
-    `max_halvings`: a gene that finds no decrease within it returns STALLED (theta unchanged)
-    for the caller to run again in a small batch with the full MAX_HALVINGS.
+    close the covariance is to singular; evaluate(theta) -> Point, the gradient, expected
+    information and Hessian in theta coordinates. The step is Newton's where the Hessian is
+    positive definite and the score test statistic is below NEWTON_DEC (quadratic convergence
+    near the optimum), Fisher scoring's otherwise (always a descent direction). A gene whose
+    accepted step had to be halved at least 8 times while cond > boundary_cond is heading into
+    the boundary: it stops with Status.BOUNDARY instead of crawling there. A gene still
+    RUNNING on return has used its iterations; the caller continues it or marks it MAX_ITER.
+    Under vmap every halving costs the whole batch an NLL evaluation, so large batches use a
+    small `max_halvings`: a gene that finds no decrease within it returns STALLED (theta
+    unchanged) for the caller to run again in a small batch with the full MAX_HALVINGS.
+
+    A converged gene (status OK) is one whose last evaluation, at its final theta, had
+    dec < tol: its state keeps that evaluation's `extra` (Point.extra), so the caller needs no
+    pass after the fit to have what it wants at the estimate.
 
     `lower` (n,) bool marks coordinates bounded below by 0 (nonneg variances). Then the step
     is projected Newton: the directions solve the reduced systems on the free set
@@ -114,7 +131,8 @@ def fisher_scoring(
         raise ValueError("fisher_scoring: `infeasible` holds for unprojected steps only")
 
     def step(s: OptState) -> OptState:
-        g, info, hess = score_info(s.theta)
+        p = evaluate(s.theta)
+        g, info, hess = p.score, p.info, p.hess
         free = free_set(s.theta, g, info, jnp.asarray(lower)) if bounded else None
         d_fisher = _direction(g, info, free)
         dec = g @ d_fisher
@@ -160,6 +178,7 @@ def fisher_scoring(
             dec=dec,
             n_iter=s.n_iter + jnp.where(accept, 1, 0),
             status=status,
+            extra=p.extra,
         )
 
     return lax.while_loop(lambda s: (s.status == Status.RUNNING) & (s.n_iter < until), step, state)

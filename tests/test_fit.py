@@ -1,5 +1,6 @@
 """Fits: optimality, agreement with a dense SciPy fit, batching, failures, options."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,6 +40,11 @@ def test_optimum_beats_dense_scipy(shape, model, method):
         gd = d.gene(g)
         m = likelihood.moments(jnp.asarray(res.phi[g]), gd, method == "reml")
         assert float(m.score @ np.linalg.solve(m.info, m.score)) < 1e-8  # gradient ~ 0
+        # the covariances and GLS are those at the reported estimate (a converged fit keeps
+        # them from its last evaluation: optimize.OptState.extra)
+        assert_allclose(res.var_cov[g], np.linalg.inv(m.info), rtol=1e-8)
+        assert_allclose(res.beta[g], m.beta, rtol=1e-8, atol=1e-10)
+        assert_allclose(res.beta_cov[g], m.beta_cov, rtol=1e-8, atol=1e-12)
         phi0 = np.asarray(blocks.start_values(gd, model, 3))
         phi_sp, ll_sp = _dense_scipy_fit(data, g, model, method, phi0)
         assert res.loglik[g] >= ll_sp - 1e-8
@@ -167,8 +173,6 @@ def test_observed_information():
     res = cj.fit(data, "free", "reml", information="observed")
     for g in range(2):
         phi = res.phi[g]
-        import jax
-
         d = blocks.to_blocks(data, "free")
         gd = d.gene(g)
         H = jax.hessian(likelihood.nll)(jnp.asarray(phi), gd, True)
@@ -182,6 +186,11 @@ def test_nonneg(model):
     for g in range(3):
         vc = models.unpack(jnp.asarray(res.phi[g]), model, 3)
         assert float(vc.hom2) >= 0 and np.linalg.eigvalsh(np.asarray(vc.V)).min() >= -1e-12
+        if res.table.converged.iloc[g]:  # covariances at the estimate, as without nonneg
+            w = models.kernel_weights(jnp.asarray(res.phi[g]), model, 3)
+            m = likelihood.moments(w, blocks.to_blocks(data, model).gene(g), True)
+            J = jax.jacfwd(models.kernel_weights)(jnp.asarray(res.phi[g]), model, 3)
+            assert_allclose(res.var_cov[g], np.linalg.inv(J.T @ m.info @ J), rtol=1e-8)
     # with an interior unconstrained optimum both agree
     data = small_data("ctp", G=1, N=80, C=3, seed=14, V=np.diag([0.5, 0.4, 0.3]))
     a, b = cj.fit(data, "free", "reml"), cj.fit(data, "free", "reml", nonneg=True)

@@ -38,7 +38,7 @@ def test_likelihood_score_and_information_match_dense(shape, method):
     d = blocks.to_blocks(data, "lowrank").gene(0)
     obj = objective(d, model="lowrank", C=C, reml=method == "reml", nonneg=False)
     nll, _ = obj.value(jnp.asarray(PHI))
-    score, info, _ = obj.score_info(jnp.asarray(PHI))
+    score, info, _, _ = obj.evaluate(jnp.asarray(PHI))
     ll, Ks = _dense(data, 0, PHI, method)
     assert_allclose(-nll, ll, **CLOSED_FORM)
     y, X, Sigma = reference.dense(data, 0, PHI[0], np.outer(PHI[1:], PHI[1:]))

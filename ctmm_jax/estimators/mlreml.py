@@ -5,7 +5,10 @@ slowest problem is done, so the fits run in rounds of ROUND_ITERS iterations, an
 still running are regrouped into smaller batches after each round: the cost follows the total
 number of iterations, not the slowest gene. The optimizer works in unconstrained coordinates
 theta; models.py maps theta -> parameters phi -> kernel weights w, and the chain rule turns
-the likelihood's score and information in w into those in theta (`objective`).
+the likelihood's score and information in w into those in theta (`objective`). Each
+evaluation also gives the estimates at its theta (`gene_fit`: inverse information, GLS), so
+converged fits, whose last evaluation was at their estimate, keep them from the optimizer;
+only the others are finished by a pass of their own (`finish_chunk`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from jax.sharding import Mesh
 from .. import batching, checks, devices, likelihood, models, progress
 from ..blocks import Blocks, Design, ols_residuals, start_values, with_cells
 from ..likelihood import GeneData
-from ..optimize import MAX_HALVINGS, OptState, fisher_scoring, init_state
+from ..optimize import MAX_HALVINGS, OptState, Point, fisher_scoring, init_state
 from ..status import BOUNDARY_COND, NOT_FITTED, Status
 from . import Estimates, Problems, problem_data
 
@@ -32,36 +35,10 @@ class Objective(NamedTuple):
     """One gene's objective in the optimizer's coordinates theta."""
 
     value: Callable[[jax.Array], tuple[jax.Array, jax.Array]]  # theta -> (nll, cond)
-    score_info: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+    evaluate: Callable[[jax.Array], Point]  # theta -> Point, its extra the GeneFit at theta
     # (theta, d) -> a step past which theta - a d is certainly infeasible
     # (optimize.fisher_scoring); None where that is not known in closed form
     infeasible: Callable[[jax.Array, jax.Array], jax.Array] | None = None
-
-
-def objective(d: GeneData, *, model: str, C: int, reml: bool, nonneg: bool) -> Objective:
-    """NLL, score, expected information and Hessian in theta. With w(theta) the kernel weights
-    (models.to_natural, then models.kernel_weights) and J = dw/dtheta:
-    score = J^T s_w, info = J^T I_w J, hess = J^T H_w J + sum_k (s_w)_k d2 w_k / dtheta^2."""
-
-    def weights(theta):
-        return models.kernel_weights(models.to_natural(theta, model, C, nonneg), model, C)
-
-    def value(theta):
-        f = likelihood.factor(weights(theta), d, reml)
-        return f.nll, f.cond
-
-    def score_info(theta):
-        m = likelihood.moments(weights(theta), d, reml)
-        if models.identity_map(model, nonneg):  # static: w = theta
-            return m.score, m.info, m.hess
-        J, curv = jax.jacfwd(weights)(theta), jax.hessian(weights)(theta)
-        hess = J.T @ m.hess @ J + jnp.einsum("k,kij->ij", m.score, curv)
-        return J.T @ m.score, J.T @ m.info @ J, hess
-
-    if d.y.shape[1] == 1 and models.identity_map(model, nonneg) and not nonneg:  # static
-        # OP with w = theta and unprojected steps: its scalar blocks are affine in the step
-        return Objective(value, score_info, partial(likelihood.infeasible_from, d))
-    return Objective(value, score_info)
 
 
 class GeneFit(NamedTuple):
@@ -72,6 +49,52 @@ class GeneFit(NamedTuple):
     beta: jax.Array  # (p,)
     beta_cov: jax.Array  # (p, p) (X^T Sigma^-1 X)^-1
     cond: jax.Array  # () conditioning of Sigma (likelihood.factor)
+
+
+def gene_fit(phi, m: likelihood.Moments, *, model: str, C: int, info=None) -> GeneFit:
+    """The estimates at parameters phi from the likelihood's moments there: the inverse of
+    `info`, by default the expected information in phi (J^T I_w J with J = dw/dphi; I_w for
+    linear models), and GLS."""
+    if info is None and models.get(model).linear:  # static
+        info = m.info
+    elif info is None:
+        J = jax.jacfwd(partial(models.kernel_weights, model=model, C=C))(phi)
+        info = J.T @ m.info @ J
+    return GeneFit(phi, jnp.linalg.inv(info), m.beta, m.beta_cov, m.cond)
+
+
+def objective(d: GeneData, *, model: str, C: int, reml: bool, nonneg: bool) -> Objective:
+    """NLL and Point (score, expected information, Hessian) in theta. With w(theta) the
+    kernel weights (models.to_natural, then models.kernel_weights) and J = dw/dtheta:
+    score = J^T s_w, info = J^T I_w J, hess = J^T H_w J + sum_k (s_w)_k d2 w_k / dtheta^2."""
+
+    def weights(theta):
+        return models.kernel_weights(models.to_natural(theta, model, C, nonneg), model, C)
+
+    def value(theta):
+        f = likelihood.factor(weights(theta), d, reml)
+        return f.nll, f.cond
+
+    def evaluate(theta):
+        m = likelihood.moments(weights(theta), d, reml)
+        fit = gene_fit(models.to_natural(theta, model, C, nonneg), m, model=model, C=C)
+        if models.identity_map(model, nonneg):  # static: w = theta
+            return Point(m.score, m.info, m.hess, fit)
+        J, curv = jax.jacfwd(weights)(theta), jax.hessian(weights)(theta)
+        hess = J.T @ m.hess @ J + jnp.einsum("k,kij->ij", m.score, curv)
+        return Point(J.T @ m.score, J.T @ m.info @ J, hess, fit)
+
+    if d.y.shape[1] == 1 and models.identity_map(model, nonneg) and not nonneg:  # static
+        # OP with w = theta and unprojected steps: its scalar blocks are affine in the step
+        return Objective(value, evaluate, partial(likelihood.infeasible_from, d))
+    return Objective(value, evaluate)
+
+
+def fit_like(theta: jax.Array, d: GeneData) -> GeneFit:
+    """A GeneFit of zeros with the shapes of one at theta (optimize.init_state)."""
+    n, p = theta.shape[0], d.n_fixed
+    zeros = partial(jnp.zeros, dtype=theta.dtype)
+    return GeneFit(zeros(n), zeros((n, n)), zeros(p), zeros((p, p)), zeros(()))
 
 
 def gene_data(y, noise, mask, design: Design, model: str | None = None) -> GeneData:
@@ -92,11 +115,12 @@ def _init_gene(y, noise, mask, phi0, design, *, model, C, reml, nonneg) -> OptSt
     obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
     to_theta = partial(models.from_natural, model=model, C=C, nonneg=nonneg)
     start = to_theta(start_values(d, model, C))
+    init = partial(init_state, obj.value, extra=fit_like(start, d))
     if phi0 is None:
-        s = init_state(obj.value, start)
+        s = init(start)
     else:  # one after the other (lax.map): XLA's CPU runtime can deadlock when two large
         # LAPACK factorisations (many random-covariate columns) are scheduled concurrently
-        both = jax.lax.map(partial(init_state, obj.value), jnp.stack([start, to_theta(phi0)]))
+        both = jax.lax.map(init, jnp.stack([start, to_theta(phi0)]))
         s = jax.tree.map(lambda a: jnp.where(both.nll[1] < both.nll[0], a[1], a[0]), both)
     n_s2 = 0 if d.within is None else d.within.dof.shape[1]  # identified by the cells
     n_par = start.shape[0] - n_s2 + d.n_fixed
@@ -111,27 +135,21 @@ def _advance_gene(
     obj = objective(d, model=model, C=C, reml=reml, nonneg=nonneg)
     lower = models.bounded(model, C, state.theta.shape[0] - models.n_var(model, C), nonneg)
     return fisher_scoring(
-        obj.value, obj.score_info, state, until,
+        obj.value, obj.evaluate, state, until,
         tol=tol, boundary_cond=BOUNDARY_COND, max_halvings=max_halvings, lower=lower,
         infeasible=obj.infeasible,
     )  # fmt: skip
 
 
 def _finish_gene(theta, y, noise, mask, design, *, model, C, reml, nonneg, observed) -> GeneFit:
-    """Parameters, inverse information in phi (J^T I_w J, J = dw/dphi, for nonlinear models)
-    and GLS at theta."""
+    """`gene_fit` at theta, with the observed information (the Hessian of the NLL in phi)
+    where `observed`. Converged fits have it from their last iteration (`fit`)."""
     d = gene_data(y, noise, mask, design, model)
     phi = models.to_natural(theta, model, C, nonneg)
     weights = partial(models.kernel_weights, model=model, C=C)
     m = likelihood.moments(weights(phi), d, reml)
-    if observed:
-        info = jax.hessian(lambda p: likelihood.nll(weights(p), d, reml))(phi)
-    elif models.get(model).linear:  # static
-        info = m.info
-    else:
-        J = jax.jacfwd(weights)(phi)
-        info = J.T @ m.info @ J
-    return GeneFit(phi, jnp.linalg.inv(info), m.beta, m.beta_cov, m.cond)
+    info = jax.hessian(lambda p: likelihood.nll(weights(p), d, reml))(phi) if observed else None
+    return gene_fit(phi, m, model=model, C=C, info=info)
 
 
 def _meat_gene(phi, y, noise, mask, design, *, model, C, reml):
@@ -315,10 +333,15 @@ class MaximumLikelihood:
             return self._call(finish_chunk, 4, (theta, *_data(blocks, problems, i)),
                               observed=self.observed)  # fmt: skip
 
-        unsettled = _unsettled(state.status)  # finished at the canonical width, the others wide
-        groups = ((np.flatnonzero(~unsettled), wide), (np.flatnonzero(unsettled), SMALL_BATCH))
-        fits = batching.gather([(at, batching.map_batches(finish, at, w * k))
-                                for at, w in groups if len(at)], n_prob)  # fmt: skip
+        # converged fits hold their estimates (optimize.OptState.extra); the others are finished,
+        # the unsettled ones at the canonical width
+        unsettled = _unsettled(state.status)
+        carried = (state.status == Status.OK) & (not self.observed)
+        groups = ((np.flatnonzero(~unsettled & ~carried), wide),
+                  (np.flatnonzero(unsettled), SMALL_BATCH))  # fmt: skip
+        parts = [(at, batching.map_batches(finish, at, w * k)) for at, w in groups if len(at)]
+        parts.append((np.flatnonzero(carried), jax.tree.map(lambda a: a[carried], state.extra)))
+        fits = batching.gather([(at, f) for at, f in parts if len(at)], n_prob)
         return Estimates(
             fits.phi, fits.var_cov, fits.beta, fits.beta_cov, -state.nll, state.n_iter,
             state.status, fits.cond,

@@ -36,7 +36,7 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 
 from .. import likelihood
 from ..likelihood import COND_MAX, LOG_2PI, GeneData
-from ..optimize import fisher_scoring, init_state, project
+from ..optimize import Point, fisher_scoring, init_state, project
 from ..status import BOUNDARY_COND
 
 
@@ -311,8 +311,8 @@ def _fit_one(y, s_starts, design, *, structure: str, max_iter: int, tol: float,
     best = jnp.argmin(jnp.where(jnp.isnan(states.nll), jnp.inf, states.nll))
     state = jax.tree.map(lambda a: a[best], states)
     state = fisher_scoring(
-        value_, score_info_, state, jnp.asarray(max_iter), tol=tol,
-        boundary_cond=BOUNDARY_COND, lower=lower,
+        value_, lambda t: Point(*score_info_(t)), state, jnp.asarray(max_iter),
+        tol=tol, boundary_cond=BOUNDARY_COND, lower=lower,
     )  # fmt: skip
     sig2s = state.theta if B is None else B @ state.theta
     score, info, beta, beta_cov = final(sig2s, y=y, **design)
