@@ -64,15 +64,15 @@ class Blocks(NamedTuple):
         """Device design; with per-gene X and E, those of `genes`."""
         X, E = (self.X, self.E) if not self.per_gene else (self.X[genes], self.E[genes])
         arrays = (X, E, self.F, self.U, self.groups, self.diag_j)
-        return Design(*(None if a is None else jnp.asarray(a) for a in arrays))
+        return Design(*(None if a is None else jax.device_put(a) for a in arrays))
 
     def noise_of(self, genes: np.ndarray):
         """The `noise` argument of the estimators for `genes` (device arrays): the known
         variances (len(genes), N, b), or under noise="cells" a likelihood.CellNoise."""
-        noise = jnp.asarray(self.noise[genes])
+        noise = jax.device_put(self.noise[genes])
         if self.cells is None:
             return noise
-        return likelihood.CellNoise(noise, *(jnp.asarray(a[genes]) for a in self.cells))
+        return likelihood.CellNoise(noise, *(jax.device_put(a[genes]) for a in self.cells))
 
     def gene(self, g: int) -> GeneData:
         """Gene g as likelihood.GeneData (device arrays), e.g. to evaluate its likelihood."""

@@ -163,8 +163,8 @@ def fit_null(
     def batch(i):
         y, noise, mask = problem_data(blocks, problems, i)
         design = blocks.design(problems.gene[i])
-        a_i = None if a is None else jnp.asarray(a[i])
-        return moments_chunk(jnp.asarray(w[i]), y, noise, mask, a_i, design, reml)
+        a_i = None if a is None else jax.device_put(a[i])
+        return moments_chunk(jax.device_put(w[i]), y, noise, mask, a_i, design, reml)
 
     score, info = batching.map_batches(batch, np.arange(G), batching.bucket(G, chunk_size))
     S = s2_units if s2_var is not None else np.zeros((K, 0))  # pooled: s2 estimated outside

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from .. import status
@@ -70,8 +70,8 @@ def problem_data(blocks: Blocks, problems: Problems, i: np.ndarray):
         N, b = blocks.y.shape[1:]
         keep = np.repeat(problems.kept(i, N)[..., None], b, axis=2)
         mask = keep if mask is None else mask * keep
-    y, noise = jnp.asarray(blocks.y[g]), blocks.noise_of(g)
-    return y, noise, None if mask is None else jnp.asarray(mask)
+    y, noise = jax.device_put(blocks.y[g]), blocks.noise_of(g)
+    return y, noise, None if mask is None else jax.device_put(mask)
 
 
 def final_status(est: Estimates, unidentified: np.ndarray) -> np.ndarray:

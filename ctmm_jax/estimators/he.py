@@ -304,13 +304,13 @@ def _run(shared_fn, per_gene_fn, shared_extra: tuple, per_gene_extra: tuple, blo
     k = devices.count(mesh)
 
     def batch(g):
-        y, noise = jnp.asarray(blocks.y[g]), jnp.asarray(blocks.noise[g])
+        y, noise = jax.device_put(blocks.y[g]), jax.device_put(blocks.noise[g])
         design = blocks.design(g)
         if not per_gene:
             args = (y, noise, design, *shared_extra)
             return devices.call(shared_fn, mesh, args, (0, 0) + (None,) * (len(args) - 2))
         mask = np.ones(blocks.y[g].shape) if blocks.mask is None else blocks.mask[g]
-        args = (y, noise, jnp.asarray(mask), design, *per_gene_extra)
+        args = (y, noise, jax.device_put(mask), design, *per_gene_extra)
         axes = (0, 0, 0, design_axes(design)) + (None,) * len(per_gene_extra)
         return devices.call(per_gene_fn, mesh, args, axes)
 

@@ -241,7 +241,7 @@ def gls(blocks: Blocks, problems: Problems, phi: np.ndarray, *, model: str, C: i
     w = np.asarray(jax.vmap(partial(models.kernel_weights, model=model, C=C))(jnp.asarray(phi)))
 
     def batch(i):
-        return gls_chunk(jnp.asarray(w[i]), *_data(blocks, problems, i))
+        return gls_chunk(jax.device_put(w[i]), *_data(blocks, problems, i))
 
     idx = np.arange(len(problems.gene))
     return batching.map_batches(batch, idx, batching.bucket(len(idx), chunk_size))
@@ -251,7 +251,7 @@ def meats(blocks: Blocks, problems: Problems, phi: np.ndarray, *, model, C, reml
     """(M_phi (P, n_var, n_var), M_beta (P, p, p)) of every problem at phi (`meat_chunk`)."""
 
     def batch(i):
-        return meat_chunk(jnp.asarray(phi[i]), *_data(blocks, problems, i), model=model, C=C,
+        return meat_chunk(jax.device_put(phi[i]), *_data(blocks, problems, i), model=model, C=C,
                           reml=reml)  # fmt: skip
 
     idx = np.arange(len(problems.gene))
@@ -329,7 +329,7 @@ class MaximumLikelihood:
         state = batching.gather([(at, s) for at, s in runs if len(at)], n_prob)
 
         def finish(i):
-            theta = jnp.asarray(state.theta[i])
+            theta = jax.device_put(state.theta[i])
             return self._call(finish_chunk, 4, (theta, *_data(blocks, problems, i)),
                               observed=self.observed)  # fmt: skip
 
@@ -364,7 +364,7 @@ class MaximumLikelihood:
         small = k * (width if width <= SMALL_BATCH else width // 16)  # few left: one shape
 
         def init(i):
-            phi0 = None if problems.phi0 is None else jnp.asarray(problems.phi0[i])
+            phi0 = None if problems.phi0 is None else jax.device_put(problems.phi0[i])
             y, noise, mask, design = _data(blocks, problems, i)
             return self._call(init_chunk, 4, (y, noise, mask, phi0, design))
 
@@ -384,8 +384,8 @@ class MaximumLikelihood:
                 bsize, halvings = small, MAX_HALVINGS
             parts = []
             for part, pad in batching.batches(running, bsize):
-                s = jax.tree.map(lambda a, pad=pad: jnp.asarray(a[pad]), state)
-                until = jnp.minimum(s.n_iter + ROUND_ITERS, self.max_iter)
+                s = jax.tree.map(lambda a, pad=pad: jax.device_put(a[pad]), state)
+                until = jax.device_put(np.minimum(state.n_iter[pad] + ROUND_ITERS, self.max_iter))
                 args = (s, until, *_data(blocks, problems, pad), jnp.asarray(halvings))
                 parts.append((part, self._call(advance_chunk, 5, args, tol=self.tol)))
             state = batching.scatter(state, parts)
