@@ -76,8 +76,9 @@ def objective(d: GeneData, *, model: str, C: int, reml: bool, nonneg: bool) -> O
         return f.nll, f.cond
 
     def evaluate(theta):
-        m = likelihood.moments(weights(theta), d, reml)
-        fit = gene_fit(models.to_natural(theta, model, C, nonneg), m, model=model, C=C)
+        phi = models.to_natural(theta, model, C, nonneg)
+        m = likelihood.moments(models.kernel_weights(phi, model, C), d, reml)
+        fit = gene_fit(phi, m, model=model, C=C)
         if models.identity_map(model, nonneg):  # static: w = theta
             return Point(m.score, m.info, m.hess, fit)
         J, curv = jax.jacfwd(weights)(theta), jax.hessian(weights)(theta)
