@@ -118,18 +118,13 @@ def test_shared_and_per_donor_kernel_paths_agree(method):
         assert_allclose(x, y, **CLOSED_FORM)
 
 
-@pytest.mark.parametrize("model", ["hom", "iid", "free"])
-@pytest.mark.parametrize("loaded", [True, False])
-def test_rank_one_closed_forms_equal_cholesky(model, loaded):
-    """CTP blocks diag(e_i) + hom2 J (rankone.py) against the general Cholesky path, with
-    missing values, fixed covariates, a random covariate and per-donor loading kernels
-    (GeneData.loadings): moments at one phi, and the same positive-definite region (nll
-    finite) at 400 phi with V of either sign. Without loadings and with the model's constants
-    as NumPy (as the fits pass them), hom takes the 1_C entry alone (rankone.only_j)."""
+def rank_one_problem(model, loaded, N=30, C=5):
+    """One CTP gene with missing values, fixed covariates, a random covariate and, if loaded,
+    per-donor loading kernels (GeneData.loadings), on the general path and on the closed
+    forms (the model's constants as NumPy, as the fits pass them); phi with a V entry < 0."""
     rng = np.random.default_rng(5)
-    N, C = 30, 5
     mask = (rng.uniform(size=(N, C)) > 0.2).astype(float)
-    mask[0] = 0.0
+    mask[0], mask[3] = 0.0, 1.0
     arrays = (
         rng.normal(size=(N, C)) * mask, rng.uniform(0.1, 0.5, (N, C)),
         np.broadcast_to(np.eye(C), (N, C, C)), models.kernels(model, C)[:, None], mask,
@@ -138,22 +133,56 @@ def test_rank_one_closed_forms_equal_cholesky(model, loaded):
     )  # fmt: skip
     general = likelihood.GeneData(*(None if a is None else jnp.asarray(a) for a in arrays))
     closed = general._replace(diag_j=models.diag_j_coefficients(model, C))
-    assert rankone.only_j(closed.diag_j, closed.loadings) == (model == "hom" and not loaded)
     n_k = models.n_var(model, C) + (C if loaded else 0)
-    phi = jnp.asarray(np.concatenate([rng.uniform(0.05, 0.3, n_k), [0.2]]))
-    if model == "free":
-        phi = phi.at[2].set(-0.05)
+    phi = np.concatenate([rng.uniform(0.05, 0.3, n_k), [0.2]])
+    if model != "hom":
+        phi[1 if model == "iid" else 2] = -0.05
+    return general, closed, phi
+
+
+@pytest.mark.parametrize("model", ["hom", "iid", "free"])
+@pytest.mark.parametrize("loaded", [True, False])
+def test_rank_one_closed_forms_equal_cholesky(model, loaded):
+    """CTP blocks diag(e_i) + hom2 J (rankone.py) against the general Cholesky path
+    (`rank_one_problem`): moments at one phi, and the same positive-definite region (nll
+    finite) at 400 phi with V of either sign. Without loadings, hom takes the 1_C entry alone
+    (rankone.only_j)."""
+    general, closed, phi = rank_one_problem(model, loaded)
+    assert rankone.only_j(closed.diag_j, closed.loadings) == (model == "hom" and not loaded)
     for reml in (False, True):
-        ms = likelihood.moments(phi, general, reml), likelihood.moments(phi, closed, reml)
-        for a, b in zip(*ms, strict=True):
+        ms = likelihood.moments(jnp.asarray(phi), general, reml)
+        for a, b in zip(ms, likelihood.moments(jnp.asarray(phi), closed, reml), strict=True):
             assert_allclose(b, a, rtol=1e-10, atol=1e-12)
     if not loaded:  # the region is `factor`'s, which only_j leaves alone
         return
-    phis = np.column_stack([rng.normal(0.0, 0.5, (400, n_k)), np.full(400, 0.2)])
+    rng = np.random.default_rng(6)
+    phis = np.column_stack([rng.normal(0.0, 0.5, (400, len(phi) - 1)), np.full(400, 0.2)])
     nll = jax.jit(jax.vmap(likelihood.nll, in_axes=(0, None, None)), static_argnums=2)
     a, b = nll(jnp.asarray(phis), general, True), nll(jnp.asarray(phis), closed, True)
     assert 20 < int(jnp.isinf(a).sum()) < 380
     assert_allclose(b, a, rtol=1e-10)
+
+
+@pytest.mark.parametrize("model", ["iid", "free"])
+@pytest.mark.parametrize("loaded", [True, False])
+@pytest.mark.parametrize("edge", [-1e-7, 1e-7])
+def test_rank_one_closed_forms_near_a_zero_diagonal(model, loaded, edge):
+    """One pair's e_ic = V_c + noise_ic (+ loading) set to +-1e-7 while Sigma_i stays well
+    conditioned (h > 0; 1 + h s_i < 0 when e_ic < 0): delta_ic ~ 1e7, and W_cc written as
+    delta - kappa delta^2 would cancel (rankone.py, Rounding). The closed forms still equal
+    the Cholesky path, the information to 1e-9 (written that way its error here was 3 to 80
+    times its largest entry; 4% at a fitted gene of benchmarks/bench_fit.py's 10,000)."""
+    general, closed, phi = rank_one_problem(model, loaded)
+    K, C = models.n_var(model, 5), 5
+    e = (phi[:K] @ closed.diag_j)[:C] + (phi[K : K + C] * closed.loadings[3] if loaded else 0)
+    noise = general.noise.at[3, 1].set(edge - e[1])
+    general, closed = general._replace(noise=noise), closed._replace(noise=noise)
+    assert abs(float(rankone.inverse(jnp.asarray(phi[:-1]), closed.diag_j, noise, closed.mask,
+                                     closed.loadings).delta[3, 1]) * edge - 1) < 1e-8  # fmt: skip
+    for reml in (False, True):
+        ms = likelihood.moments(jnp.asarray(phi), general, reml)
+        for a, b in zip(ms, likelihood.moments(jnp.asarray(phi), closed, reml), strict=True):
+            assert_allclose(b, a, rtol=1e-9, atol=1e-9 * float(jnp.abs(a).max()))
 
 
 @pytest.mark.parametrize("masked", [False, True])
