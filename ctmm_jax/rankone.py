@@ -26,16 +26,16 @@ for the other traces (`traces`).
 Rounding. With unconstrained V an e_ic can be near 0 while Sigma_i is well conditioned: then
 delta_ic is huge, kappa_i delta_ic is near 1, and W_cc written as delta_ic - kappa_i delta_ic^2
 cancels (W_cc^2 so written loses about 13 digits when e_ic ~ 1e-7, and the information with
-it). Only the donor's largest |delta_ic|, its pivot, can do this. So no diagonal is formed as
-such a difference: W_cc = delta_ic lam_ic with lam_ic = 1 - kappa_i delta_ic
-= (1 + h s_i,-c) rho_i, s_i,-c the sum of delta_i over the other entries, a product with
-J - I (`_others`); W_i v = delta_i o (lam_i o v - kappa_i t_i), t_ic the sum of delta_i o v_i
-over the other entries; each Hadamard product with W_i (`Bordered`) takes its diagonal from
-closed forms in W_cc and its off-diagonal entries, products that do not cancel, from the
-pairs above; and the one quadratic form these diagonals need, delta_i,-c^T A delta_i,-c
-(delta_i with entry c set to 0), is summed directly at the pivot (`_quadratic_without`).
-The off-diagonal entries keep a relative error of at most about eps / |e_ic| in the pivot's
-row and column (2e-9 at e_ic = 1e-7), as any formula in delta_i must.
+it). So no diagonal is formed as such a difference: W_cc = delta_ic lam_ic with
+lam_ic = 1 - kappa_i delta_ic = (1 + h s_i,-c) rho_i, s_i,-c the sum of delta_i over the
+other entries, a product with J - I (`_others`); W_i v = delta_i o (lam_i o v - kappa_i t_i),
+t_ic the sum of delta_i o v_i over the other entries; each Hadamard product with W_i
+(`Bordered`) takes its diagonal from closed forms in W_cc and its off-diagonal entries,
+products that do not cancel, from the pairs above; and the one quadratic form these diagonals
+need, delta_i,-c^T A delta_i,-c (delta_i with entry c set to 0), sums the squares over the
+other entries (`_quadratic_without`). What still cancels does so to first order: a relative
+error of at most about eps / |e_ic| (2e-9 at e_ic = 1e-7) in the off-diagonal entries of the
+row and column c, as any formula in delta_i must have.
 """
 
 from __future__ import annotations
@@ -181,16 +181,13 @@ def _hadamard_w(r: RankOne, pairs) -> list:
     return [(-kd * p, r.delta * q) for p, q in pairs]
 
 
-def _quadratic_without(r: RankOne, A: jax.Array, Ad: jax.Array, q: jax.Array) -> jax.Array:
-    """(N, C) delta_i,-c^T A delta_i,-c (delta_i with entry c set to 0; A symmetric) as
-    q_i - 2 delta_ic Ad_ic - A_cc delta_ic^2, from q_i = delta_i^T A delta_i and
-    Ad = delta A_off (A off its diagonal); at each donor's largest |delta_ic|, where that
-    difference would cancel, the form is summed directly."""
-    drop = r.delta * (2.0 * Ad + jnp.diagonal(A) * r.delta)
-    pivot = jnp.arange(A.shape[0]) == jnp.argmax(jnp.abs(r.delta), 1)[:, None]
-    rest = jnp.where(pivot, 0.0, r.delta)
-    direct = ((rest @ A) * rest).sum(1)
-    return jnp.where(pivot, direct[:, None], q[:, None] - drop)
+def _quadratic_without(delta: jax.Array, dA: jax.Array, Ad_off: jax.Array) -> jax.Array:
+    """(N, C) delta_i,-c^T A delta_i,-c (delta_i with entry c set to 0; A symmetric, dA its
+    diagonal, Ad_off = delta A_off with A_off its off-diagonal part) as
+    sum_a delta_a (A_off delta)_a - 2 delta_c (A_off delta)_c + sum_(a != c) A_aa delta_a^2:
+    the terms removed are at most linear in delta_ic, and the squares are summed over the
+    other entries (`_others`), so a huge delta_ic cancels to first order only."""
+    return (delta * Ad_off).sum(1)[:, None] - 2.0 * delta * Ad_off + _others(dA * delta**2)
 
 
 def _contract(S, weights, mats):
@@ -227,9 +224,12 @@ def traces(S, loadings, r: RankOne, u: jax.Array, Nbb, v: jax.Array, hd: jax.Arr
     fixed and random covariates; likelihood._projected_blocks)."""
     delta, kappa, w, omega = r.delta, r.kappa, r.w, r.omega
     su = u.sum(1)
+    dA = jnp.diagonal(Nbb)
+    Ad_off = delta @ (Nbb - jnp.diag(dA))
+    Ad = Ad_off + dA * delta  # rows delta_i^T A
     xv = apply(r, v)
-    # H_i 1 = W_i A w_i + omega_i x_i + (1^T x_i) w_i + hd_i omega_i w_i
-    H1 = apply(r, w @ Nbb) + omega[:, None] * xv + xv.sum(1)[:, None] * w
+    # H_i 1 = W_i A w_i + omega_i x_i + (1^T x_i) w_i + hd_i omega_i w_i, A w_i = rho_i A delta_i
+    H1 = apply(r, r.rho[:, None] * Ad) + omega[:, None] * xv + xv.sum(1)[:, None] * w
     H1 = H1 + (hd * omega)[:, None] * w
     if only_j(S, loadings):  # static: E_k = c_k J, so every trace is c_k c_l sum_i 1^T . 1
         c = jnp.asarray(S[:, -1])
@@ -251,12 +251,10 @@ def traces(S, loadings, r: RankOne, u: jax.Array, Nbb, v: jax.Array, hd: jax.Arr
     # and (D A D) o W = -A o (kappa delta^2 delta^2^T). On it, with W's row c
     # W_cc e_c - kappa delta_c delta_-c: (W A W)_cc = W_cc^2 A_cc
     # - 2 W_cc kappa delta_c (A_off delta)_c + kappa^2 delta_c^2 delta_-c^T A delta_-c.
-    dA = jnp.diagonal(Nbb)
-    Ad_off = delta @ (Nbb - jnp.diag(dA))
-    zp = delta * (Ad_off + dA * delta)
+    zp = delta * Ad
     q = zp.sum(1)
     WAW = g**2 * dA - 2.0 * g * kappa[:, None] * delta * Ad_off
-    WAW = WAW + kd2 * kappa[:, None] * _quadratic_without(r, Nbb, Ad_off, q)
+    WAW = WAW + kd2 * kappa[:, None] * _quadratic_without(delta, dA, Ad_off)
     diag_H = WAW + 2.0 * xv * w + hd[:, None] * w**2
     H_pairs = [((kappa**2 * q)[:, None] * delta, delta), (hd[:, None] * w, w)]
     H_mirrored = [(-kappa[:, None] * zp, delta), (xv, w)]
