@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import likelihood, models
+from . import likelihood, linalg, models
 from . import noise as noise_models
 from .data import CTPData, OPData
 from .likelihood import GeneData
@@ -168,7 +168,7 @@ def ols_residuals(d: GeneData) -> jax.Array:
     if d.mask is not None:
         X = X * d.mask[..., None]
     XtX = jnp.einsum("nbp,nbq->pq", X, X)
-    beta = jnp.linalg.solve(XtX, jnp.einsum("nbp,nb->p", X, d.y))
+    beta = linalg.spd_solve(XtX, jnp.einsum("nbp,nb->p", X, d.y))
     return d.y - jnp.einsum("nbp,p->nb", X, beta)
 
 

@@ -1,29 +1,44 @@
-"""Small dense linear algebra, batched over leading axes.
+"""Small dense linear algebra, batched over leading axes, in plain XLA operations.
 
-CTMM's covariances are N blocks of C x C (C = number of cell types, usually 2-10), and GLS needs
-one p x p solve. For the N blocks of a gene (`unroll=True`) a Cholesky written out entry by
-entry (a static Python loop over the matrix size, never over genes or donors) is a handful of
-elementwise array operations over the batch axes: it vectorises on CPU and GPU alike, where a
-LAPACK call per 4 x 4 matrix does not. Its compile time grows like n^3, so one matrix per gene
-(GLS, the optimizer's step) and blocks larger than UNROLL_MAX use `jnp.linalg`.
+CTMM's covariances are N blocks of C x C (C = number of cell types, usually 2-10), and GLS and
+the optimizer's step need one p x p or n x n solve per gene. Up to UNROLL_MAX a Cholesky or
+triangular solve is written out entry by entry (a static Python loop over the matrix size,
+never over genes or donors): a handful of elementwise array operations over the batch axes,
+which vectorises on CPU and GPU alike, where a LAPACK call per 4 x 4 matrix does not. Its
+compile time grows like n^3, so larger matrices take one column (row) per iteration of a
+`lax.fori_loop`: compile time flat in n, each iteration an elementwise update of the whole
+batch.
 
-A matrix that is not positive definite gives NaN (square root of a negative pivot); callers map
-that to an infinite negative log-likelihood.
+Nothing here calls LAPACK. jaxlib 0.10's CPU LAPACK kernels split a batch whose work exceeds
+about 2e5 flops over XLA's intra-op thread pool and block a pool thread until the pieces are
+done; when as many such calls run at once as the pool has threads (two independent
+factorisations of one iteration on a 2-core machine: 256 genes with 15 x 15 informations,
+C = 14), every thread waits and the process hangs for good (found with C = 14 and 16 at
+N = 1000; `tests/test_linalg.py::test_fit_programs_call_no_lapack`).
+
+A matrix that is not positive definite gives NaN (square root of a negative pivot, then the
+whole factor); callers map that to an infinite negative log-likelihood.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 UNROLL_MAX = 8  # largest matrix size factorised entry by entry
 
 
-def cholesky(A: jax.Array, unroll: bool = False) -> jax.Array:
+def cholesky(A: jax.Array) -> jax.Array:
     """Lower Cholesky factor L of A (..., n, n), A = L L^T; NaN where A is not PD."""
     n = A.shape[-1]
-    if not unroll or n > UNROLL_MAX:
-        return jnp.linalg.cholesky(A)
+    L = _cholesky_unrolled(A) if n <= UNROLL_MAX else _cholesky_columns(A)
+    pd = jnp.all(jnp.diagonal(L, axis1=-2, axis2=-1) > 0, axis=-1)  # NaN pivots fail too
+    return jnp.where(pd[..., None, None], L, jnp.nan)
+
+
+def _cholesky_unrolled(A: jax.Array) -> jax.Array:
+    n = A.shape[-1]
     L: list[list[jax.Array | None]] = [[None] * n for _ in range(n)]
     for j in range(n):
         pivot = A[..., j, j] - sum((L[j][k] ** 2 for k in range(j)), jnp.zeros(A.shape[:-2]))
@@ -36,14 +51,29 @@ def cholesky(A: jax.Array, unroll: bool = False) -> jax.Array:
     return jnp.stack(rows, -2)
 
 
-def solve_lower(
-    L: jax.Array, B: jax.Array, transpose: bool = False, unroll: bool = False
-) -> jax.Array:
+def _cholesky_columns(A: jax.Array) -> jax.Array:
+    """Right-looking Cholesky, one column per iteration: with l = A_{>=j, j} / sqrt(A_jj),
+    column j of L is l and the trailing block loses l_{>j} l_{>j}^T."""
+    n, last = A.shape[-1], A.ndim - 1
+    index = jnp.arange(n)
+
+    def column(j, A):
+        a = lax.dynamic_index_in_dim(A, j, axis=last, keepdims=False)  # (..., n)
+        d = jnp.sqrt(lax.dynamic_index_in_dim(a, j, axis=last - 1, keepdims=False))
+        below = jnp.where(index > j, a / d[..., None], 0.0)
+        A = A - below[..., :, None] * below[..., None, :]
+        col = jnp.where(index == j, d[..., None], below)
+        return lax.dynamic_update_index_in_dim(A, col[..., None], j, axis=last)
+
+    return jnp.tril(lax.fori_loop(0, n, column, A))
+
+
+def solve_lower(L: jax.Array, B: jax.Array, transpose: bool = False) -> jax.Array:
     """L^-1 B (or L^-T B) for lower-triangular L (..., n, n) and B (..., n, k), by forward
     (back) substitution."""
     n = L.shape[-1]
-    if not unroll or n > UNROLL_MAX:
-        return jax.scipy.linalg.solve_triangular(L, B, lower=True, trans=int(transpose))
+    if n > UNROLL_MAX:
+        return _substitute_rows(jnp.swapaxes(L, -1, -2) if transpose else L, B, transpose)
     order = range(n - 1, -1, -1) if transpose else range(n)
     rows: dict[int, jax.Array] = {}
     for i in order:
@@ -55,17 +85,48 @@ def solve_lower(
     return jnp.stack([rows[i] for i in range(n)], -2)
 
 
+def _substitute_rows(T: jax.Array, B: jax.Array, upper: bool) -> jax.Array:
+    """T^-1 B for triangular T (..., n, n), one row of the solution per iteration (from the
+    last row where T is upper triangular): x_i = (b_i - T_i. x) / T_ii, where the rows of x
+    not yet solved are still 0."""
+    n, rows = T.shape[-1], T.ndim - 2
+
+    def row(t, X):
+        i = n - 1 - t if upper else t
+        Ti = lax.dynamic_index_in_dim(T, i, axis=rows, keepdims=False)  # (..., n)
+        bi = lax.dynamic_index_in_dim(B, i, axis=rows, keepdims=False)  # (..., k)
+        Tii = lax.dynamic_index_in_dim(Ti, i, axis=rows, keepdims=False)
+        xi = (bi - jnp.einsum("...j,...jk->...k", Ti, X)) / Tii[..., None]
+        return lax.dynamic_update_index_in_dim(X, xi, i, axis=rows)
+
+    X = jnp.zeros(jnp.broadcast_shapes(T.shape[:-2], B.shape[:-2]) + B.shape[-2:], B.dtype)
+    return lax.fori_loop(0, n, row, X)
+
+
 def small_matmul(A: jax.Array, B: jax.Array) -> jax.Array:
     """A @ B for small matrices (..., n, m) @ (..., m, k) as a broadcast product and sum: for
     many tiny matrices this vectorises where a batched matmul does not (about 2x on CPU)."""
     return (A[..., :, :, None] * B[..., None, :, :]).sum(-2)
 
 
-def inv_from_cholesky(L: jax.Array, unroll: bool = False) -> jax.Array:
+def inv_from_cholesky(L: jax.Array) -> jax.Array:
     """A^-1 = L^-T L^-1 from the Cholesky factor L (..., n, n) of A."""
     eye = jnp.broadcast_to(jnp.eye(L.shape[-1], dtype=L.dtype), L.shape)
-    Linv = solve_lower(L, eye, unroll=unroll)
+    Linv = solve_lower(L, eye)
+    if L.shape[-1] > UNROLL_MAX:
+        return jnp.swapaxes(Linv, -1, -2) @ Linv
     return small_matmul(jnp.swapaxes(Linv, -1, -2), Linv)
+
+
+def spd_inverse(A: jax.Array) -> jax.Array:
+    """A^-1 for symmetric positive definite A (..., n, n) by Cholesky; NaN where A is not PD."""
+    return inv_from_cholesky(cholesky(A))
+
+
+def spd_solve(A: jax.Array, b: jax.Array) -> jax.Array:
+    """A^-1 b for symmetric positive definite A (..., n, n) and b (..., n) by Cholesky."""
+    L = cholesky(A)
+    return solve_lower(L, solve_lower(L, b[..., None]), transpose=True)[..., 0]
 
 
 def logdet_from_cholesky(L: jax.Array) -> jax.Array:

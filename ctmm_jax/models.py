@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import linalg
 from .optimize import project
 
 
@@ -105,7 +106,7 @@ def _full_constrain(theta, C):
 
 
 def _full_unconstrain(phi, C):
-    L = jnp.linalg.cholesky(_vech_to_matrix(phi, C))
+    L = linalg.cholesky(_vech_to_matrix(phi, C))
     L = L - jnp.diag(jnp.diag(L)) + jnp.diag(_softplus_inv(jnp.diag(L)))
     return L[np.tril_indices(C)]
 

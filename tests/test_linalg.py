@@ -1,10 +1,11 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CLOSED_FORM
+from helpers import CLOSED_FORM, small_data
 from numpy.testing import assert_allclose
 
-from ctmm_jax import linalg
+import ctmm_jax as cj
+from ctmm_jax import devices, linalg, nulltest
 
 
 @pytest.mark.parametrize("n", [1, 3, linalg.UNROLL_MAX, linalg.UNROLL_MAX + 2])
@@ -28,3 +29,30 @@ def test_small_dense_algebra(n):
 def test_not_positive_definite_gives_nan():
     L = linalg.cholesky(jnp.array([[1.0, 2.0], [2.0, 1.0]]))
     assert np.isnan(np.asarray(L)).any()
+
+
+def test_fit_programs_call_no_lapack(monkeypatch):
+    """jaxlib 0.10's batched CPU LAPACK kernels split big batches over XLA's intra-op pool and
+    block a pool thread meanwhile; two such calls at once hang a 2-core machine for good (a
+    free REML fit of 256 genes with C = 14 did). Every program of a fit with matrices larger
+    than UNROLL_MAX (C = 9: 10 x 10 informations, 9 x 9 GLS) must use this module's loops."""
+    recorded = []
+    call = devices.call
+
+    def record(fn, m, args, axes, **statics):
+        recorded.append((fn, args, statics))
+        return call(fn, m, args, axes, **statics)
+
+    def record_moments(*args, moments=nulltest.moments_chunk):
+        recorded.append((moments, args, {}))
+        return moments(*args)
+
+    monkeypatch.setattr(devices, "call", record)
+    monkeypatch.setattr(nulltest, "moments_chunk", record_moments)
+    C = 9
+    cj.fit(small_data("ctp", G=2, N=20, C=C), "free", "reml", noise="plugin")
+    names = {getattr(fn, "__name__", str(fn)) for fn, _, _ in recorded}
+    assert {"init_chunk", "advance_chunk", "moments_chunk"} <= names
+    for fn, args, statics in recorded:
+        text = fn.lower(*args, **statics).as_text()
+        assert "lapack" not in text, f"{fn.__name__} calls LAPACK"

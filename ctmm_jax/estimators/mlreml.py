@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from .. import batching, checks, devices, likelihood, models, progress
+from .. import batching, checks, devices, likelihood, linalg, models, progress
 from ..blocks import Blocks, Design, ols_residuals, start_values, with_cells
 from ..likelihood import GeneData
 from ..optimize import MAX_HALVINGS, OptState, Point, fisher_scoring, init_state
@@ -60,7 +60,7 @@ def gene_fit(phi, m: likelihood.Moments, *, model: str, C: int, info=None) -> Ge
     elif info is None:
         J = jax.jacfwd(partial(models.kernel_weights, model=model, C=C))(phi)
         info = J.T @ m.info @ J
-    return GeneFit(phi, jnp.linalg.inv(info), m.beta, m.beta_cov, m.cond)
+    return GeneFit(phi, linalg.spd_inverse(info), m.beta, m.beta_cov, m.cond)
 
 
 def objective(d: GeneData, *, model: str, C: int, reml: bool, nonneg: bool) -> Objective:
