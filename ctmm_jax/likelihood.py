@@ -249,8 +249,8 @@ def _cholesky_blocks(w: jax.Array, d: GeneData):
     if d.mask is not None:
         mm = d.mask[:, :, None] * d.mask[:, None, :]
         Sigma = Sigma * mm + (1.0 - d.mask)[..., None] * jnp.eye(b)
-    L = linalg.cholesky(Sigma)
-    W = linalg.inv_from_cholesky(L)
+    L = linalg.cholesky(Sigma, unroll=True)
+    W = linalg.inv_from_cholesky(L, unroll=True)
     if d.mask is not None:
         W, Sigma = W * mm, Sigma * mm
     return W, linalg.logdet_from_cholesky(L).sum(), Sigma

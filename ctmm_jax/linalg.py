@@ -29,10 +29,10 @@ from jax import lax
 UNROLL_MAX = 8  # largest matrix size factorised entry by entry
 
 
-def cholesky(A: jax.Array) -> jax.Array:
+def cholesky(A: jax.Array, unroll: bool = False) -> jax.Array:
     """Lower Cholesky factor L of A (..., n, n), A = L L^T; NaN where A is not PD."""
     n = A.shape[-1]
-    L = _cholesky_unrolled(A) if n <= UNROLL_MAX else _cholesky_columns(A)
+    L = _cholesky_unrolled(A) if unroll and n <= UNROLL_MAX else _cholesky_columns(A)
     pd = jnp.all(jnp.diagonal(L, axis1=-2, axis2=-1) > 0, axis=-1)  # NaN pivots fail too
     return jnp.where(pd[..., None, None], L, jnp.nan)
 
@@ -68,11 +68,13 @@ def _cholesky_columns(A: jax.Array) -> jax.Array:
     return jnp.tril(lax.fori_loop(0, n, column, A))
 
 
-def solve_lower(L: jax.Array, B: jax.Array, transpose: bool = False) -> jax.Array:
+def solve_lower(
+    L: jax.Array, B: jax.Array, transpose: bool = False, unroll: bool = False
+) -> jax.Array:
     """L^-1 B (or L^-T B) for lower-triangular L (..., n, n) and B (..., n, k), by forward
     (back) substitution."""
     n = L.shape[-1]
-    if n > UNROLL_MAX:
+    if not unroll or n > UNROLL_MAX:
         return _substitute_rows(jnp.swapaxes(L, -1, -2) if transpose else L, B, transpose)
     order = range(n - 1, -1, -1) if transpose else range(n)
     rows: dict[int, jax.Array] = {}
@@ -99,8 +101,9 @@ def _substitute_rows(T: jax.Array, B: jax.Array, upper: bool) -> jax.Array:
         xi = (bi - jnp.einsum("...j,...jk->...k", Ti, X)) / Tii[..., None]
         return lax.dynamic_update_index_in_dim(X, xi, i, axis=rows)
 
-    X = jnp.zeros(jnp.broadcast_shapes(T.shape[:-2], B.shape[:-2]) + B.shape[-2:], B.dtype)
-    return lax.fori_loop(0, n, row, X)
+    batch = jnp.broadcast_shapes(T.shape[:-2], B.shape[:-2])
+    T, B = jnp.broadcast_to(T, batch + T.shape[-2:]), jnp.broadcast_to(B, batch + B.shape[-2:])
+    return lax.fori_loop(0, n, row, jnp.zeros_like(B))
 
 
 def small_matmul(A: jax.Array, B: jax.Array) -> jax.Array:
@@ -109,13 +112,13 @@ def small_matmul(A: jax.Array, B: jax.Array) -> jax.Array:
     return (A[..., :, :, None] * B[..., None, :, :]).sum(-2)
 
 
-def inv_from_cholesky(L: jax.Array) -> jax.Array:
+def inv_from_cholesky(L: jax.Array, unroll: bool = False) -> jax.Array:
     """A^-1 = L^-T L^-1 from the Cholesky factor L (..., n, n) of A."""
     eye = jnp.broadcast_to(jnp.eye(L.shape[-1], dtype=L.dtype), L.shape)
-    Linv = solve_lower(L, eye)
-    if L.shape[-1] > UNROLL_MAX:
-        return jnp.swapaxes(Linv, -1, -2) @ Linv
-    return small_matmul(jnp.swapaxes(Linv, -1, -2), Linv)
+    Linv = solve_lower(L, eye, unroll=unroll)
+    if unroll and L.shape[-1] <= UNROLL_MAX:
+        return small_matmul(jnp.swapaxes(Linv, -1, -2), Linv)
+    return jnp.swapaxes(Linv, -1, -2) @ Linv
 
 
 def spd_inverse(A: jax.Array) -> jax.Array:

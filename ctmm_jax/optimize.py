@@ -51,14 +51,15 @@ NEWTON_DEC = 1.0
 
 
 def _direction(g: jax.Array, info: jax.Array, free: jax.Array | None = None) -> jax.Array:
-    """I^-1 g via Cholesky; NaN when I is not positive definite. With `free` (n,) bool, the
-    reduced system I_FF d_F = g_F on the free coordinates, d = 0 on the others."""
+    """I^-1 g via Cholesky, for one I (n, n) or a stack (..., n, n); NaN where I is not
+    positive definite. With `free` (n,) bool, the reduced system I_FF d_F = g_F on the free
+    coordinates, d = 0 on the others."""
     if free is not None:
         both = free[:, None] & free[None, :]
         info, g = jnp.where(both, info, jnp.eye(g.shape[0])), jnp.where(free, g, 0.0)
     L = linalg.cholesky(info)
     z = linalg.solve_lower(L, g[:, None])
-    return linalg.solve_lower(L, z, transpose=True)[:, 0]
+    return linalg.solve_lower(L, z, transpose=True)[..., 0]
 
 
 def free_set(theta, g, info, lower) -> jax.Array:
@@ -134,9 +135,8 @@ def fisher_scoring(
         p = evaluate(s.theta)
         g, info, hess = p.score, p.info, p.hess
         free = free_set(s.theta, g, info, jnp.asarray(lower)) if bounded else None
-        d_fisher = _direction(g, info, free)
+        d_fisher, d_newton = _direction(g, jnp.stack([info, hess]), free)  # one factorisation
         dec = g @ d_fisher
-        d_newton = _direction(g, hess, free)
         use_newton = (dec < NEWTON_DEC) & jnp.all(jnp.isfinite(d_newton))
         d = jnp.where(use_newton, d_newton, d_fisher)
         converged = dec < tol
