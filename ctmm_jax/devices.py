@@ -4,8 +4,9 @@ Every compiled chunk function is a vmap over problems (genes, jackknife replicat
 problem's computation, so problems never talk to each other: `call` runs the same function
 under `jax.shard_map`, each device on its own contiguous block of the batch. Inside the map a
 device runs exactly the single-device program of its block's width (its own optimizer loop,
-no collectives), so a batch of k * w problems on k devices gives, bit for bit, what k
-single-device batches of width w give. Batches are therefore sized per device: w from
+no collectives), so a batch of k * w problems on k devices gives what k single-device
+batches of width w give, up to rounding (XLA may fuse the sharded program's elementwise
+arithmetic differently). Batches are therefore sized per device: w from
 batching.bucket, times k.
 """
 

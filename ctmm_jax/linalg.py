@@ -1,13 +1,13 @@
 """Small dense linear algebra, batched over leading axes, in plain XLA operations.
 
 CTMM's covariances are N blocks of C x C (C = number of cell types, usually 2-10), and GLS and
-the optimizer's step need one p x p or n x n solve per gene. Up to UNROLL_MAX a Cholesky or
-triangular solve is written out entry by entry (a static Python loop over the matrix size,
-never over genes or donors): a handful of elementwise array operations over the batch axes,
-which vectorises on CPU and GPU alike, where a LAPACK call per 4 x 4 matrix does not. Its
-compile time grows like n^3, so larger matrices take one column (row) per iteration of a
-`lax.fori_loop`: compile time flat in n, each iteration an elementwise update of the whole
-batch.
+the optimizer's step need one p x p or n x n solve per gene. The per-donor blocks
+(`unroll=True`, up to UNROLL_MAX) are factorised entry by entry (a static Python loop over the
+matrix size, never over genes or donors): a handful of elementwise array operations over the
+batch axes, which vectorises on CPU and GPU alike, where a LAPACK call per 4 x 4 matrix does
+not. Its compile time grows like n^3, so every other matrix takes one column (row) per
+iteration of a `lax.fori_loop`: compile time flat in n, each iteration an elementwise update
+of the whole batch.
 
 Nothing here calls LAPACK. jaxlib 0.10's CPU LAPACK kernels split a batch whose work exceeds
 about 2e5 flops over XLA's intra-op thread pool and block a pool thread until the pieces are
@@ -103,7 +103,9 @@ def _substitute_rows(T: jax.Array, B: jax.Array, upper: bool) -> jax.Array:
 
     batch = jnp.broadcast_shapes(T.shape[:-2], B.shape[:-2])
     T, B = jnp.broadcast_to(T, batch + T.shape[-2:]), jnp.broadcast_to(B, batch + B.shape[-2:])
-    return lax.fori_loop(0, n, row, jnp.zeros_like(B))
+    # zeros that depend on T and B, so the carry varies over devices under shard_map when
+    # either does (a NaN or inf in T makes the solution NaN, as it would be anyway)
+    return lax.fori_loop(0, n, row, 0.0 * B + 0.0 * T[..., :, :1])
 
 
 def small_matmul(A: jax.Array, B: jax.Array) -> jax.Array:
