@@ -12,6 +12,7 @@ batching.bucket, times k.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from functools import cache
 
@@ -65,17 +66,43 @@ def spec(axes) -> object:
     return jax.tree.map(lambda a: P(AXIS) if a == 0 else P(), axes, is_leaf=lambda a: a is None)
 
 
+# XLA CPU options for the programs of fits with few cell types (statics C <= FEW_CELL_TYPES):
+# their matrix products are tiny (C x C per donor), and YNNPACK's fusions and Eigen's
+# multi-threaded products cost more to dispatch than they compute. Off, a CTP free REML
+# iteration at width 256 takes 25-40% less time at C = 4 (N = 100 and 1,000), 15% at C = 6,
+# 8% at C = 8 and none at C = 16, where compilation takes 40% longer (benchmarks/README.md).
+# CTMM_JAX_FEW_CELL_TYPES=0 compiles every program with XLA's defaults (the test suite does, to
+# share its compilation cache; the results differ by rounding only).
+FEW_CELL_TYPES = int(os.environ.get("CTMM_JAX_FEW_CELL_TYPES", "6"))
+FEW_CELL_TYPES_CPU_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),
+                              ("xla_cpu_multi_thread_eigen", False))  # fmt: skip
+
+
+def compiler_options(m: Mesh | None, statics: dict) -> tuple:
+    """XLA options (a tuple of items) for a program with these statics on m's devices."""
+    platform = (jax.devices()[0] if m is None else m.devices.flat[0]).platform
+    few = statics.get("C", FEW_CELL_TYPES + 1) <= FEW_CELL_TYPES
+    return FEW_CELL_TYPES_CPU_OPTIONS if few and platform == "cpu" else ()
+
+
 @cache
-def _sharded(fn: Callable, m: Mesh, in_specs: tuple, statics: tuple) -> Callable:
-    body = lambda *args: fn(*args, **dict(statics))
-    return jax.jit(jax.shard_map(body, mesh=m, in_specs=in_specs, out_specs=P(AXIS)))
+def _compiled(fn: Callable, m: Mesh | None, in_specs: tuple, statics: tuple, options: tuple
+              ) -> Callable:  # fmt: skip
+    def body(*args):
+        return fn(*args, **dict(statics))
+
+    body.__name__ = getattr(fn, "__name__", "program")  # names the compiled program
+    if m is not None:
+        body = jax.shard_map(body, mesh=m, in_specs=in_specs, out_specs=P(AXIS))
+    return jax.jit(body, compiler_options=dict(options) or None)
 
 
 def call(fn: Callable, m: Mesh | None, args: tuple, axes: tuple, **statics):
     """fn(*args, **statics), with the problem axis (axes[j] == 0: args[j] has a leading problem
-    axis; None: shared) split over the devices of m; plain fn(...) when m is None. Outputs
-    all carry the problem axis."""
-    if m is None:
+    axis; None: shared) split over the devices of m (plain fn(...) when m is None), compiled
+    with `compiler_options`. Outputs all carry the problem axis."""
+    options = compiler_options(m, statics)
+    if m is None and not options:
         return fn(*args, **statics)
-    in_specs = tuple(spec(a) for a in axes)
-    return _sharded(fn, m, in_specs, tuple(sorted(statics.items())))(*args)
+    in_specs = None if m is None else tuple(spec(a) for a in axes)
+    return _compiled(fn, m, in_specs, tuple(sorted(statics.items())), options)(*args)

@@ -14,6 +14,9 @@ run on test-sized data), so the tests
   subprocesses; threadpoolctl for numpy's, which a pytest plugin loads before this file): the
   dense NumPy/SciPy oracles are small matrices, and OpenBLAS threads competing with XLA's and
   with the other xdist worker on 2 cores made one oracle 25x slower (171 s vs 6.4 s);
+- compile every program with XLA's default options (CTMM_JAX_FEW_CELL_TYPES=0; fits with up to
+  6 cell types otherwise turn two CPU options off for speed, which changes only rounding:
+  test_devices.py checks that), so the cached programs stay those of earlier runs;
 - see 2 host devices (`--xla_force_host_platform_device_count=2`), so test_devices.py shards
   batches in-process; everything else runs on the default device as before.
 """
@@ -34,6 +37,7 @@ threadpool_limits(1, user_api="blas")  # the BLAS already loaded (numpy's)
 USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 CACHE = Path(os.environ.get("CTMM_JAX_TEST_CACHE", USER_CACHE / "ctmm_jax" / "jax-tests"))
 
+os.environ.setdefault("CTMM_JAX_FEW_CELL_TYPES", "0")  # before ctmm_jax is imported
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")  # before any compile
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:  # test_devices.py
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"

@@ -50,6 +50,24 @@ def test_sharded_fit_with_other_widths_agrees_to_rounding():
     np.testing.assert_allclose(_numbers(two), _numbers(one), rtol=1e-10, atol=1e-12)
 
 
+def test_few_cell_type_options_change_only_rounding(monkeypatch):
+    """Fits with C <= FEW_CELL_TYPES compile with YNNPACK fusions and multi-threaded Eigen off
+    on the CPU (only for speed): the statuses are those of the default compilation and the
+    converged fits agree to rounding (measured 3e-14 relative)."""
+    monkeypatch.setattr(devices, "FEW_CELL_TYPES", 6)  # the default (conftest.py sets 0)
+    assert devices.compiler_options(None, {"C": 6}) == devices.FEW_CELL_TYPES_CPU_OPTIONS
+    assert devices.compiler_options(None, {"C": 7}) == ()
+    assert devices.compiler_options(None, {}) == ()  # programs without C
+    data = small_data("ctp", G=40, N=15, seed=3)
+    few = cj.fit(data, "free", "reml", chunk_size=16)
+    monkeypatch.setattr(devices, "FEW_CELL_TYPES", 0)
+    default = cj.fit(data, "free", "reml", chunk_size=16)
+    assert (few.table["status"] == default.table["status"]).all()
+    ok = (few.table["status"] == "ok").to_numpy()
+    assert ok.any()
+    np.testing.assert_allclose(_numbers(few)[ok], _numbers(default)[ok], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("bad", [0, 3, "two", [1, 2], True])
 def test_devices_refused_with_a_clear_error(bad):
     with pytest.raises(ValueError, match="devices"):
