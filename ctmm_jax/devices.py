@@ -81,7 +81,7 @@ FEW_CELL_TYPES_CPU_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),
 def compiler_options(m: Mesh | None, statics: dict) -> tuple:
     """XLA options (a tuple of items) for a program with these statics on m's devices."""
     platform = (jax.devices()[0] if m is None else m.devices.flat[0]).platform
-    few = statics.get("C", FEW_CELL_TYPES + 1) <= FEW_CELL_TYPES
+    few = "C" in statics and statics["C"] <= FEW_CELL_TYPES
     return FEW_CELL_TYPES_CPU_OPTIONS if few and platform == "cpu" else ()
 
 

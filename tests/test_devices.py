@@ -58,8 +58,11 @@ def test_few_cell_type_options_change_only_rounding(monkeypatch):
     assert devices.compiler_options(None, {"C": 6}) == devices.FEW_CELL_TYPES_CPU_OPTIONS
     assert devices.compiler_options(None, {"C": 7}) == ()
     assert devices.compiler_options(None, {}) == ()  # programs without C
+    compiled, used = devices._compiled, []
+    monkeypatch.setattr(devices, "_compiled", lambda *a: used.append(a[-1]) or compiled(*a))
     data = small_data("ctp", G=40, N=15, seed=3)
     few = cj.fit(data, "free", "reml", chunk_size=16)
+    assert used and set(used) == {devices.FEW_CELL_TYPES_CPU_OPTIONS}  # every fit program
     monkeypatch.setattr(devices, "FEW_CELL_TYPES", 0)
     default = cj.fit(data, "free", "reml", chunk_size=16)
     assert (few.table["status"] == default.table["status"]).all()
