@@ -14,7 +14,8 @@ about 2e5 flops over XLA's intra-op thread pool and block a pool thread until th
 done; when as many such calls run at once as the pool has threads (two independent
 factorisations of one iteration on a 2-core machine: 256 genes with 15 x 15 informations,
 C = 14), every thread waits and the process hangs for good (found with C = 14 and 16 at
-N = 1000; `tests/test_linalg.py::test_fit_programs_call_no_lapack`).
+N = 1000, and in HE's leave-one-out jackknife at N = 100, C = 16, whose inverses and solves
+of independent replicates ran at once; `tests/test_linalg.py::test_fit_programs_call_no_lapack`).
 
 A matrix that is not positive definite gives NaN (square root of a negative pivot, then the
 whole factor); callers map that to an infinite negative log-likelihood.
@@ -130,8 +131,14 @@ def spd_inverse(A: jax.Array) -> jax.Array:
 
 def spd_solve(A: jax.Array, b: jax.Array) -> jax.Array:
     """A^-1 b for symmetric positive definite A (..., n, n) and b (..., n) by Cholesky."""
+    return spd_solve_columns(A, b[..., None])[..., 0]
+
+
+def spd_solve_columns(A: jax.Array, B: jax.Array) -> jax.Array:
+    """A^-1 B for symmetric positive definite A (..., n, n) and B (..., n, k) by Cholesky;
+    NaN where A is not PD."""
     L = cholesky(A)
-    return solve_lower(L, solve_lower(L, b[..., None]), transpose=True)[..., 0]
+    return solve_lower(L, solve_lower(L, B), transpose=True)
 
 
 def logdet_from_cholesky(L: jax.Array) -> jax.Array:

@@ -6,6 +6,7 @@ from numpy.testing import assert_allclose
 
 import ctmm_jax as cj
 from ctmm_jax import devices, linalg, nulltest
+from ctmm_jax.estimators import he
 
 
 @pytest.mark.parametrize("n", [1, 3, linalg.UNROLL_MAX, linalg.UNROLL_MAX + 2])
@@ -24,6 +25,10 @@ def test_small_dense_algebra(n):
     assert_allclose(linalg.inv_from_cholesky(L), np.linalg.inv(A), **CLOSED_FORM)
     assert_allclose(linalg.logdet_from_cholesky(L), np.linalg.slogdet(A)[1], **CLOSED_FORM)
     assert_allclose(linalg.small_matmul(jnp.asarray(A), jnp.asarray(B)), A @ B, **CLOSED_FORM)
+    solved = np.linalg.solve(A, B)
+    assert_allclose(linalg.spd_solve_columns(jnp.asarray(A), jnp.asarray(B)), solved, **CLOSED_FORM)
+    assert_allclose(linalg.spd_solve(jnp.asarray(A), jnp.asarray(B[..., 0])), solved[..., 0],
+                    **CLOSED_FORM)  # fmt: skip
 
 
 def test_not_positive_definite_gives_nan():
@@ -31,11 +36,17 @@ def test_not_positive_definite_gives_nan():
     assert np.isnan(np.asarray(L)).any()
 
 
-def test_fit_programs_call_no_lapack(monkeypatch):
+@pytest.mark.parametrize(
+    "method, jackknife",
+    [("reml", False), ("he", 5), ("he", True)],
+    ids=["reml", "he-block", "he-loo"],
+)
+def test_fit_programs_call_no_lapack(monkeypatch, method, jackknife):
     """jaxlib 0.10's batched CPU LAPACK kernels split big batches over XLA's intra-op pool and
     block a pool thread meanwhile; two such calls at once hang a 2-core machine for good (a
-    free REML fit of 256 genes with C = 14 did). Every program of a fit with matrices larger
-    than UNROLL_MAX (C = 9: 10 x 10 informations, 9 x 9 GLS) must use this module's loops."""
+    free REML fit of 256 genes with C = 14 did, and HE's leave-one-out jackknife of 2,000 genes
+    at N = 100, C = 16). Every program of a fit with matrices larger than UNROLL_MAX (C = 9:
+    10 x 10 informations and HE normal equations, 9 x 9 GLS) must use this module's loops."""
     recorded = []
     call = devices.call
 
@@ -43,16 +54,27 @@ def test_fit_programs_call_no_lapack(monkeypatch):
         recorded.append((fn, args, statics))
         return call(fn, m, args, axes, **statics)
 
-    def record_moments(*args, moments=nulltest.moments_chunk):
-        recorded.append((moments, args, {}))
-        return moments(*args)
+    def recorder(fn):
+        def direct(*args):
+            recorded.append((fn, args, {}))
+            return fn(*args)
+
+        return direct
 
     monkeypatch.setattr(devices, "call", record)
-    monkeypatch.setattr(nulltest, "moments_chunk", record_moments)
+    monkeypatch.setattr(nulltest, "moments_chunk", recorder(nulltest.moments_chunk))
+    for name in ("jackknife_gram", "jackknife_normals"):
+        monkeypatch.setattr(he, name, recorder(getattr(he, name)))
     C = 9
-    cj.fit(small_data("ctp", G=2, N=20, C=C), "free", "reml", noise="plugin")
+    N = 20 if method == "reml" else 30  # HE's block jackknife keeps 24 donors for 19 parameters
+    cj.fit(small_data("ctp", G=2, N=N, C=C), "free", method, noise="plugin", jackknife=jackknife)
     names = {getattr(fn, "__name__", str(fn)) for fn, _, _ in recorded}
-    assert {"init_chunk", "advance_chunk", "moments_chunk"} <= names
+    expected = {
+        "reml": {"init_chunk", "advance_chunk", "moments_chunk"},
+        "he": {"he_chunk", "he_jackknife_partition"}
+        | ({"jackknife_gram"} if jackknife == 5 else set()),
+    }[method]
+    assert expected <= names, names
     for fn, args, statics in recorded:
         text = fn.lower(*args, **statics).as_text()
         assert "lapack" not in text, f"{fn.__name__} calls LAPACK"

@@ -14,7 +14,9 @@ kernels (`Normal`), computed once and shared by every gene; a gene costs its OLS
 quadratic forms, and all genes are solved at once.
 
 A dropped donor (jackknife) is a mask over its block, which for HE is
-the same as deleting it.
+the same as deleting it. X^T X and Q^T Q are Gram matrices, inverted and solved by Cholesky
+(linalg.py: no LAPACK, whose batched kernels can hang a CPU; NaN, hence NOT_FINITE, where
+one is singular).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from .. import batching, checks, devices, progress
+from .. import batching, checks, devices, linalg, progress
 from ..blocks import Blocks, Design
 from ..status import Status
 from . import Estimates, Problems
@@ -61,7 +63,7 @@ def normal(design: Design, mask: jax.Array | None = None) -> Normal:
         X, E = X * mask[..., None], E * (mask[:, :, None] * mask[:, None, :])
         U = None if U is None else U * mask[..., None]
     E = jnp.broadcast_to(E, (E.shape[0], N, b, b))
-    A0 = jnp.linalg.inv(jnp.einsum("nbp,nbq->pq", X, X))
+    A0 = linalg.spd_inverse(jnp.einsum("nbp,nbq->pq", X, X))
     H0 = X @ A0 @ jnp.swapaxes(X, 1, 2)  # (N, b, b)
     B = jnp.einsum("nip,knij,njq->kpq", X, E, X)
     T1 = jnp.einsum("knij,lnji->kl", E, E)
@@ -116,7 +118,7 @@ def he_genes(y, noise, design: Design, nm: Normal, mask: jax.Array | None = None
         quad = jnp.concatenate([quad, quad_r], axis=1)
     Qt = quad - jnp.einsum("gnb,knb->gk", noise, nm.diag_MKM)
     outcome = checks.outcome(y, r, mask, nm.QtQ.shape[0] + X.shape[-1])  # (G,)
-    return HEFit(jnp.linalg.solve(nm.QtQ, Qt.T).T, beta, outcome)
+    return HEFit(linalg.spd_solve_columns(nm.QtQ, Qt.T).T, beta, outcome)
 
 
 @jax.jit
@@ -184,7 +186,7 @@ def he_jackknife_partition(y, noise, design, drop, QtQ) -> HEFit:
     minus the left-out group's: O(N b^2 p^2 + R k p^2) per gene instead of O(R N b^2)."""
     (X, _), E = design.full, design.E[:, 0]  # X (N, b, p), E (k, b, b)
     XtX = jnp.einsum("nbp,nbq->npq", X, X)
-    A0 = jnp.linalg.inv(XtX.sum(0))
+    A0 = linalg.spd_inverse(XtX.sum(0))
     beta = jnp.einsum("pq,nbq,gnb->gp", A0, X, y)
     r = y - jnp.einsum("nbp,gp->gnb", X, beta)
     EX = jnp.einsum("kab,nbp->knap", E, X)  # E_k X_j
@@ -194,7 +196,7 @@ def he_jackknife_partition(y, noise, design, drop, QtQ) -> HEFit:
 
     ones = jnp.ones((1, X.shape[0]))
     XtX_kept = kept(XtX[None])[0]  # (R, p, p)
-    A = jnp.linalg.inv(XtX_kept)
+    A = linalg.spd_inverse(XtX_kept)
     B = kept(jnp.einsum("nap,knaq->nkpq", X, EX)[None])[0]  # (R, k, p, p)
     n_kept = kept(ones)[0]  # (R,)
     u = kept(jnp.einsum("nbp,gnb->gnp", X, r))  # (G, R, p)
@@ -217,7 +219,7 @@ def he_jackknife_partition(y, noise, design, drop, QtQ) -> HEFit:
     v = jnp.einsum("nap,gna,naq->gpq", X, noise, X)
     expected = (n1 - 2 * jnp.einsum("rpq,gkqp->grk", A, omega)
                 + jnp.einsum("rkpq,gqp->grk", ABA, v) + left_out)  # fmt: skip
-    phi = jnp.linalg.solve(QtQ, jnp.transpose(quad - expected, (1, 2, 0)))  # (R, k, G)
+    phi = linalg.spd_solve_columns(QtQ, jnp.transpose(quad - expected, (1, 2, 0)))  # (R, k, G)
     phi = jnp.transpose(phi, (2, 0, 1))  # one factorisation per replicate, not per gene
     ssr = kept(jnp.sum(r**2, axis=2)) + 2 * jnp.einsum("grp,grp->gr", d, u)
     ssr = ssr + jnp.einsum("grp,rpq,grq->gr", d, XtX_kept, d)
