@@ -7,11 +7,13 @@ cache is off, so compile times are real) on `--genes` simulated CTP genes:
   N <= --loo-max.
 Each is called twice: the first call compiles and runs (end to end), the second runs warm;
 compile = first - second. 20,000 genes are extrapolated as compile + 20000 / G * run. The
-log-log slopes of warm run time against N (at the smallest C) and against C (at the largest
-N) are fitted and, with --plot, drawn.
+log-log slope of warm run time is fitted against N for each C and against C for each N,
+printed with the README's markdown table and, with --plot, drawn (2 x 2: free REML and HE,
+against N and against C). --replot JSON redraws an earlier run without fitting.
 
     python benchmarks/bench_scale.py --json scale.json --plot scale.png
     python benchmarks/bench_scale.py --donors 1000 --celltypes 4 8 14 --genes 2000
+    python benchmarks/bench_scale.py --replot scale.json --plot benchmarks/scale.png
     python benchmarks/bench_scale.py --platform gpu --genes 20000   # the device is recorded
 
 Typical printout (2-core CPU): see benchmarks/README.md.
@@ -72,10 +74,17 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--blocks", type=int, default=20, help="groups of the block jackknife")
     ap.add_argument("--loo-max", type=int, default=300, help="largest N for the full jackknife")
     ap.add_argument("--platform", choices=("cpu", "gpu"), help="JAX platform (default: JAX's)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per (N, C) process")
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--replot", metavar="JSON", help="summarise a JSON of an earlier run; no fits")
     ap.add_argument("--one", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as fh:
+            rows = json.load(fh)["rows"]
+        summarise(rows, args)
+        return rows
     if args.one:
         N, C = args.one
         print(json.dumps(one(N, C, args.genes, args.blocks, N <= args.loo_max)))
@@ -89,7 +98,12 @@ def main(argv=None) -> list[dict]:
         for C in args.celltypes:
             cmd = [sys.executable, __file__, "--one", str(N), str(C), "--genes", str(args.genes),
                    "--blocks", str(args.blocks), "--loo-max", str(args.loo_max)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                      timeout=args.timeout)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                print(f"N={N} C={C} ran past --timeout {args.timeout} s", file=sys.stderr)
+                continue
             if done.returncode != 0:
                 print(f"N={N} C={C} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
                 continue
@@ -111,21 +125,49 @@ def print_row(r: dict, blocks: int) -> None:
             )
 
 
+def lines(rows: list[dict], name: str, along: str, across: str) -> dict[int, tuple]:
+    """{value of `across`: (values of `along`, warm run times, log-log slope)}, e.g. run time
+    against N for each C (along="N", across="C"); lines of one point get no slope."""
+    out = {}
+    for value in sorted({r[across] for r in rows}):
+        pts = sorted((r[along], r[name]["run"]) for r in rows if r[across] == value and name in r)
+        x, y = (list(v) for v in zip(*pts, strict=True)) if pts else ([], [])
+        out[value] = (x, y, slope(x, y) if len(x) > 1 else None)
+    return out
+
+
+def markdown(rows: list[dict], blocks: int) -> str:
+    """The README's table: free REML compile and run, and each fit extrapolated to 20,000 genes."""
+    head = (f"| N | C | free REML: compile | run ({rows[0]['genes']:,} genes) | 20,000 genes "
+            f"| HE + block jackknife ({blocks}): 20,000 genes | peak RSS |")  # fmt: skip
+    out = [head, "|" + "---|" * 7]
+    for r in sorted(rows, key=lambda r: (r["N"], r["C"])):
+        f, h = r["free_reml"], r[f"he_jk{blocks}"]
+        out.append(f"| {r['N']} | {r['C']} | {f['compile']:.1f} s | {f['run']:.1f} s | "
+                   f"{f['genome'] / 60:.1f} min | {h['genome'] / 60:.1f} min | "
+                   f"{r['peak_rss_gb']:.1f} GB |")  # fmt: skip
+    return "\n".join(out)
+
+
 def summarise(rows: list[dict], args) -> None:
+    """Slopes of warm run time against N (one per C) and against C (one per N), the markdown
+    table, and with --json / --plot the JSON and a 2 x 2 log-log plot (fit x axis)."""
     if not rows:
         return
-    fits = {}
-    for name in ("free_reml", f"he_jk{args.blocks}"):
-        C0, N1 = min(r["C"] for r in rows), max(r["N"] for r in rows)
-        byN = [(r["N"], r[name]["run"]) for r in rows if r["C"] == C0]
-        byC = [(r["C"], r[name]["run"]) for r in rows if r["N"] == N1]
-        fits[name] = dict(
-            slope_N=slope(*zip(*byN, strict=True)) if len(byN) > 1 else None,
-            slope_C=slope(*zip(*byC, strict=True)) if len(byC) > 1 else None,
-            byN=byN, byC=byC, C0=C0, N1=N1,
-        )  # fmt: skip
-        print(f"{name}: run time ~ N^{fits[name]['slope_N']} (C = {C0}), "
-              f"~ C^{fits[name]['slope_C']} (N = {N1})")  # fmt: skip
+    names = ("free_reml", f"he_jk{args.blocks}")
+    fits = {
+        name: {f"vs_{a}": {str(k): dict(x=x, run=y, slope=b)
+                           for k, (x, y, b) in lines(rows, name, a, c).items()}
+               for a, c in (("N", "C"), ("C", "N"))}
+        for name in names
+    }  # fmt: skip
+    for name, f in fits.items():
+        for axis, per in f.items():
+            fixed = "C" if axis == "vs_N" else "N"
+            text = ", ".join(f"{fixed} = {k}: {v['slope']:.2f}" for k, v in per.items()
+                             if v["slope"] is not None)  # fmt: skip
+            print(f"{name}: slope of run time {axis.replace('_', ' ')} ({text})")
+    print(markdown(rows, args.blocks))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(rows=rows, slopes=fits), fh, indent=2)
@@ -135,20 +177,28 @@ def summarise(rows: list[dict], args) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        for name, f in fits.items():
-            for ax, key, pts, fixed in ((axes[0], "N", f["byN"], f"C = {f['C0']}"),
-                                        (axes[1], "C", f["byC"], f"N = {f['N1']}")):  # fmt: skip
-                if len(pts) > 1:
-                    x, y = zip(*pts, strict=True)
-                    ax.loglog(x, y, "o-", label=f"{name} ({fixed}): slope "
-                              f"{f['slope_' + key]:.2f}")  # fmt: skip
-                ax.set_xlabel(key)
-                ax.set_ylabel(f"warm run time of {rows[0]['genes']} genes (s)")
-        for ax in axes:
-            ax.legend(fontsize=7)
+        titles = {names[0]: "free REML (free + hom null fits, tests)",
+                  names[1]: f"HE + block jackknife ({args.blocks} groups)"}  # fmt: skip
+        fig, axes = plt.subplots(2, 2, figsize=(9, 7), squeeze=False)
+        for i, name in enumerate(names):
+            for j, (axis, guide) in enumerate((("vs_N", 1), ("vs_C", 2))):
+                ax, fixed = axes[i, j], "C" if axis == "vs_N" else "N"
+                for k, v in fits[name][axis].items():
+                    if v["slope"] is not None:
+                        ax.loglog(v["x"], v["run"], "o-",
+                                  label=f"{fixed} = {k}: slope {v['slope']:.2f}")  # fmt: skip
+                x, y = max(((v["x"], v["run"]) for v in fits[name][axis].values()),
+                           key=lambda p: p[1][-1])  # fmt: skip
+                ref = y[-1] * (np.asarray(x, float) / x[-1]) ** guide
+                ax.loglog(x, ref, "k:", label=f"slope {guide}")
+                ax.set_xticks(x, [str(v) for v in x])
+                ax.minorticks_off()
+                ax.set_xlabel(axis[-1])
+                ax.set_ylabel(f"warm run, {rows[0]['genes']:,} genes (s)")
+                ax.set_title(titles[name], fontsize=9)
+                ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        fig.savefig(args.plot, dpi=100)
 
 
 if __name__ == "__main__":
